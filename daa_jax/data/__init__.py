@@ -1,0 +1,1 @@
+"""Preference and SFT data: readers, tokenization, the resumable loader, the synthetic task."""

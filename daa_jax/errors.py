@@ -1,0 +1,22 @@
+"""User-facing errors: each names the field, file or line at fault and says what to do.
+
+These are raised for user mistakes (bad config values, malformed data rows, missing or
+incompatible checkpoints) before expensive work starts. `main.py` prints them as one
+paragraph without a traceback and exits non-zero.
+"""
+
+
+class DaaError(Exception):
+  """Base class of daa_jax's user-facing errors."""
+
+
+class ConfigError(DaaError, ValueError):
+  """A config value is invalid; the message names the `config.` field and the fix."""
+
+
+class DataError(DaaError, ValueError):
+  """A data file or row is malformed; the message names the file and line and the fix."""
+
+
+class CheckpointError(DaaError, ValueError):
+  """A checkpoint or weight file is missing or incompatible; the message names the tensor or path."""
