@@ -1,0 +1,185 @@
+"""Tests of scaling.py: coefficient recovery, peaks, and summary.csv → fits, figures, report."""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from daa_jax import scaling
+from daa_jax.errors import DataError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _law(form, d, r0, a, b):
+  d = np.asarray(d, dtype=np.float64)
+  if form == "log":
+    return r0 + d * (a - b * np.log(np.where(d > 0, d, 1.0)))
+  if form == "bon":
+    return r0 + d * (a - b * d)
+  return r0 + a * d**2 + b * d**4  # quadratic in KL = d²
+
+
+TRUE = {"log": (0.17, 0.25, 0.2), "bon": (0.17, 0.3, 0.1), "quadratic": (0.17, 0.08, -0.01)}
+NAMES = {"log": ("alpha", "beta"), "bon": ("alpha", "beta"), "quadratic": ("c1", "c2")}
+
+
+@pytest.mark.parametrize("form", ["log", "bon", "quadratic"])
+@pytest.mark.parametrize("fixed_r0", [False, True])
+def test_recovers_known_coefficients(form, fixed_r0):
+  rng = np.random.default_rng(0)
+  d = rng.uniform(0.05, 3.0, size=60)
+  r0, a, b = TRUE[form]
+  y = _law(form, d, r0, a, b) + rng.normal(0, 0.003, size=d.shape)
+  fit = scaling.fit_form(form, d, y, r0=r0 if fixed_r0 else None)
+  coef = fit["coef"]
+  assert coef["r0"] == pytest.approx(r0, abs=0.006)
+  assert coef[NAMES[form][0]] == pytest.approx(a, abs=0.01)
+  assert coef[NAMES[form][1]] == pytest.approx(b, abs=0.005)
+  assert fit["rmse"] == pytest.approx(0.003, abs=0.001)  # the noise level, nothing more
+  np.testing.assert_allclose(scaling.predict(form, coef, d), _law(form, d, r0, a, b), atol=0.004)
+
+
+def test_log_form_beats_quadratic_on_log_data():
+  rng = np.random.default_rng(1)
+  d = np.sort(rng.uniform(0.0, 2.5, size=35))
+  y = _law("log", d, 0.17, 0.25, 0.2) + rng.normal(0, 0.005, size=d.shape)
+  group = scaling.fit_group(d, y)
+  assert group["skipped"] is None
+  assert group["rmse_ratio"] < 0.5  # the quadratic in KL is flat at d = 0; the data are not
+  assert group["log"]["rmse"] < group["quadratic"]["rmse"]
+
+
+def test_peak_formulas():
+  coef = {"r0": 0.17, "alpha": 0.25, "beta": 0.2}
+  d_star, r_star, note = scaling.peak("log", coef)
+  assert note is None and d_star == pytest.approx(math.exp(0.25 / 0.2 - 1))
+  grid = np.linspace(0.01, 5, 20001)
+  values = scaling.predict("log", coef, grid)
+  assert grid[values.argmax()] == pytest.approx(d_star, abs=1e-3)
+  assert r_star == pytest.approx(values.max(), abs=1e-6)
+  assert r_star == pytest.approx(0.17 + 0.2 * d_star)
+  d_star, r_star, _ = scaling.peak("bon", {"r0": 0.1, "alpha": 0.3, "beta": 0.1})
+  assert d_star == pytest.approx(1.5) and r_star == pytest.approx(0.1 + 0.09 / 0.4)
+  d_star, r_star, _ = scaling.peak("quadratic", {"r0": 0.1, "c1": 0.08, "c2": -0.01})
+  assert d_star == pytest.approx(2.0) and r_star == pytest.approx(0.1 + 0.16)
+  assert scaling.peak("log", {"r0": 0, "alpha": 1, "beta": -0.1})[0] is None
+
+
+def test_too_few_points_and_degenerate_groups_are_skipped():
+  assert "need at least 4" in scaling.fit_group([0.5, 1.0, 1.5], [0.2, 0.3, 0.25])["skipped"]
+  assert scaling.fit_group([0.5, 1.0, 1.5], [0.2, 0.3, 0.25], r0=0.17)["skipped"] is None
+  assert "degenerate" in scaling.fit_group([1.0] * 5, [0.2, 0.3, 0.25, 0.2, 0.1])["skipped"]
+
+
+# --- summary.csv → fits.json, figures, report -----------------------------------------------
+
+COLUMNS = ["objective", "size", "beta", "step", "epoch_fraction", "kl", "sqrt_kl", "forward_kl",
+           "win_rate", "win_rate_lo", "win_rate_hi", "reward_acc", "heldout_loss", "length_r2",
+           "chosen_logp_drift"]
+LAW = {("dpo", "1b"): (0.17, 0.22, 0.2), ("dpo", "2.8b"): (0.2, 0.25, 0.17),
+       ("ipo", "1b"): (0.17, 0.18, 0.15), ("ipo", "2.8b"): (0.2, 0.2, 0.12)}
+
+
+def _write_summary(path):
+  rng = np.random.default_rng(2)
+  rows = []
+  for (objective, size), (r0, a, b) in LAW.items():
+    for beta, speed in ((0.01, 1.0), (0.03, 0.7), (0.1, 0.45), (0.3, 0.25), (1.0, 0.12)):
+      for k, frac in enumerate((0.2, 0.4, 0.6, 0.8, 1.0)):
+        d = 2.6 * speed * math.sqrt(frac)
+        w = float(_law("log", d, r0, a, b) + rng.normal(0, 0.004))
+        rows.append(dict(objective=objective, size=size, beta=beta, step=(k + 1) * 20,
+                         epoch_fraction=frac, kl=d * d, sqrt_kl=d, forward_kl=0.9 * d * d,
+                         win_rate=w, win_rate_lo=w - 0.035, win_rate_hi=w + 0.035,
+                         reward_acc=0.6 + 0.1 * frac, heldout_loss=0.69 - 0.05 * frac,
+                         length_r2=0.3 / (1 + d), chosen_logp_drift=-0.8 * d * d))
+  # A group with two checkpoints of one run: too few for a fit, must not crash anything.
+  rows += [dict(objective="slic", size="1b", beta=0.1, step=s, epoch_fraction=f, kl=k,
+                sqrt_kl=math.sqrt(k), win_rate=w) for s, f, k, w in ((20, 0.5, 0.5, 0.22),
+                                                                      (40, 1.0, 1.2, 0.25))]
+  rows.append(dict(objective="sft", size="1b", step=0, kl=0.0, win_rate=0.17))
+  rows[3]["reward_acc"] = ""  # a missing value
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=COLUMNS)
+    writer.writeheader()
+    for row in rows:
+      writer.writerow(row)
+  return rows
+
+
+def test_summary_to_fits_figures_and_report(tmp_path):
+  _write_summary(tmp_path / "summary.csv")
+  rows = scaling.load_summary(str(tmp_path / "summary.csv"))
+  assert len(rows) == 4 * 25 + 3 and math.isnan(rows[3]["reward_acc"])
+  assert math.isnan(rows[-2]["forward_kl"]) and rows[0]["step"] == 20.0
+  fits = scaling.fit_all(rows)
+  json.dumps(fits, allow_nan=False)  # JSON-serializable, strict
+  by = {(g["objective"], g["size"], g["set"]): g for g in fits["groups"]}
+  assert ("sft", "1b", "all") not in by
+  assert by[("slic", "1b", "final")]["skipped"] and by[("slic", "1b", "all")]["skipped"]
+  for (objective, size), (r0, a, b) in LAW.items():
+    g = by[(objective, size, "all")]
+    assert g["n"] == 25 and g["log"]["coef"]["alpha"] == pytest.approx(a, abs=0.03)
+    assert g["log"]["coef"]["beta"] == pytest.approx(b, abs=0.02)
+    assert g["rmse_ratio"] < 1
+    assert by[(objective, size, "final")]["n"] == 5
+  fwd = {(g["objective"], g["size"], g["set"]): g for g in fits["forward_kl_groups"]}
+  assert fwd[("dpo", "1b", "all")]["x"] == "sqrt_forward_kl"
+  # Given R0 from the sft row (1b) — and fitted where a size has none (2.8b).
+  fits_sft = scaling.fit_all(rows, r0="sft")
+  g = next(g for g in fits_sft["groups"] if g["objective"] == "dpo" and g["size"] == "1b")
+  assert g["log"]["coef"]["r0"] == 0.17 and g["r0_source"] == "sft rows"
+
+  fits_path = scaling.write_fits(fits, str(tmp_path / "fits.json"))
+  assert json.load(open(fits_path))["groups"][0]["objective"] == "dpo"
+  figures = scaling.make_figures(rows, fits, str(tmp_path / "figures"))
+  assert set(figures) == {"frontier", "epoch_1b", "epoch_2.8b", "proxy_metrics", "length_r2",
+                          "forward_kl", "likelihood_drift"}
+  for paths in figures.values():
+    assert [os.path.splitext(p)[1] for p in paths] == [".png", ".pdf"]
+    for p in paths:
+      assert os.path.getsize(p) > 1000
+  report = scaling.write_report(rows, fits, figures, str(tmp_path / "report.md"),
+                                extra_lines=["judge: gold reward"])
+  text = open(report).read()
+  assert "| dpo | 1b | all | 25 |" in text and "skipped: 2 points" in text
+  assert "![frontier](figures/frontier.png)" in text and "judge: gold reward" in text
+  best = max((r for r in rows if r["objective"] == "dpo" and r["size"] == "1b"),
+             key=lambda r: r["win_rate"])
+  assert f"DPO 1b: best win rate {best['win_rate']:.3f} at √KL {best['sqrt_kl']:.2f}" in text
+
+
+def test_cli_runs_without_jax(tmp_path):
+  _write_summary(tmp_path / "summary.csv")
+  code = ("import runpy, sys\n"
+          f"sys.argv = ['scaling', {str(tmp_path)!r}]\n"
+          "try:\n"
+          "  runpy.run_module('daa_jax.scaling', run_name='__main__', alter_sys=True)\n"
+          "except SystemExit as e:\n"
+          "  assert not e.code, e.code\n"
+          "assert 'jax' not in sys.modules, 'daa_jax.scaling imported jax'\n"
+          "import daa_jax.judges\n"
+          "assert 'jax' not in sys.modules, 'daa_jax.judges imported jax'\n")
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  for name in ("fits.json", "report.md", "figures/frontier.png", "figures/frontier.pdf"):
+    assert os.path.getsize(tmp_path / name) > 0
+
+
+def test_load_summary_errors(tmp_path):
+  with pytest.raises(DataError, match="no such file"):
+    scaling.load_summary(str(tmp_path / "missing.csv"))
+  (tmp_path / "bad.csv").write_text("objective,size,kl,win_rate\ndpo,1b,0.5,abc\n")
+  with pytest.raises(DataError, match=r"bad.csv:2: column win_rate"):
+    scaling.load_summary(str(tmp_path / "bad.csv"))
+  (tmp_path / "nokl.csv").write_text("objective,win_rate\ndpo,0.3\n")
+  with pytest.raises(DataError, match="kl or sqrt_kl"):
+    scaling.load_summary(str(tmp_path / "nokl.csv"))
