@@ -60,6 +60,11 @@ class ModelConfig:
       raise ConfigError(
           f"config.model: hidden_size={self.hidden_size} is not divisible by "
           f"num_attention_heads={self.num_attention_heads}; pick sizes that divide.")
+    if self.rotary_dim % 2:
+      # rotate_half pairs dim i with i + R/2; transformers fails on odd R as well.
+      raise ConfigError(
+          f"config.model: rotary_pct={self.rotary_pct} gives an odd rotary_dim="
+          f"{self.rotary_dim} (head_dim {self.head_dim}); pick sizes giving an even one.")
     if self.hidden_act not in ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu"):
       raise ConfigError(f"config.model.hidden_act={self.hidden_act!r} is not supported.")
     if self.remat_policy not in ("none", "full", "dots", "dots_with_no_batch_dims"):
@@ -160,3 +165,190 @@ def pythia(size: str, **overrides) -> ModelConfig:
 def hub_id(size: str) -> str:
   """The Hugging Face hub id of a Pythia size (the standard, non-deduped suite)."""
   return f"EleutherAI/pythia-{size.lower().removeprefix('pythia-')}"
+
+
+# --- ml_collections configs ---------------------------------------------------------------
+# Shared pieces that configs/*.py compose (one level deep). Field docs live next to defaults.
+
+import ml_collections  # noqa: E402  (kept next to its users for readability)
+
+MESH_PRESETS = {
+    # name: (data, fsdp, tensor); one -1 takes the remaining devices.
+    "dp": (-1, 1, 1),
+    "fsdp": (1, -1, 1),
+    "dp_fsdp": (2, -1, 1),
+    "fsdp_tp2": (1, -1, 2),
+    "tp": (1, 1, -1),
+}
+
+PAPER_EPOCH_FRACTIONS = (0.215, 0.43, 0.645, 0.86, 1.0)
+
+
+def _parse_value(text: str):
+  low = text.lower()
+  if low in ("true", "false"):
+    return low == "true"
+  if low in ("none", "null"):
+    return None
+  for cast in (int, float):
+    try:
+      return cast(text)
+    except ValueError:
+      pass
+  return text
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses a config file's `key=value,...` argument (big_vision style) over `defaults`.
+
+  `parse_arg("size=1b,beta=0.05", size="tiny", beta=0.1, runlocal=False)` gives a ConfigDict
+  with `size='1b'`, `beta=0.05`, `runlocal=False`. A bare word `x` means `x=True`. Unknown keys
+  raise `ConfigError` listing the known ones.
+  """
+  out = ml_collections.ConfigDict(dict(defaults))
+  if not arg:
+    return out
+  for item in arg.split(","):
+    item = item.strip()
+    if not item:
+      continue
+    key, _, value = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ConfigError(
+          f"config argument {key!r} is unknown; this config takes: "
+          f"{', '.join(sorted(defaults))} (other fields: --config.a.b=value).")
+    parsed = _parse_value(value.strip()) if value else True
+    if defaults[key] is not None and parsed is not None and type(parsed) is not type(defaults[key]):
+      if isinstance(defaults[key], float) and isinstance(parsed, int):
+        parsed = float(parsed)
+      elif isinstance(defaults[key], str):
+        parsed = value.strip()
+    out[key] = parsed
+  return out
+
+
+def model_fields(size: str = "tiny") -> ml_collections.ConfigDict:
+  """`config.model`: a Pythia size plus execution options (see `ModelConfig`)."""
+  return ml_collections.ConfigDict(dict(
+      size=size, dtype="float32", scan_layers=False, remat_policy="none",
+      attention_impl="xla", vocab_size=0))  # vocab_size 0: the size table's (tiny: >= tokenizer)
+
+
+def optim_fields(recipe: str = "paper") -> ml_collections.ConfigDict:
+  """`config.optim`. recipe 'paper' = RMSprop 5e-7, 150 warmup, constant, clip 10."""
+  c = ml_collections.ConfigDict(dict(
+      name="rmsprop", lr=5e-7, warmup_steps=150, schedule="constant", final_lr_frac=0.0,
+      grad_clip=10.0, rms_decay=0.99, eps=1e-8, b1=0.9, b2=0.999, weight_decay=0.0))
+  if recipe == "adamw":
+    c.update(name="adamw", lr=1e-4, warmup_steps=100, schedule="cosine", final_lr_frac=0.1,
+             grad_clip=1.0, eps=1e-8, weight_decay=0.01)
+  return c
+
+
+def objective_fields(name: str = "dpo", beta: float = 0.1) -> ml_collections.ConfigDict:
+  """`config.objective`: the loss (daa_jax.objectives) and where reference log-probs come from."""
+  return ml_collections.ConfigDict(dict(
+      name=name, beta=beta, alpha=0.0, epsilon=0.0, sft_weight=0.0, normalize="sum",
+      reference="live",  # live: frozen ref_params forward; cached: precomputed once, on disk
+      ref_dtype="float32"))
+
+
+def train_fields() -> ml_collections.ConfigDict:
+  """`config.train`: the loop."""
+  return ml_collections.ConfigDict(dict(
+      batch_size=128,     # global pairs (DAA) or sequences (SFT) per optimizer step
+      grad_accum=1,       # micro-batches per step (the paper: 8 x 16 = 128)
+      num_epochs=1.0,
+      max_steps=-1,       # > 0 caps the run
+      log_every=10,
+      eval_every=0,       # held-out preference metrics every N steps (0: off)
+      eval_batches=4,
+      logps_chunk=0,      # > 0: log-softmax over the vocabulary in chunks of this many tokens
+      debug_nan_step=-1,  # tests: inject a NaN loss at this step
+      progress=True))
+
+
+def checkpoint_fields() -> ml_collections.ConfigDict:
+  """`config.checkpoint`: schedule checkpoints (kept forever) + periodic ones (rotated)."""
+  return ml_collections.ConfigDict(dict(
+      epoch_fractions=PAPER_EPOCH_FRACTIONS,  # in epochs; > 1 allowed for multi-epoch runs
+      every_steps=0,      # also save every N steps (0: off); these rotate with max_to_keep
+      max_to_keep=2,
+      async_save=True,
+      export_params=True))  # params-only copy per schedule checkpoint, for evaluation
+
+
+def validate(config, num_devices: int | None = None) -> None:
+  """Checks a training config before any expensive work; raises `ConfigError` with the fix."""
+  job = config.get("job")
+  if job not in ("sft", "daa", "eval", "tree_mdp", "sweep", "quickstart"):
+    raise ConfigError(f"config.job={job!r}; use sft, daa, eval, sweep, quickstart or tree_mdp.")
+  if job in ("sft", "daa"):
+    size = config.model.size
+    if size.lower().removeprefix("pythia-") not in PYTHIA_SIZES:
+      raise ConfigError(f"config.model.size={size!r} is not a known size; choose one of "
+                        f"{', '.join(PYTHIA_SIZES)}.")
+    t = config.train
+    if t.batch_size <= 0:
+      raise ConfigError(f"config.train.batch_size={t.batch_size} must be positive.")
+    if t.grad_accum <= 0 or t.batch_size % t.grad_accum:
+      raise ConfigError(
+          f"config.train.batch_size={t.batch_size} is not divisible by "
+          f"config.train.grad_accum={t.grad_accum}; make the batch a multiple of it.")
+    if config.optim.lr <= 0:
+      raise ConfigError(f"config.optim.lr={config.optim.lr} must be positive.")
+    if job == "daa":
+      o = config.objective
+      if not o.beta > 0:
+        raise ConfigError(f"config.objective.beta={o.beta} must be > 0 (it scales the "
+                          "log-ratio; beta -> 0 removes the KL constraint).")
+      if o.normalize not in ("sum", "mean"):
+        raise ConfigError(f"config.objective.normalize={o.normalize!r}; use 'sum' or 'mean'.")
+      if not 0 <= o.epsilon < 0.5:
+        raise ConfigError(f"config.objective.epsilon={o.epsilon} must be in [0, 0.5).")
+      if o.reference not in ("live", "cached"):
+        raise ConfigError(f"config.objective.reference={o.reference!r}; use live or cached.")
+    fr = tuple(config.checkpoint.epoch_fractions or ())
+    if any(f <= 0 for f in fr):
+      raise ConfigError(f"config.checkpoint.epoch_fractions={fr} must all be > 0.")
+  mesh = tuple(config.get("mesh") or (-1, 1, 1))
+  if len(mesh) != 3 or sum(1 for m in mesh if m == -1) > 1 or any(
+      m == 0 or m < -1 for m in mesh):
+    raise ConfigError(f"config.mesh={mesh} must be 3 sizes (data, fsdp, tensor), at most one "
+                      "of them -1.")
+  if num_devices is not None:
+    known = 1
+    for m in mesh:
+      known *= m if m > 0 else 1
+    if num_devices % known or (-1 not in mesh and known != num_devices):
+      raise ConfigError(
+          f"config.mesh={mesh} does not divide the {num_devices} devices; use sizes whose "
+          f"product is {num_devices} (or put -1 on one axis).")
+    if config.get("job") in ("sft", "daa"):
+      resolved = [m if m > 0 else num_devices // known for m in mesh]
+      data_par = resolved[0] * resolved[1]
+      micro = config.train.batch_size // config.train.grad_accum
+      if micro % data_par:
+        raise ConfigError(
+            f"config.train.batch_size={config.train.batch_size} / grad_accum="
+            f"{config.train.grad_accum} = {micro} per micro-batch does not split over the "
+            f"{data_par} data-parallel devices of config.mesh={mesh}; use a multiple of "
+            f"{data_par}.")
+
+
+def shrink_for_local(config) -> None:
+  """`runlocal`: shrink a training config onto a laptop CPU (a small synthetic dataset, small
+  batches, an optimizer that moves a tiny random model in minutes). Architecture-independent:
+  combine with `size=tiny` for the fastest run."""
+  config.train.batch_size = 32
+  config.train.grad_accum = 1
+  config.train.num_epochs = 3.0
+  config.train.log_every = 5
+  config.optim.update(name="adam", lr=3e-4, warmup_steps=30, schedule="constant",
+                      grad_clip=10.0)
+  config.checkpoint.async_save = True
+  if config.data.source == "synthetic":
+    config.data.synthetic.num_sft = 2000
+    config.data.synthetic.num_pairs = 512
+    config.data.synthetic.num_eval = 128

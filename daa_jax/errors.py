@@ -20,3 +20,7 @@ class DataError(DaaError, ValueError):
 
 class CheckpointError(DaaError, ValueError):
   """A checkpoint or weight file is missing or incompatible; the message names the tensor or path."""
+
+
+class TrainingDiverged(DaaError, FloatingPointError):
+  """A non-finite loss or gradient; the message names the step and the last good checkpoint."""

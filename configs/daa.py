@@ -1,0 +1,42 @@
+"""DAA training (DPO, IPO, SLiC and relatives) with the paper's recipe.
+
+The paper (PAPER.md): RMSprop lr 5e-7, 150 warmup steps then constant, batch 128 pairs as
+8 micro-batches of 16, grad-norm clip 10, one epoch, checkpoints at 21.5/43/64.5/86/100% of
+the epoch, starting from an SFT run (`--config.init_from=SFT_RUN_DIR`) or HF weights
+(`--config.hf_model=EleutherAI/pythia-1b`).
+
+  python -m daa_jax.main --config configs/daa.py:size=1b,objective=ipo,beta=0.05 \
+      --config.init_from=runs/sft_1b --config.data.source=comparisons/ \
+      --config.data.format=tldr --config.data.tokenizer=EleutherAI/pythia-1b --workdir runs/ipo
+
+Offline on the built-in synthetic task, shrunk for a laptop:
+
+  python -m daa_jax.main --config configs/daa.py:size=tiny,objective=dpo,beta=0.1,runlocal=True \
+      --workdir /tmp/dpo
+"""
+
+from ml_collections import config_dict
+
+from daa_jax import config_lib
+from daa_jax import data
+
+
+def get_config(arg=None):
+  a = config_lib.parse_arg(arg, size="1b", objective="dpo", beta=0.1, runlocal=False)
+  c = config_dict.ConfigDict()
+  c.job = "daa"
+  c.seed = 0
+  c.model = config_lib.model_fields(a.size)
+  c.hf_model = config_dict.placeholder(str)   # HF hub id or local dir: init + reference
+  c.init_from = config_dict.placeholder(str)  # a daa_jax run dir (e.g. SFT), RUN_DIR@STEP
+  c.data = data.default_config()
+  c.objective = config_lib.objective_fields(a.objective, a.beta)
+  c.train = config_lib.train_fields()
+  c.train.batch_size = 128
+  c.train.grad_accum = 8
+  c.optim = config_lib.optim_fields("paper")
+  c.checkpoint = config_lib.checkpoint_fields()
+  c.mesh = (-1, 1, 1)
+  if a.runlocal:
+    config_lib.shrink_for_local(c)
+  return c.lock()

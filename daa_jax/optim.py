@@ -1,0 +1,67 @@
+"""Optimizers and learning-rate schedules from `config.optim`.
+
+Two recipes:
+  * `rmsprop` — the paper's DAA optimizer (likely, PAPER.md): RMSprop, lr 5e-7, linear warmup
+    over 150 steps then constant, global-norm clipping at 10. The hyperparameters follow
+    `torch.optim.RMSprop` as the original DPO code used it (decay 0.99, eps 1e-8 added outside
+    the square root, no momentum), so runs are comparable with that code.
+  * `adamw` — AdamW with linear warmup and cosine (or constant) decay, for SFT and the
+    synthetic task.
+"""
+
+from __future__ import annotations
+
+import optax
+
+from daa_jax.errors import ConfigError
+
+
+def schedule(optim_config, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to `lr` over `warmup_steps`, then `constant`, `cosine` or `linear`."""
+  lr = float(optim_config.lr)
+  warmup = int(optim_config.warmup_steps)
+  kind = optim_config.schedule
+  if kind not in ("constant", "cosine", "linear"):
+    raise ConfigError(
+        f"config.optim.schedule={kind!r}; use 'constant', 'cosine' or 'linear'.")
+  warm = optax.linear_schedule(0.0, lr, max(warmup, 1))
+  decay_steps = max(int(total_steps) - warmup, 1)
+  if kind == "constant":
+    after = optax.constant_schedule(lr)
+  elif kind == "cosine":
+    after = optax.cosine_decay_schedule(lr, decay_steps, alpha=float(optim_config.final_lr_frac))
+  else:
+    after = optax.linear_schedule(lr, lr * float(optim_config.final_lr_frac), decay_steps)
+  if warmup <= 0:
+    return after
+  return optax.join_schedules([warm, after], [warmup])
+
+
+def make(optim_config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Returns `(tx, lr_schedule)` for `config.optim`.
+
+  Clipping comes first in the chain, so `grad_norm` metrics (computed by the step before the
+  optimizer) are the pre-clip norms, as PyTorch's `clip_grad_norm_` reports them.
+  """
+  lr_fn = schedule(optim_config, total_steps)
+  name = optim_config.name
+  if name == "rmsprop":
+    core = optax.rmsprop(lr_fn, decay=float(optim_config.rms_decay), eps=float(optim_config.eps),
+                         eps_in_sqrt=False)
+  elif name == "adamw":
+    core = optax.adamw(lr_fn, b1=float(optim_config.b1), b2=float(optim_config.b2),
+                       eps=float(optim_config.eps), weight_decay=float(optim_config.weight_decay))
+  elif name == "adam":
+    core = optax.adam(lr_fn, b1=float(optim_config.b1), b2=float(optim_config.b2),
+                      eps=float(optim_config.eps))
+  elif name == "sgd":
+    core = optax.sgd(lr_fn)
+  else:
+    raise ConfigError(
+        f"config.optim.name={name!r} is unknown; use 'rmsprop' (the paper's), 'adamw', "
+        "'adam' or 'sgd'.")
+  parts = []
+  if optim_config.grad_clip and float(optim_config.grad_clip) > 0:
+    parts.append(optax.clip_by_global_norm(float(optim_config.grad_clip)))
+  parts.append(core)
+  return optax.chain(*parts), lr_fn

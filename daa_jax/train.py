@@ -1,0 +1,417 @@
+"""`run(config, workdir)`: SFT and DAA training, readable top to bottom.
+
+  1. validate the config, write `config.json`, build the mesh;
+  2. load and tokenize the data (all validation happens here, before any compile);
+  3. abstract state and shardings from shapes (`jax.eval_shape`), never from real arrays;
+  4. init or restore, in this order: the workdir's latest checkpoint -> `config.init_from`
+     (a daa_jax run, e.g. the SFT run) -> `config.hf_model` (HF weights) -> scratch;
+  5. the reference: a frozen copy of the initial params (never donated, no optimizer state),
+     or reference log-probs precomputed once and cached on disk;
+  6. the jitted step with explicit shardings and donation, then an ordinary `for` loop with
+     logging, schedule checkpoints, SIGTERM handling and a non-finite guard.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from daa_jax import checkpoint as ckpt_lib
+from daa_jax import config_lib
+from daa_jax import data as data_lib
+from daa_jax import hf_convert
+from daa_jax import metrics as metrics_lib
+from daa_jax import model as model_lib
+from daa_jax import optim
+from daa_jax import sharding
+from daa_jax import step as step_lib
+from daa_jax.errors import ConfigError, TrainingDiverged
+
+PyTree = Any
+
+
+# --- model and params -------------------------------------------------------------------
+
+def model_config(config, vocab_size: int | None = None) -> config_lib.ModelConfig:
+  """The `ModelConfig` of a run: HF checkpoint's if `config.hf_model`, else the size table's."""
+  m = config.model
+  exec_opts = dict(dtype=m.dtype, scan_layers=m.scan_layers, remat_policy=m.remat_policy,
+                   attention_impl=m.attention_impl)
+  if config.get("hf_model"):
+    cfg = hf_convert.load_config(config.hf_model).replace(**exec_opts)
+  else:
+    overrides = dict(exec_opts)
+    if m.get("vocab_size"):
+      overrides["vocab_size"] = int(m.vocab_size)
+    cfg = config_lib.pythia(m.size, **overrides)
+  if vocab_size is not None and vocab_size > cfg.vocab_size:
+    raise ConfigError(
+        f"the tokenizer has {vocab_size} tokens but config.model (size {m.size!r}) has "
+        f"vocab_size={cfg.vocab_size}; set --config.model.vocab_size={vocab_size} or larger.")
+  return cfg
+
+
+def reference_identity(config) -> str:
+  """What the initial (= reference) params are, for cache keys."""
+  if config.get("init_from"):
+    run_dir, _, step = str(config.init_from).partition("@")
+    steps = ckpt_lib.exported_steps(run_dir)
+    return f"init_from:{os.path.abspath(run_dir)}@{step or (steps[-1] if steps else '?')}"
+  if config.get("hf_model"):
+    return f"hf:{config.hf_model}"
+  return f"scratch:{config.model.size}:seed{config.seed}"
+
+
+def initial_params(config, model_cfg, mesh, param_shardings) -> PyTree:
+  """Params at step 0: `init_from` -> `hf_model` -> scratch (seeded)."""
+  if config.get("init_from"):
+    abstract = jax.eval_shape(functools.partial(model_lib.init_params, model_cfg),
+                              jax.random.key(0))
+    abstract = ckpt_lib.abstract_with_shardings(abstract, param_shardings)
+    params, step = ckpt_lib.load_params(config.init_from, abstract)
+    logging.info("init: params from %s (step %d)", config.init_from, step)
+    return params
+  if config.get("hf_model"):
+    _, host_params = hf_convert.load_pretrained(config.hf_model)
+    logging.info("init: params from HF %s", config.hf_model)
+    return sharding.place_params(host_params, param_shardings)
+  logging.info("init: from scratch (seed %d)", config.seed)
+  return sharding.init_params_sharded(model_cfg, mesh, jax.random.key(config.seed))
+
+
+def opt_state_shardings(tx, abstract_params, param_shardings, mesh):
+  """Optimizer-state shardings: each per-parameter leaf (e.g. RMSprop's `nu`) is sharded
+  like its parameter; scalars (counts) are replicated."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  return optax.tree_map_params(
+      tx, lambda _, s: s, abstract_opt, param_shardings,
+      transform_non_params=lambda _: replicated,
+      is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+
+
+# --- reference log-prob cache -------------------------------------------------------------
+
+def _ref_cache_path(config, workdir, dataset, split: str) -> str:
+  key = json.dumps(dict(data=dataset.fingerprint, ref=reference_identity(config),
+                        model=config.model.to_dict(), split=split,
+                        ref_dtype=config.objective.ref_dtype), sort_keys=True)
+  digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+  cache_dir = config.data.get("cache_dir") or os.path.join(workdir, "cache")
+  return os.path.join(cache_dir, f"ref_logps_{split}_{digest}.npy")
+
+
+def compute_pair_logps(model, params, dataset, mesh, batch_size: int,
+                       logps_chunk: int = 0) -> np.ndarray:
+  """Log-probs `[N,2]` of every pair of `dataset` under `params` (one pass, eval order)."""
+  loader = data_lib.Loader(dataset, batch_size=batch_size, seed=0, shuffle=False,
+                           drop_remainder=False)
+  fn = jax.jit(functools.partial(step_lib.pair_logps, model, logps_chunk=logps_chunk))
+  out = np.zeros((len(dataset), 2), np.float32)
+  for batch in loader:
+    valid = batch.pop("valid").astype(bool)
+    index = batch.pop("index")
+    logps = np.asarray(jax.device_get(fn(params, sharding.host_to_global(
+        {k: v for k, v in batch.items() if k != "ref_logps"}, mesh))))
+    out[index[valid]] = logps[valid]
+  return out
+
+
+def attach_reference(config, workdir, model, ref_params_fn, dataset, mesh, split):
+  """Returns the dataset with a `ref_logps` column, from the on-disk cache when present."""
+  path = _ref_cache_path(config, workdir, dataset, split)
+  if os.path.exists(path):
+    logging.info("reference log-probs: cache hit %s (no reference forward needed)", path)
+    ref = np.load(path)
+  else:
+    logging.info("reference log-probs: computing over %d %s pairs", len(dataset), split)
+    ref = compute_pair_logps(model, ref_params_fn(), dataset, mesh,
+                             batch_size=_eval_batch_size(config, mesh),
+                             logps_chunk=config.train.logps_chunk)
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      tmp = path + ".tmp.npy"
+      np.save(tmp, ref)
+      os.replace(tmp, path)
+  return dataset.with_column("ref_logps", ref)
+
+
+def _eval_batch_size(config, mesh) -> int:
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  micro = config.train.batch_size // config.train.grad_accum
+  return max(dp, (micro // dp) * dp)
+
+
+# --- held-out preference metrics -----------------------------------------------------------
+
+def heldout_metrics(eval_fn, params, ref_params, dataset, mesh, batch_size,
+                    max_batches: int = 0) -> dict[str, float]:
+  """Mean loss, reward accuracy and margin over held-out pairs (padding rows excluded)."""
+  loader = data_lib.Loader(dataset, batch_size=batch_size, seed=0, shuffle=False,
+                           drop_remainder=False)
+  per_pair = {"loss": [], "h": [], "rewards_chosen": [], "rewards_rejected": []}
+  for i, batch in enumerate(loader):
+    if max_batches and i >= max_batches:
+      break
+    valid = batch.pop("valid").astype(bool)
+    batch.pop("index")
+    _, m = eval_fn(params, ref_params, sharding.host_to_global(batch, mesh))
+    m = jax.device_get(m["per_pair"])
+    for k in per_pair:
+      per_pair[k].append(np.asarray(m[k])[valid])
+  cat = {k: np.concatenate(v) for k, v in per_pair.items()}
+  margin = cat["rewards_chosen"] - cat["rewards_rejected"]
+  acc = np.mean((margin > 0) + 0.5 * (margin == 0))
+  return {"eval/loss": float(cat["loss"].mean()), "eval/reward_acc": float(acc),
+          "eval/margin": float(margin.mean()), "eval/num_pairs": float(len(margin))}
+
+
+# --- the run -----------------------------------------------------------------------------
+
+class _Preemption:
+  """SIGTERM -> save at the next step boundary and exit 0."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. inside a test runner thread)
+      self._old = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM: checkpointing at the next step boundary, then exiting.")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def _write_config(config, workdir):
+  path = os.path.join(workdir, "config.json")
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      old = json.load(f)
+    for field in ("job", "model", "objective"):
+      if field in old and json.dumps(old[field], sort_keys=True) != json.dumps(
+          json.loads(text).get(field), sort_keys=True):
+        raise ConfigError(
+            f"{path} was written by a run with a different config.{field} "
+            f"({json.dumps(old[field], sort_keys=True)}); resume with the same config or use a "
+            "fresh --workdir.")
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(text)
+
+
+def schedule_steps(config, steps_per_epoch: int, total_steps: int) -> list[int]:
+  steps = {total_steps}
+  for frac in config.checkpoint.epoch_fractions or ():
+    s = int(round(float(frac) * steps_per_epoch))
+    if 0 < s <= total_steps:
+      steps.add(s)
+  return sorted(steps)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains per `config.job` ('sft' or 'daa'); returns a summary dict (also logged)."""
+  config_lib.validate(config, jax.device_count())
+  kind = config.job
+  _write_config(config, workdir)
+  mesh = sharding.make_mesh(tuple(config.mesh))
+  is_main = jax.process_index() == 0
+  logging.info("run: job=%s workdir=%s mesh=%s processes=%d devices=%d", kind, workdir,
+               dict(mesh.shape), jax.process_count(), jax.device_count())
+
+  # 2. Data first: every malformed row fails here, before any compilation.
+  if kind == "daa":
+    train_ds = data_lib.load_pairs(config.data, "train", workdir=workdir)
+    eval_ds = data_lib.load_pairs(config.data, "eval", workdir=workdir) if (
+        config.train.eval_every) else None
+  else:
+    train_ds = data_lib.load_sft(config.data, "train", workdir=workdir)
+    eval_ds = None
+  logging.info("data: %d train examples; stats %s", len(train_ds), train_ds.stats)
+  model_cfg = model_config(config, train_ds.tokenizer.vocab_size)
+  model = model_lib.CausalLM(model_cfg)
+
+  t = config.train
+  global_batch = t.batch_size
+  loader = data_lib.Loader(train_ds, batch_size=global_batch, seed=config.seed, shuffle=True,
+                           drop_remainder=True, process_index=jax.process_index(),
+                           process_count=jax.process_count())
+  steps_per_epoch = loader.steps_per_epoch
+  if steps_per_epoch == 0:
+    raise ConfigError(f"config.train.batch_size={global_batch} exceeds the {len(train_ds)} "
+                      "training examples; lower it.")
+  total_steps = int(math.ceil(float(t.num_epochs) * steps_per_epoch))
+  if t.max_steps and t.max_steps > 0:
+    total_steps = min(total_steps, int(t.max_steps))
+  tx, lr_fn = optim.make(config.optim, total_steps)
+
+  # 3. Shapes and shardings.
+  param_shardings = sharding.param_shardings(model_cfg, mesh)
+  abstract_params = jax.eval_shape(functools.partial(model_lib.init_params, model_cfg),
+                                   jax.random.key(0))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state_shardings = step_lib.TrainState(
+      step=replicated, params=param_shardings,
+      opt_state=opt_state_shardings(tx, abstract_params, param_shardings, mesh))
+  abstract_state = jax.eval_shape(functools.partial(step_lib.init_state, tx=tx),
+                                  abstract_params)
+  abstract_state = ckpt_lib.abstract_with_shardings(abstract_state, state_shardings)
+
+  checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint,
+                                       schedule_steps(config, steps_per_epoch, total_steps))
+
+  # 4-5. Init or restore, and the reference.
+  cached_ref = kind == "daa" and config.objective.reference == "cached"
+  ref_dtype = jnp.dtype(config.objective.ref_dtype)
+  cache = {}
+
+  def initial():
+    if "params" not in cache:
+      cache["params"] = initial_params(config, model_cfg, mesh, param_shardings)
+    return cache["params"]
+
+  def reference():
+    return jax.tree.map(lambda p: p.astype(ref_dtype), initial())
+
+  if cached_ref:
+    train_ds = attach_reference(config, workdir, model, reference, train_ds, mesh, "train")
+    loader = data_lib.Loader(train_ds, batch_size=global_batch, seed=config.seed,
+                             shuffle=True, drop_remainder=True,
+                             process_index=jax.process_index(),
+                             process_count=jax.process_count())
+    if eval_ds is not None:
+      eval_ds = attach_reference(config, workdir, model, reference, eval_ds, mesh, "eval")
+
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    state, meta = checkpointer.restore(latest, abstract_state)
+    loader.restore(meta["data"])
+    logging.info("resume: step %d from %s", latest, workdir)
+  else:
+    init_fn = jax.jit(functools.partial(step_lib.init_state, tx=tx),
+                      out_shardings=state_shardings)
+    # The policy starts from a copy, so donating the state never frees the reference.
+    state = init_fn(jax.tree.map(jnp.copy, initial()) if kind == "daa" and not cached_ref
+                    else initial())
+  if kind == "daa" and not cached_ref:
+    ref_params = reference()
+  else:
+    ref_params = None
+  cache.clear()
+
+  # 6. The jitted step.
+  scfg = step_lib.StepConfig(
+      kind=kind, objective=config.objective.name if kind == "daa" else "dpo",
+      normalize=config.objective.normalize if kind == "daa" else "sum",
+      grad_accum=int(t.grad_accum), cached_ref=cached_ref, logps_chunk=int(t.logps_chunk))
+  hparams = step_lib.hparams_from_config(config.objective)
+  hparams["debug_nan_step"] = jnp.asarray(int(t.debug_nan_step), jnp.int32)
+  hparams = jax.device_put(hparams, replicated)
+  ref_shardings = None if ref_params is None else param_shardings
+  train_fn = jax.jit(
+      functools.partial(step_lib.train_step, model=model, tx=tx, cfg=scfg, lr_fn=lr_fn),
+      in_shardings=(state_shardings, ref_shardings, None, replicated),
+      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  eval_fn = None
+  if eval_ds is not None:
+    eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model, cfg=scfg))
+
+  writer = metrics_lib.MetricsWriter(workdir, is_main)
+  start = int(jax.device_get(state.step))
+  progress = metrics_lib.Progress(total_steps, start, bool(t.progress) and is_main,
+                                  desc=f"{kind} {os.path.basename(os.path.normpath(workdir))}")
+  peak = metrics_lib.peak_flops(jax.devices()[0].device_kind)
+  seq_len = int(config.data.max_length)
+  pending: list[tuple[int, dict, float]] = []
+  window_start, window_tokens = time.time(), 0.0
+  summary: dict[str, Any] = {"status": "finished", "workdir": workdir}
+
+  def flush(current_step: int):
+    """Fetches pending metrics (one device_get), checks finiteness, writes them."""
+    nonlocal window_start, window_tokens
+    if not pending:
+      return
+    fetched = jax.device_get([m for _, m, _ in pending])
+    for (s, _, _), m in zip(pending, fetched):
+      if m["train/nonfinite"] > 0:
+        good = [c for c in checkpointer.all_steps() if c <= s]
+        raise TrainingDiverged(
+            f"non-finite loss or gradient at step {s} (loss={m['loss/total']}, "
+            f"grad_norm={m['opt/grad_norm']}); training stopped without applying it. The last "
+            f"good checkpoint is {good[-1] if good else 'none'} in {workdir}/checkpoints. Lower "
+            "config.optim.lr, check the data, or use float32 (config.model.dtype).")
+    elapsed = max(time.time() - window_start, 1e-9)
+    tokens_per_s = window_tokens / elapsed
+    flops = sum(f for _, _, f in pending) / elapsed
+    last = {k: float(v) for k, v in fetched[-1].items()}
+    last["perf/tokens_per_s"] = tokens_per_s
+    last["perf/steps_per_s"] = len(pending) / elapsed
+    last["perf/model_tflops_per_s"] = flops / 1e12
+    if peak:
+      last["perf/mfu"] = flops / (peak * jax.device_count())
+    last["data/epoch"] = current_step / steps_per_epoch
+    writer.write(current_step, last)
+    progress.update(len(pending), last)
+    summary.update(last)
+    pending.clear()
+    window_start, window_tokens = time.time(), 0.0
+
+  with _Preemption() as preempt, sharding.activate(mesh):
+    try:
+      for step in range(start, total_steps):
+        host_batch = next(loader)
+        host_batch.pop("index", None)
+        batch = sharding.host_to_global(host_batch, mesh)
+        state, m = train_fn(state, ref_params, batch, hparams)
+        # Tokens seen by all processes (each holds its slice; counts are per host * hosts).
+        tokens = float(host_batch["attention_mask"].sum()) * jax.process_count()
+        window_tokens += tokens
+        pending.append((step, m, metrics_lib.step_flops(model_cfg, tokens, seq_len, kind,
+                                                        cached_ref)))
+        done = step + 1
+        final = done == total_steps
+        due_ckpt = checkpointer.should_save(done, final)
+        if done % t.log_every == 0 or due_ckpt or final or preempt.requested:
+          flush(done)
+        if eval_fn is not None and (done % t.eval_every == 0 or final):
+          ev = heldout_metrics(eval_fn, state.params, ref_params, eval_ds, mesh,
+                               _eval_batch_size(config, mesh), t.eval_batches)
+          writer.write(done, ev)
+          summary.update(ev)
+        if due_ckpt or preempt.requested:
+          checkpointer.save(done, state, {"data": loader.state(), "seed": int(config.seed),
+                                          "step": done})
+        if preempt.requested:
+          summary["status"] = "preempted"
+          break
+    finally:
+      progress.close()
+      checkpointer.close()
+      writer.close()
+  summary["step"] = int(jax.device_get(state.step))
+  logging.info("run: %s at step %d", summary["status"], summary["step"])
+  return summary
