@@ -34,6 +34,8 @@ setuptools.setup(
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],
         "bench": ["torch", "trl", "datasets"],
+        # format='tfds': the TL;DR comparisons as array_record, read without TensorFlow.
+        "tfds": ["tensorflow-datasets>=4.9", "array_record>=0.5"],
     },
     entry_points={"console_scripts": ["daa-jax=daa_jax.main:cli"]},
 )
