@@ -1,0 +1,413 @@
+"""Direct Alignment Algorithm objectives on sequence log-probs, plus `sequence_logps`.
+
+Every objective here is a member of the unified family of Tang et al. 2024 ("Generalized
+Preference Optimization", GPO): loss = E[g(β·h)] with g convex and
+
+  h = [log πθ(y_w|x) − log π_ref(y_w|x)] − [log πθ(y_l|x) − log π_ref(y_l|x)],
+
+where y_w is the chosen and y_l the rejected response. The implicit reward of a response is
+r̂(x, y) = β·log πθ(y|x)/π_ref(y|x) (Rafailov et al. 2023), so β·h is the reward margin.
+
+Objectives take log-probs, not models (DESIGN.md): a live reference forward and cached
+reference log-probs go through the same code. Each registered objective is a pure function
+
+  fn(policy_logps [B,2], ref_logps [B,2], lengths [B,2], params: LossParams, normalize='sum')
+      -> (loss [], metrics)
+
+with column 0 = chosen, column 1 = rejected and lengths = response tokens including EOS.
+β, α, ε and λ live in `LossParams` as traced arrays, so a β sweep compiles one function;
+the objective name and `normalize` are static Python strings.
+
+`normalize='sum'` uses summed sequence log-probs (the DPO paper); `normalize='mean'` divides
+every sequence log-prob (policy and reference) by its response length before forming h, the
+length-normalized variant (as in SimPO / the "mean" option of several DPO codebases).
+
+This module imports only jax and numpy (DESIGN.md: it is pure math, leftmost of the trainer).
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Metrics = dict[str, Any]
+
+NORMALIZATIONS = ("sum", "mean")
+
+
+# --------------------------------------------------------------------------------------
+# Token and sequence log-probs.
+# --------------------------------------------------------------------------------------
+
+
+def _token_logps(logits: Array, targets: Array) -> Array:
+  """log softmax(logits)[target] in float32, without materializing the full log-softmax.
+
+  Args:
+    logits: [N, C, V] any float dtype.
+    targets: [N, C] int; must be valid vocabulary ids.
+
+  Returns:
+    [N, C] float32.
+  """
+  # float32 (or wider) because logsumexp over ~50k bf16 logits loses ~2 decimal digits.
+  x = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # [N,C,V]
+  picked = jnp.take_along_axis(x, targets[..., None], axis=-1)[..., 0]  # [N,C]
+  # x[target] − logsumexp(x) equals log_softmax(x)[target] but keeps one [N,C,V] buffer
+  # instead of two.
+  return picked - jax.nn.logsumexp(x, axis=-1)
+
+
+def sequence_logps(logits: Array, targets: Array, loss_mask: Array,
+                   chunk_size: int | None = None) -> tuple[Array, Array]:
+  """Per-token and summed log-probs of `targets` under `logits`, in float32.
+
+  The caller aligns everything to targets (`logits[:, :-1]`, `tokens[:, 1:]`,
+  `loss_mask[:, :-1]`); no shift happens here. Masked positions contribute exactly 0 (a
+  `where`, not a multiply, so garbage logits or out-of-range target ids at padding cannot
+  leak NaN into the sum).
+
+  Args:
+    logits: [N, L, V] logits of the token at each target position (any float dtype).
+    targets: [N, L] int token ids.
+    loss_mask: [N, L] nonzero on positions that count (response tokens incl. EOS).
+    chunk_size: None computes all positions at once. An int processes L in chunks of that
+      many positions under `lax.map` with rematerialization, so the float32 copy of the
+      logits exists for one [N, chunk_size, V] slice at a time, in the forward and the
+      backward pass. The result is identical; L need not be divisible by chunk_size.
+
+  Returns:
+    summed: [N] float32, sum of per-token log-probs over masked-in positions.
+    per_token: [N, L] float32, 0 where `loss_mask` is 0.
+  """
+  n, length, _ = logits.shape
+  mask = loss_mask > 0  # [N,L]
+  # Padding targets may be -100 or ≥ V; any in-range id is fine since the result is masked.
+  targets = jnp.where(mask, targets, 0).astype(jnp.int32)  # [N,L]
+
+  if chunk_size is None or chunk_size >= length:
+    per_token = _token_logps(logits, targets)  # [N,L]
+  else:
+    if chunk_size < 1:
+      raise ValueError(f"config.loss.logps_chunk_size={chunk_size}; use a positive int or None.")
+    num_full = length // chunk_size
+    full = num_full * chunk_size
+
+    # jax.checkpoint: without it the scan's backward would stack each chunk's float32
+    # residuals into a full [L/C, N, C, V] buffer, defeating the point of chunking.
+    @jax.checkpoint
+    def one_chunk(start):
+      lg = jax.lax.dynamic_slice_in_dim(logits, start, chunk_size, axis=1)  # [N,C,V]
+      tg = jax.lax.dynamic_slice_in_dim(targets, start, chunk_size, axis=1)  # [N,C]
+      return _token_logps(lg, tg)  # [N,C]
+
+    starts = jnp.arange(num_full, dtype=jnp.int32) * chunk_size
+    chunks = jax.lax.map(one_chunk, starts)  # [L//C, N, C]
+    pieces = [jnp.moveaxis(chunks, 0, 1).reshape(n, full)]
+    # The ragged tail is a static slice: dynamic_slice would clamp its start and recompute
+    # (and double-count) positions of the previous chunk.
+    if full < length:
+      pieces.append(_token_logps(logits[:, full:], targets[:, full:]))
+    per_token = jnp.concatenate(pieces, axis=1)  # [N,L]
+
+  per_token = jnp.where(mask, per_token, 0.0)
+  return per_token.sum(axis=-1), per_token
+
+
+# --------------------------------------------------------------------------------------
+# Pairwise objectives.
+# --------------------------------------------------------------------------------------
+
+
+class LossParams(NamedTuple):
+  """Runtime (traced) loss coefficients; a pytree, so jit/vmap/grad see arrays.
+
+  Attributes:
+    beta: [] inverse temperature β; the implicit reward is β·log πθ/π_ref.
+    alpha: [] R-DPO length coefficient α (per token of length difference).
+    epsilon: [] label-flip rate ε of cDPO and robust DPO (robust needs ε < 1/2).
+    sft_weight: [] λ, weight of the chosen-response NLL added by SLiC.
+  """
+  beta: Array
+  alpha: Array
+  epsilon: Array
+  sft_weight: Array
+
+  @classmethod
+  def create(cls, beta, alpha=0.0, epsilon=0.0, sft_weight=0.0) -> "LossParams":
+    def at_least_f32(v):
+      v = jnp.asarray(v)
+      return v.astype(jnp.promote_types(v.dtype, jnp.float32))
+    return cls(at_least_f32(beta), at_least_f32(alpha), at_least_f32(epsilon),
+               at_least_f32(sft_weight))
+
+
+class _PairTerms(NamedTuple):
+  """Per-pair quantities shared by every objective; all [B] in the compute dtype."""
+  policy_chosen: Array
+  policy_rejected: Array
+  ref_chosen: Array
+  ref_rejected: Array
+  logratio_chosen: Array  # normalized log πθ(y_w)/π_ref(y_w)
+  logratio_rejected: Array
+  h: Array
+  length_chosen: Array
+  length_rejected: Array
+  nll_chosen: Array  # −log πθ(y_w), normalized like the log-ratios
+
+
+def _pair_terms(policy_logps: Array, ref_logps: Array, lengths: Array,
+                normalize: str) -> _PairTerms:
+  if normalize not in NORMALIZATIONS:
+    raise ValueError(f"config.objective.normalize={normalize!r}; use one of {NORMALIZATIONS}.")
+  # At least float32 for the loss (bf16 log-ratios of long sequences lose the margin); float64
+  # stays float64 so finite-difference tests are exact.
+  dtype = jnp.promote_types(jnp.result_type(policy_logps, ref_logps), jnp.float32)
+  policy = policy_logps.astype(dtype)  # [B,2]
+  ref = ref_logps.astype(dtype)  # [B,2]
+  lengths = lengths.astype(dtype)  # [B,2]
+  if normalize == "mean":
+    # A zero-length response (a data bug) would divide by 0; treat it as length 1.
+    scale = 1.0 / jnp.maximum(lengths, 1.0)
+    policy_n, ref_n = policy * scale, ref * scale
+  else:
+    policy_n, ref_n = policy, ref
+  logratios = policy_n - ref_n  # [B,2]
+  return _PairTerms(
+      policy_chosen=policy[:, 0], policy_rejected=policy[:, 1],
+      ref_chosen=ref[:, 0], ref_rejected=ref[:, 1],
+      logratio_chosen=logratios[:, 0], logratio_rejected=logratios[:, 1],
+      h=logratios[:, 0] - logratios[:, 1],
+      length_chosen=lengths[:, 0], length_rejected=lengths[:, 1],
+      nll_chosen=-policy_n[:, 0])
+
+
+def _finish(per_pair_loss: Array, t: _PairTerms, params: LossParams) -> tuple[Array, Metrics]:
+  """Mean loss over pairs and the preference metrics shared by every objective."""
+  beta = params.beta.astype(t.h.dtype)
+  rewards_chosen = beta * t.logratio_chosen  # [B]
+  rewards_rejected = beta * t.logratio_rejected  # [B]
+  margins = rewards_chosen - rewards_rejected  # [B] = β·h
+  loss = per_pair_loss.mean()
+  # Ties count half: at initialization πθ == π_ref, every margin is exactly 0 and accuracy
+  # reads 0.5 (chance), not 0 — so a curve starting at 0.5 means "no preference yet".
+  acc = jnp.where(margins > 0, 1.0, jnp.where(margins == 0, 0.5, 0.0))
+  metrics = {
+      "loss": loss,
+      "rewards_chosen": rewards_chosen.mean(),
+      "rewards_rejected": rewards_rejected.mean(),
+      "margin": margins.mean(),
+      "margin_std": margins.std(),
+      "reward_acc": acc.mean(),
+      "logps_chosen": t.policy_chosen.mean(),
+      "logps_rejected": t.policy_rejected.mean(),
+      "ref_logps_chosen": t.ref_chosen.mean(),
+      "ref_logps_rejected": t.ref_rejected.mean(),
+      "per_pair": {
+          "loss": per_pair_loss,
+          "h": t.h,
+          "rewards_chosen": rewards_chosen,
+          "rewards_rejected": rewards_rejected,
+          "logratio_chosen": t.logratio_chosen,
+          "logratio_rejected": t.logratio_rejected,
+          "length_chosen": t.length_chosen,
+          "length_rejected": t.length_rejected,
+      },
+  }
+  return loss, metrics
+
+
+def dpo_loss(policy_logps: Array, ref_logps: Array, lengths: Array, params: LossParams,
+             normalize: str = "sum") -> tuple[Array, Metrics]:
+  """DPO (Rafailov et al. 2023, eq. 7): per pair −log σ(β·h).
+
+  β scales the log-ratio margin h inside the sigmoid (g(u) = −log σ(u) = log(1 + e^{−u}));
+  at h = 0 the loss is log 2. h uses summed log-probs for `normalize='sum'` (the paper) and
+  per-token means for `'mean'`.
+
+  Args:
+    policy_logps: [B, 2] policy sequence log-probs, column 0 chosen, 1 rejected.
+    ref_logps: [B, 2] reference sequence log-probs, same layout.
+    lengths: [B, 2] response lengths in tokens including EOS.
+    params: `LossParams`; uses `beta`.
+    normalize: 'sum' or 'mean' (static).
+
+  Returns:
+    loss: [] mean over pairs; metrics: see `compute_loss`.
+  """
+  t = _pair_terms(policy_logps, ref_logps, lengths, normalize)
+  beta = params.beta.astype(t.h.dtype)
+  return _finish(-jax.nn.log_sigmoid(beta * t.h), t, params)
+
+
+def ipo_loss(policy_logps: Array, ref_logps: Array, lengths: Array, params: LossParams,
+             normalize: str = "sum") -> tuple[Array, Metrics]:
+  """IPO in the unified GPO form (Tang et al. 2024; the overoptimization paper): (β·h − 1)².
+
+  β scales h inside the square; the minimum is at h = 1/β, and the loss is 1 at h = 0. This
+  is β²·(h − 1/β)², the IPO of Azar et al. 2023 at τ = β/2 times β² — `ipo_azar` keeps the
+  original parameterization, whose β is not comparable to this one's. Normalization as in
+  `dpo_loss`.
+
+  Args and Returns: as `dpo_loss`; uses `beta`.
+  """
+  t = _pair_terms(policy_logps, ref_logps, lengths, normalize)
+  beta = params.beta.astype(t.h.dtype)
+  return _finish(jnp.square(beta * t.h - 1.0), t, params)
+
+
+def ipo_azar_loss(policy_logps: Array, ref_logps: Array, lengths: Array, params: LossParams,
+                  normalize: str = "sum") -> tuple[Array, Metrics]:
+  """IPO as in Azar et al. 2023 (eq. 17) and the original DPO code: (h − 1/(2β))².
+
+  Here β (the paper's τ) sets the target margin: the minimum is at h = 1/(2β); the loss at
+  h = 0 is 1/(4β²). (h − 1/(2β))² = (2β·h − 1)²/(4β²): `ipo` at β' = 2β, divided by 4β².
+  Normalization as in `dpo_loss`.
+
+  Args and Returns: as `dpo_loss`; uses `beta`.
+  """
+  t = _pair_terms(policy_logps, ref_logps, lengths, normalize)
+  beta = params.beta.astype(t.h.dtype)
+  return _finish(jnp.square(t.h - 1.0 / (2.0 * beta)), t, params)
+
+
+def slic_loss(policy_logps: Array, ref_logps: Array, lengths: Array, params: LossParams,
+              normalize: str = "sum") -> tuple[Array, Metrics]:
+  """SLiC-HF (Zhao et al. 2023) in the unified form: max(0, 1 − β·h) + λ·NLL(y_w).
+
+  β scales h inside the hinge (margin 1/β in h); at h = 0 the hinge is 1. SLiC-HF's
+  calibration loss uses the policy alone; the unified form (Tang et al. 2024) measures the
+  margin against the reference, as here. The optional regularizer λ·NLL(y_w) = −λ·log πθ(y_w)
+  (λ = `sft_weight`, 0 by default, as in the overoptimization paper) is normalized like the
+  log-ratios: summed log-prob for 'sum', per-token mean for 'mean'.
+
+  Args and Returns: as `dpo_loss`; uses `beta` and `sft_weight`.
+  """
+  t = _pair_terms(policy_logps, ref_logps, lengths, normalize)
+  beta = params.beta.astype(t.h.dtype)
+  hinge = jnp.maximum(0.0, 1.0 - beta * t.h)
+  return _finish(hinge + params.sft_weight.astype(t.h.dtype) * t.nll_chosen, t, params)
+
+
+def rdpo_loss(policy_logps: Array, ref_logps: Array, lengths: Array, params: LossParams,
+              normalize: str = "sum") -> tuple[Array, Metrics]:
+  """Length-regularized DPO (R-DPO, Park et al. 2024, eq. 9): −log σ(β·h + α(|y_w| − |y_l|)).
+
+  Sign convention (PAPER.md, Park et al.'s eq. 9): R-DPO optimizes the length-penalized reward
+  r − α|y|. Its Bradley–Terry logit for y_w over y_l is written with the policy's implicit
+  reward β·h plus α(|y_w| − |y_l|): when the chosen response is longer, the length term
+  already supplies part of the logit, so the policy needs less margin β·h — it gains less
+  from the length difference, which is what stops it from learning "longer is better".
+  β scales h; α multiplies the length difference in tokens (incl. EOS) and is not scaled by
+  β or by `normalize`. α = 0 gives `dpo`. Normalization of h as in `dpo_loss`.
+
+  Args and Returns: as `dpo_loss`; uses `beta` and `alpha`.
+  """
+  t = _pair_terms(policy_logps, ref_logps, lengths, normalize)
+  beta = params.beta.astype(t.h.dtype)
+  length_term = params.alpha.astype(t.h.dtype) * (t.length_chosen - t.length_rejected)
+  return _finish(-jax.nn.log_sigmoid(beta * t.h + length_term), t, params)
+
+
+def cdpo_loss(policy_logps: Array, ref_logps: Array, lengths: Array, params: LossParams,
+              normalize: str = "sum") -> tuple[Array, Metrics]:
+  """Conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences"):
+
+    −(1 − ε)·log σ(β·h) − ε·log σ(−β·h),
+
+  the DPO loss with labels smoothed by a flip rate ε; β scales h as in DPO. Unlike DPO the
+  optimum is finite: σ(β·h*) = 1 − ε. ε = 0 gives `dpo`. Normalization as in `dpo_loss`.
+
+  Args and Returns: as `dpo_loss`; uses `beta` and `epsilon`.
+  """
+  t = _pair_terms(policy_logps, ref_logps, lengths, normalize)
+  u = params.beta.astype(t.h.dtype) * t.h
+  eps = params.epsilon.astype(t.h.dtype)
+  return _finish(-(1.0 - eps) * jax.nn.log_sigmoid(u) - eps * jax.nn.log_sigmoid(-u), t, params)
+
+
+def robust_loss(policy_logps: Array, ref_logps: Array, lengths: Array, params: LossParams,
+                normalize: str = "sum") -> tuple[Array, Metrics]:
+  """Robust DPO (Chowdhury et al. 2024, "Provably robust DPO", eq. 9):
+
+    [(1 − ε)·(−log σ(β·h)) − ε·(−log σ(−β·h))] / (1 − 2ε),
+
+  an unbiased estimate of the clean-label DPO loss under label flips at rate ε (needs
+  ε < 1/2; config validation must enforce it since ε is traced here). β scales h as in DPO;
+  ε = 0 gives `dpo`. Unlike cDPO the loss is unbounded below for ε > 0: as β·h → ∞ it falls
+  linearly with slope −ε/(1 − 2ε), so its gradient never vanishes. Normalization as in
+  `dpo_loss`.
+
+  Args and Returns: as `dpo_loss`; uses `beta` and `epsilon`.
+  """
+  t = _pair_terms(policy_logps, ref_logps, lengths, normalize)
+  u = params.beta.astype(t.h.dtype) * t.h
+  eps = params.epsilon.astype(t.h.dtype)
+  per_pair = ((1.0 - eps) * -jax.nn.log_sigmoid(u) - eps * -jax.nn.log_sigmoid(-u)) / (
+      1.0 - 2.0 * eps)
+  return _finish(per_pair, t, params)
+
+
+ObjectiveFn = Callable[..., tuple[Array, Metrics]]
+
+# Name -> objective; read-only so no caller can register a loss behind the config's back.
+OBJECTIVES: types.MappingProxyType[str, ObjectiveFn] = types.MappingProxyType({
+    "dpo": dpo_loss,
+    "ipo": ipo_loss,
+    "ipo_azar": ipo_azar_loss,
+    "slic": slic_loss,
+    "rdpo": rdpo_loss,
+    "cdpo": cdpo_loss,
+    "robust": robust_loss,
+})
+
+
+def get_objective(name: str) -> ObjectiveFn:
+  """The registered objective called `name`; ValueError naming the valid ones otherwise."""
+  try:
+    return OBJECTIVES[name]
+  except KeyError:
+    raise ValueError(
+        f"config.objective.name={name!r} is not a known objective; choose one of "
+        f"{', '.join(OBJECTIVES)}.") from None
+
+
+def compute_loss(name: str, policy_logps: Array, ref_logps: Array, lengths: Array, *,
+                 beta, alpha=0.0, epsilon=0.0, sft_weight=0.0,
+                 normalize: str = "sum") -> tuple[Array, Metrics]:
+  """The DAA loss `name` and its preference metrics.
+
+  `name` and `normalize` must be Python strings (static under jit); `beta`, `alpha`,
+  `epsilon` and `sft_weight` may be Python floats or traced scalars — changing them does not
+  recompile a jitted caller that passes them as arguments.
+
+  Args:
+    name: one of `OBJECTIVES`: dpo, ipo, ipo_azar, slic, rdpo, cdpo, robust.
+    policy_logps: [B, 2] policy sequence log-probs, column 0 chosen, 1 rejected.
+    ref_logps: [B, 2] reference sequence log-probs, same layout.
+    lengths: [B, 2] response lengths in tokens including EOS.
+    beta: β. alpha: R-DPO α. epsilon: cDPO/robust ε. sft_weight: SLiC λ.
+    normalize: 'sum' (summed log-probs) or 'mean' (each log-prob divided by its length).
+
+  Returns:
+    loss: [] float32 mean over the B pairs.
+    metrics: float32 scalars `loss`, `rewards_chosen`, `rewards_rejected` (batch means of
+      β·logratio), `margin` (mean of β·h), `margin_std`, `reward_acc` (fraction of margins
+      > 0, ties counting 1/2), `logps_chosen`, `logps_rejected`, `ref_logps_chosen`,
+      `ref_logps_rejected` (raw summed log-probs, not normalized), and `per_pair`, a dict of
+      [B] arrays: `loss`, `h`, `rewards_chosen`, `rewards_rejected`, `logratio_chosen`,
+      `logratio_rejected`, `length_chosen`, `length_rejected`.
+  """
+  fn = get_objective(name)
+  params = LossParams.create(beta, alpha, epsilon, sft_weight)
+  return fn(jnp.asarray(policy_logps), jnp.asarray(ref_logps), jnp.asarray(lengths), params,
+            normalize=normalize)
+
+
+__all__ = ["LossParams", "NORMALIZATIONS", "OBJECTIVES", "compute_loss", "get_objective",
+           "sequence_logps", "dpo_loss", "ipo_loss", "ipo_azar_loss", "slic_loss", "rdpo_loss",
+           "cdpo_loss", "robust_loss"]
