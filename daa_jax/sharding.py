@@ -1,0 +1,181 @@
+"""The device mesh, the one logical-axis rules table, and host -> global arrays.
+
+Mesh axes are ('data', 'fsdp', 'tensor'): the batch is split over data x fsdp, weights are
+split over fsdp (ZeRO-3 style, gathered per layer by XLA) and over tensor (Megatron-style:
+heads and MLP columns). `model.py` names only logical axes; `LOGICAL_RULES` maps them here.
+
+How the trainer uses this module:
+
+  mesh = sharding.make_mesh(config.mesh)                  # e.g. (-1, 1, 1)
+  p_shard = sharding.param_shardings(model_config, mesh)
+  params = sharding.init_params_sharded(model_config, mesh, rng)   # or
+  params = sharding.place_params(host_params, p_shard)            # converted HF weights
+  step = jax.jit(train_step, in_shardings=(..., p_shard, sharding.batch_sharding(mesh, 3)),
+                 out_shardings=..., donate_argnums=...)
+  with sharding.activate(mesh):       # trace AND call inside: activation constraints
+    batch = sharding.host_to_global(host_batch, mesh)
+    state, metrics = step(state, batch)
+
+`activate` must be entered when the function is traced (the first call): the activation
+constraints in `model.py` read the logical rules and the mesh from the context at trace time
+and are no-ops outside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterator, Sequence
+
+from absl import logging
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from daa_jax import model as model_lib
+from daa_jax.config_lib import ModelConfig
+from daa_jax.errors import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# The one table from logical axis names (model.py) to mesh axes. Weights and activations use
+# different names so that e.g. `embed` is FSDP-sharded in weights but replicated in the
+# residual stream.
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    # Weights.
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("qkv", "tensor"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("norm", None),
+    ("layers", None),
+    # Activations.
+    ("act_batch", BATCH_AXES),
+    ("act_len", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv", None),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh with Auto axes (GSPMD propagates shardings).
+
+  Args:
+    shape: three sizes, e.g. (8, 1, 1); one may be -1 (all remaining devices).
+    devices: default `jax.devices()`.
+
+  Raises:
+    ConfigError: the shape does not fit the device count (names `config.mesh`).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  shape = tuple(int(s) for s in shape)
+  n = len(devices)
+  if len(shape) != len(MESH_AXES) or shape.count(-1) > 1 or any(
+      s == 0 or s < -1 for s in shape):
+    raise ConfigError(f"config.mesh={shape} must be 3 positive sizes for {MESH_AXES}, at "
+                      "most one of them -1.")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if n % known:
+      raise ConfigError(f"config.mesh={shape}: {n} devices are not divisible by {known}; "
+                        "pick sizes whose product divides the device count.")
+    shape = tuple(n // known if s == -1 else s for s in shape)
+  if math.prod(shape) != n:
+    raise ConfigError(f"config.mesh={shape} needs {math.prod(shape)} devices but there are "
+                      f"{n}; make the product equal the device count (or use -1).")
+  try:
+    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  except AttributeError:  # jax without AxisType: every axis is Auto.
+    axis_types = None
+  kwargs = {} if axis_types is None else {"axis_types": axis_types}
+  # jax>=0.7 defaults make_mesh axes to Explicit; our shardings are propagated (Auto).
+  return jax.make_mesh(shape, MESH_AXES, devices=devices, **kwargs)
+
+
+@contextlib.contextmanager
+def activate(mesh: jax.sharding.Mesh) -> Iterator[None]:
+  """Makes the model's logical activation constraints active on `mesh`.
+
+  Sets `mesh` as the current mesh (`jax.set_mesh`) and installs `LOGICAL_RULES`; trace and
+  call jitted steps inside it. Outside, the constraints are no-ops (single device).
+  """
+  set_mesh = getattr(jax, "set_mesh", None) or getattr(jax.sharding, "use_mesh")
+  with set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    yield
+
+
+def _named(mesh, spec: Sequence[Any], shape: Sequence[int]) -> NamedSharding:
+  return NamedSharding(mesh, P(*model_lib.fit_spec_to_shape(spec, shape, dict(mesh.shape))))
+
+
+def param_shardings(config: ModelConfig, mesh: jax.sharding.Mesh):
+  """NamedShardings of the params tree (unboxed structure), from the logical annotations.
+
+  A mesh axis that does not divide a dimension is dropped for that dimension (replicated),
+  and logged: jit rejects uneven shardings.
+  """
+  boxed = model_lib.abstract_params(config, boxed=True)
+  specs = nn.get_partition_spec(boxed)  # logical names per leaf
+  abstract = nn.unbox(boxed)
+
+  def one(path, logical, leaf):
+    mesh_spec = tuple(nn.logical_to_mesh_axes(tuple(logical), LOGICAL_RULES))
+    sharding = _named(mesh, mesh_spec, leaf.shape)
+    if tuple(sharding.spec) != mesh_spec + (None,) * (leaf.ndim - len(mesh_spec)):
+      logging.info("param %s %s: spec %s does not divide on mesh %s; using %s",
+                   jax.tree_util.keystr(path), leaf.shape, mesh_spec, dict(mesh.shape),
+                   sharding.spec)
+    return sharding
+
+  return jax.tree_util.tree_map_with_path(
+      one, specs, abstract, is_leaf=lambda x: isinstance(x, P))
+
+
+def init_params_sharded(config: ModelConfig, mesh: jax.sharding.Mesh, rng: jax.Array):
+  """Fresh params created already sharded (never whole on one device)."""
+  shardings = param_shardings(config, mesh)
+  return jax.jit(lambda r: model_lib.init_params(config, r), out_shardings=shardings)(rng)
+
+
+def place_params(host_params, shardings):
+  """Host (numpy) params -> global jax arrays; each device receives only its shard."""
+  def one(x, sharding):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree_util.tree_map(one, host_params, shardings)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int) -> NamedSharding:
+  """Leading (batch) axis over data x fsdp, every other axis replicated."""
+  if ndim == 0:
+    return NamedSharding(mesh, P())
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def host_to_global(batch, mesh: jax.sharding.Mesh):
+  """Per-process numpy batch (this host's rows) -> global arrays sharded by `batch_sharding`.
+
+  Single-process, the local batch is the global batch; its size must divide by
+  data x fsdp.
+  """
+  return jax.tree_util.tree_map(
+      lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(x)),
+                                                       np.asarray(x)), batch)
+
+
+def cache_shardings(mesh: jax.sharding.Mesh, cache):
+  """Shardings of a `model.init_cache` tree: batch over data x fsdp, heads over tensor."""
+  def one(x):
+    if x.ndim == 0:
+      return NamedSharding(mesh, P())
+    if x.ndim == 2:  # 'mask' [B,S]
+      return _named(mesh, (BATCH_AXES, None), x.shape)
+    lead = (None,) if x.ndim == 5 else ()  # scan layout: [N,B,S,H,K]
+    return _named(mesh, lead + (BATCH_AXES, None, "tensor", None), x.shape)
+  return jax.tree_util.tree_map(one, cache)
