@@ -266,6 +266,8 @@ def train_fields() -> ml_collections.ConfigDict:
       eval_batches=4,
       logps_chunk=0,      # > 0: log-softmax over the vocabulary in chunks of this many tokens
       debug_nan_step=-1,  # tests: inject a NaN loss at this step
+      debug_kill_after_checkpoint=-1,  # tests: SIGKILL right after this step's save starts
+      debug_sigterm_at_step=-1,        # tests: send ourselves SIGTERM after this step
       progress=True))
 
 
@@ -321,10 +323,10 @@ def validate(config, num_devices: int | None = None) -> None:
     known = 1
     for m in mesh:
       known *= m if m > 0 else 1
-    if num_devices % known or (-1 not in mesh and known != num_devices):
+    if num_devices % known:
       raise ConfigError(
           f"config.mesh={mesh} does not divide the {num_devices} devices; use sizes whose "
-          f"product is {num_devices} (or put -1 on one axis).")
+          f"product divides {num_devices} (or put -1 on one axis to take the rest).")
     if config.get("job") in ("sft", "daa"):
       resolved = [m if m > 0 else num_devices // known for m in mesh]
       data_par = resolved[0] * resolved[1]

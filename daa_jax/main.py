@@ -75,7 +75,16 @@ def dispatch(config, workdir: str):
   raise ConfigError(f"config.job={job!r}; use sft, daa, eval, sweep, quickstart or tree_mdp.")
 
 
+class _QuietLibraries:
+  """Drops INFO chatter from orbax (one line per file operation) from the run's log."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or "orbax" not in record.pathname
+
+
 def main(argv) -> None:
+  import logging as py_logging  # pylint: disable=g-import-not-at-top
+  py_logging.getLogger("absl").addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None or _WORKDIR.value is None:

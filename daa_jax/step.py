@@ -46,6 +46,12 @@ class StepConfig:
   logps_chunk: int = 0         # > 0: chunked log-softmax (memory-lean)
 
 
+def _global_norm(tree) -> jax.Array:
+  if hasattr(optax, "tree") and hasattr(optax.tree, "norm"):  # optax >= 0.2.5
+    return optax.tree.norm(tree)
+  return optax.global_norm(tree)
+
+
 def init_state(params: PyTree, tx: optax.GradientTransformation) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
@@ -157,7 +163,7 @@ def train_step(state: TrainState, ref_params: PyTree, batch: dict, hparams: dict
   inject = state.step == hparams.get("debug_nan_step", -1)
   loss = jnp.where(inject, jnp.nan, loss)
   grads = jax.tree.map(lambda g: jnp.where(inject, jnp.nan, g), grads)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = _global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import json
@@ -41,6 +42,20 @@ from daa_jax import step as step_lib
 from daa_jax.errors import ConfigError, TrainingDiverged
 
 PyTree = Any
+
+# Jitted steps shared by the runs of one process (a sweep): same shapes, optimizer and
+# objective -> the same function object -> one compilation, whatever beta is.
+_STEP_CACHE: dict[Any, Any] = {}
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+def _counted(fn, name):
+  """Counts Python traces of `fn` (a retrace per call would show up here, cheaply)."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    TRACE_COUNTS[name] += 1
+    return fn(*args, **kwargs)
+  return wrapped
 
 
 # --- model and params -------------------------------------------------------------------
@@ -85,7 +100,10 @@ def initial_params(config, model_cfg, mesh, param_shardings) -> PyTree:
     logging.info("init: params from %s (step %d)", config.init_from, step)
     return params
   if config.get("hf_model"):
-    _, host_params = hf_convert.load_pretrained(config.hf_model)
+    _, host_params = hf_convert.load_pretrained(
+        config.hf_model, config_overrides=dict(
+            dtype=model_cfg.dtype, scan_layers=model_cfg.scan_layers,
+            remat_policy=model_cfg.remat_policy, attention_impl=model_cfg.attention_impl))
     logging.info("init: params from HF %s", config.hf_model)
     return sharding.place_params(host_params, param_shardings)
   logging.info("init: from scratch (seed %d)", config.seed)
@@ -157,7 +175,7 @@ def _eval_batch_size(config, mesh) -> int:
 
 # --- held-out preference metrics -----------------------------------------------------------
 
-def heldout_metrics(eval_fn, params, ref_params, dataset, mesh, batch_size,
+def heldout_metrics(eval_fn, params, ref_params, hparams, dataset, mesh, batch_size,
                     max_batches: int = 0) -> dict[str, float]:
   """Mean loss, reward accuracy and margin over held-out pairs (padding rows excluded)."""
   loader = data_lib.Loader(dataset, batch_size=batch_size, seed=0, shuffle=False,
@@ -168,7 +186,7 @@ def heldout_metrics(eval_fn, params, ref_params, dataset, mesh, batch_size,
       break
     valid = batch.pop("valid").astype(bool)
     batch.pop("index")
-    _, m = eval_fn(params, ref_params, sharding.host_to_global(batch, mesh))
+    _, m = eval_fn(params, ref_params, sharding.host_to_global(batch, mesh), hparams)
     m = jax.device_get(m["per_pair"])
     for k in per_pair:
       per_pair[k].append(np.asarray(m[k])[valid])
@@ -224,6 +242,15 @@ def _write_config(config, workdir):
       f.write(text)
 
 
+def run_mesh(config) -> jax.sharding.Mesh:
+  """The run's mesh; a mesh smaller than the machine (no -1) uses the first devices."""
+  shape = tuple(config.mesh)
+  devices = jax.devices()
+  if -1 not in shape and math.prod(shape) < len(devices) and jax.process_count() == 1:
+    devices = devices[:math.prod(shape)]
+  return sharding.make_mesh(shape, devices=devices)
+
+
 def schedule_steps(config, steps_per_epoch: int, total_steps: int) -> list[int]:
   steps = {total_steps}
   for frac in config.checkpoint.epoch_fractions or ():
@@ -238,7 +265,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_lib.validate(config, jax.device_count())
   kind = config.job
   _write_config(config, workdir)
-  mesh = sharding.make_mesh(tuple(config.mesh))
+  mesh = run_mesh(config)
   is_main = jax.process_index() == 0
   logging.info("run: job=%s workdir=%s mesh=%s processes=%d devices=%d", kind, workdir,
                dict(mesh.shape), jax.process_count(), jax.device_count())
@@ -332,10 +359,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   hparams["debug_nan_step"] = jnp.asarray(int(t.debug_nan_step), jnp.int32)
   hparams = jax.device_put(hparams, replicated)
   ref_shardings = None if ref_params is None else param_shardings
-  train_fn = jax.jit(
-      functools.partial(step_lib.train_step, model=model, tx=tx, cfg=scfg, lr_fn=lr_fn),
-      in_shardings=(state_shardings, ref_shardings, None, replicated),
-      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  key = (kind, model_cfg, scfg, config.optim.to_json(sort_keys=True), total_steps,
+         tuple(mesh.shape.items()), tuple(d.id for d in mesh.devices.flat),
+         ref_params is None)
+  if key not in _STEP_CACHE:
+    _STEP_CACHE[key] = jax.jit(
+        _counted(functools.partial(step_lib.train_step, model=model, tx=tx, cfg=scfg,
+                                   lr_fn=lr_fn), "train_step"),
+        in_shardings=(state_shardings, ref_shardings, None, replicated),
+        out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  train_fn = _STEP_CACHE[key]
   eval_fn = None
   if eval_ds is not None:
     eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model, cfg=scfg))
@@ -395,17 +428,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         done = step + 1
         final = done == total_steps
         due_ckpt = checkpointer.should_save(done, final)
-        if done % t.log_every == 0 or due_ckpt or final or preempt.requested:
+        if done % t.log_every == 0 or due_ckpt or final:
           flush(done)
         if eval_fn is not None and (done % t.eval_every == 0 or final):
-          ev = heldout_metrics(eval_fn, state.params, ref_params, eval_ds, mesh,
+          ev = heldout_metrics(eval_fn, state.params, ref_params, hparams, eval_ds, mesh,
                                _eval_batch_size(config, mesh), t.eval_batches)
           writer.write(done, ev)
           summary.update(ev)
-        if due_ckpt or preempt.requested:
+        if due_ckpt:
           checkpointer.save(done, state, {"data": loader.state(), "seed": int(config.seed),
                                           "step": done})
-        if preempt.requested:
+          if done == t.debug_kill_after_checkpoint:  # tests: die mid-save, like a lost VM
+            os.kill(os.getpid(), signal.SIGKILL)
+        if done == t.debug_sigterm_at_step:  # tests: a real SIGTERM through the handler
+          os.kill(os.getpid(), signal.SIGTERM)
+        if preempt.requested:  # the step boundary after a SIGTERM: save and leave
+          flush(done)
+          checkpointer.save(done, state, {"data": loader.state(), "seed": int(config.seed),
+                                          "step": done}, export=False)
           summary["status"] = "preempted"
           break
     finally:

@@ -1,0 +1,249 @@
+"""The trainer: DPO at step 0, mesh invariance, accumulation, cached reference, resume,
+preemption, the non-finite guard, compile-once, and config errors."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from daa_jax import checkpoint as ckpt_lib
+from daa_jax import config_lib
+from daa_jax import data as data_lib
+from daa_jax import model as model_lib
+from daa_jax import optim
+from daa_jax import step as step_lib
+from daa_jax import train
+from daa_jax.errors import ConfigError, TrainingDiverged
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name, arg=None):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def tiny(arg="job=daa", **updates):
+  c = load_config("tiny", arg)
+  with c.unlocked():
+    for key, value in updates.items():
+      node = c
+      *path, last = key.split(".")
+      for p in path:
+        node = node[p]
+      node[last] = value
+  return c
+
+
+def metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def final_params(workdir, step):
+  cfg = config_lib.pythia("tiny")
+  abstract = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
+  params, _ = ckpt_lib.load_params(f"{workdir}@{step}", abstract)
+  return params
+
+
+def test_dpo_first_step_is_log2_with_ties_counted_half(tmp_path):
+  summary = train.run(tiny(**{"train.max_steps": 1}), str(tmp_path))
+  first = metrics(str(tmp_path))[0]
+  # Policy == reference at step 0: every margin is exactly 0, so DPO = log 2 and every pair
+  # is a tie, which reward accuracy counts as half.
+  assert first["daa/loss"] == pytest.approx(math.log(2), abs=1e-6)
+  assert first["daa/reward_acc"] == 0.5
+  assert first["daa/margin"] == 0.0
+  assert summary["step"] == 1
+
+
+@pytest.mark.parametrize("objective", ["ipo", "slic"])
+def test_other_objectives_closed_form_at_step0(tmp_path, objective):
+  train.run(tiny(f"job=daa,objective={objective},beta=0.5", **{"train.max_steps": 1}),
+            str(tmp_path))
+  first = metrics(str(tmp_path))[0]
+  assert first["daa/loss"] == pytest.approx(1.0, abs=1e-6)  # (0-1)^2 and max(0, 1-0)
+
+
+def test_same_losses_on_every_mesh(tmp_path):
+  losses = {}
+  for mesh in [(8, 1, 1), (2, 2, 2), (1, 1, 1)]:
+    workdir = str(tmp_path / "x".join(map(str, mesh)))
+    train.run(tiny(**{"mesh": mesh, "train.max_steps": 3}), workdir)
+    losses[mesh] = [m["loss/total"] for m in metrics(workdir)]
+  ref = losses[(1, 1, 1)]
+  for mesh, values in losses.items():
+    np.testing.assert_allclose(values, ref, atol=1e-5, rtol=0, err_msg=str(mesh))
+
+
+def _step_inputs(grad_accum=1, cached_ref=False, batch_size=16):
+  c = tiny()
+  ds = data_lib.load_pairs(c.data, "train")
+  cfg = config_lib.pythia("tiny")
+  model = model_lib.CausalLM(cfg)
+  params = model_lib.init_params(cfg, jax.random.key(0))
+  batch = next(iter(data_lib.Loader(ds, batch_size=batch_size, seed=0)))
+  batch.pop("index")
+  tx, lr_fn = optim.make(c.optim, 10)
+  # A policy that differs from the reference, so the loss is not at its symmetric point.
+  policy = jax.tree.map(lambda p: p + 0.01 * jnp.sin(jnp.arange(p.size).reshape(p.shape)),
+                        params)
+  state = step_lib.init_state(policy, tx)
+  hparams = step_lib.hparams_from_config(c.objective)
+  scfg = step_lib.StepConfig(kind="daa", objective="dpo", grad_accum=grad_accum,
+                             cached_ref=cached_ref)
+  return model, tx, lr_fn, state, params, batch, hparams, scfg
+
+
+def test_grad_accumulation_equals_one_big_batch():
+  model, _, _, state, ref, batch, hparams, _ = _step_inputs()
+  # SGD with lr 1 makes the parameter change equal the gradient, so this compares gradients;
+  # an adaptive optimizer's first step (~lr * sign(g)) would amplify roundoff where g ~ 0.
+  tx, lr_fn = optax.sgd(1.0), None
+  state = step_lib.init_state(state.params, tx)
+  outs = {}
+  for accum in (1, 4):
+    scfg = step_lib.StepConfig(kind="daa", objective="dpo", grad_accum=accum)
+    fn = jax.jit(lambda s, r, b, h, scfg=scfg: step_lib.train_step(
+        s, r, b, h, model=model, tx=tx, cfg=scfg, lr_fn=lr_fn))
+    outs[accum] = fn(state, ref, batch, hparams)
+  (s1, m1), (s4, m4) = outs[1], outs[4]
+  assert float(m1["loss/total"]) == pytest.approx(float(m4["loss/total"]), abs=1e-6)
+  assert float(m1["opt/grad_norm"]) == pytest.approx(float(m4["opt/grad_norm"]), rel=1e-5)
+  assert float(m1["daa/reward_acc"]) == pytest.approx(float(m4["daa/reward_acc"]), abs=1e-6)
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_cached_reference_equals_live_reference():
+  model, tx, lr_fn, state, ref, batch, hparams, _ = _step_inputs()
+  live = step_lib.StepConfig(kind="daa", objective="dpo")
+  cached = step_lib.StepConfig(kind="daa", objective="dpo", cached_ref=True)
+  cached_batch = dict(batch, ref_logps=step_lib.pair_logps(model, ref, batch))
+  s_live, m_live = step_lib.train_step(state, ref, batch, hparams, model=model, tx=tx,
+                                       cfg=live, lr_fn=lr_fn)
+  s_cached, m_cached = step_lib.train_step(state, None, cached_batch, hparams, model=model,
+                                           tx=tx, cfg=cached, lr_fn=lr_fn)
+  assert float(m_live["loss/total"]) == pytest.approx(float(m_cached["loss/total"]), abs=1e-6)
+  for a, b in zip(jax.tree.leaves(s_live.params), jax.tree.leaves(s_cached.params)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_cached_reference_run_matches_live_run_and_reuses_cache(tmp_path):
+  live = str(tmp_path / "live")
+  cached = str(tmp_path / "cached")
+  train.run(tiny(**{"train.max_steps": 3}), live)
+  train.run(tiny(**{"train.max_steps": 3, "objective.reference": "cached"}), cached)
+  np.testing.assert_allclose([m["loss/total"] for m in metrics(live)],
+                             [m["loss/total"] for m in metrics(cached)], atol=1e-5, rtol=0)
+  files = os.listdir(os.path.join(cached, "cache"))
+  assert any(f.startswith("ref_logps_train_") for f in files)
+
+
+def test_training_raises_heldout_reward_accuracy(tmp_path):
+  c = tiny(**{"train.num_epochs": 2.0, "train.max_steps": -1, "train.eval_every": 10**6,
+              "train.eval_batches": 0, "train.batch_size": 32,
+              "data.synthetic.num_pairs": 4096, "data.synthetic.num_eval": 256,
+              "optim.lr": 1e-3, "objective.beta": 0.3, "train.log_every": 64})
+  summary = train.run(c, str(tmp_path))
+  # Held-out labels agree with the gold ranking ~3/4 of the time (Bradley-Terry noise), so
+  # ~0.75 is the ceiling; chance is 0.5 and one standard error at n ~ 250 is ~0.03.
+  assert summary["step"] == 256
+  assert summary["eval/num_pairs"] >= 200
+  assert summary["eval/reward_acc"] > 0.62, summary
+
+
+def test_beta_sweep_compiles_the_step_once(tmp_path):
+  train.TRACE_COUNTS.clear()
+  for i, beta in enumerate((0.1, 0.3, 1.0)):
+    train.run(tiny(f"job=daa,beta={beta}", **{"train.max_steps": 2}), str(tmp_path / str(i)))
+  assert train.TRACE_COUNTS["train_step"] == 1
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_checkpoints(tmp_path):
+  c = tiny(**{"train.max_steps": 6, "train.debug_nan_step": 3,
+              "checkpoint.every_steps": 1, "checkpoint.max_to_keep": 10})
+  with pytest.raises(TrainingDiverged, match=r"non-finite loss or gradient at step 3.*last "
+                     r"good checkpoint is 3"):
+    train.run(c, str(tmp_path))
+  mngr_steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+  assert mngr_steps == [1, 2, 3]  # state after 3 good updates; nothing after the bad step
+
+
+def _cli(args, env_extra=None, check=True):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["JAX_PLATFORMS"] = "cpu"
+  env.update(env_extra or {})
+  proc = subprocess.run([sys.executable, "-m", "daa_jax.main"] + args, cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+  if check and proc.returncode not in (0,):
+    raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
+  return proc
+
+
+def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
+  flags = ["--config=configs/tiny.py:job=daa", "--config.train.max_steps=8",
+           "--config.checkpoint.every_steps=2", "--config.checkpoint.async_save=True",
+           "--config.checkpoint.epoch_fractions=(0.5,)"]
+  straight = str(tmp_path / "straight")
+  _cli(flags + [f"--workdir={straight}"])
+  killed = str(tmp_path / "killed")
+  proc = _cli(flags + [f"--workdir={killed}", "--config.train.debug_kill_after_checkpoint=6"],
+              check=False)
+  assert proc.returncode == -9, proc.stderr[-2000:]
+  _cli(flags + [f"--workdir={killed}"])
+  a, b = final_params(straight, 8), final_params(killed, 8)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_sigterm_checkpoints_and_exits_zero_then_resumes(tmp_path):
+  workdir = str(tmp_path)
+  flags = ["--config=configs/tiny.py:job=daa", "--config.train.max_steps=8",
+           f"--workdir={workdir}"]
+  proc = _cli(flags + ["--config.train.debug_sigterm_at_step=3"])
+  assert proc.returncode == 0
+  # Saved at the step boundary after the signal (step 3), then the process left cleanly.
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
+  assert [m["step"] for m in metrics(workdir)][-1] == 3
+  _cli(flags)
+  steps = [m["step"] for m in metrics(workdir)]
+  assert steps[-1] == 8 and steps.count(8) == 1
+
+
+def test_user_errors_exit_with_one_paragraph(tmp_path):
+  proc = _cli(["--config=configs/tiny.py:job=daa", "--config.objective.beta=-1",
+               f"--workdir={tmp_path}"], check=False)
+  assert proc.returncode == 2
+  assert "config.objective.beta=-1" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("updates,message", [
+    ({"objective.beta": 0.0}, "config.objective.beta=0.0 must be > 0"),
+    ({"mesh": (3, 1, 1)}, "config.mesh=(3, 1, 1) does not divide the 8 devices"),
+    ({"train.batch_size": 12}, "does not split over the 8 data-parallel devices"),
+    ({"train.batch_size": 16, "train.grad_accum": 3}, "not divisible by config.train.grad_accum=3"),
+    ({"objective.normalize": "avg"}, "config.objective.normalize='avg'"),
+    ({"model.size": "3b"}, "config.model.size='3b' is not a known size"),
+])
+def test_config_errors(updates, message):
+  with pytest.raises(ConfigError, match=__import__("re").escape(message)):
+    config_lib.validate(tiny(**updates), jax.device_count())
+
+
+def test_unknown_config_argument_is_named():
+  with pytest.raises(ConfigError, match="config argument 'sizee' is unknown"):
+    load_config("daa", "sizee=1b")
