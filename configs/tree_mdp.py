@@ -3,11 +3,15 @@ r"""The paper's Tree-MDP toy: DPO / IPO / SLiC on one preference pair, β ∈ {0
   python -m daa_jax.main --config configs/tree_mdp.py --workdir /tmp/tree
 
 Writes `tree_mdp.json`, `tree_mdp.png` and `tree_mdp.pdf` to the workdir in a few seconds on
-a CPU. With the default tabular policy every objective moves the mass to y_w (p(OOD) falls);
-the paper's picture — p(OOD) rising, p(y_w) and p(y_l) both falling — appears once states
-share parameters, e.g.
+a CPU. The default policy shares parameters across states (`linear`: logits = reference +
+φ(s)·W with 2 random features per state, seed 1), as a language model does, and shows the
+paper's picture at small β: p(OOD) rises to ~1 while p(y_w) and p(y_l) both fall.
 
-  python -m daa_jax.main --config configs/tree_mdp.py:policy=linear,seed=1 --workdir /tmp/tree
+A tabular softmax policy (one free logit per state and action) does NOT show it — every
+objective then moves the mass to y_w and p(OOD) falls — which is worth knowing: the
+over-optimization mechanism needs generalization across states:
+
+  python -m daa_jax.main --config configs/tree_mdp.py:policy=tabular --workdir /tmp/tree_tab
 
 `arg` sets depth, branching, policy, reference, optimizer, lr, steps, seed; anything else
 with `--config.betas='(0.01,0.1)'`, `--config.chosen=0 --config.rejected=1`, etc.
@@ -20,8 +24,8 @@ from daa_jax import config_lib
 
 def get_config(arg=None):
   """Returns the locked Tree-MDP ConfigDict."""
-  a = config_lib.parse_arg(arg, depth=3, branching=3, policy="tabular", reference="uniform",
-                           optimizer="adam", lr=0.05, steps=1000, seed=0)
+  a = config_lib.parse_arg(arg, depth=3, branching=3, policy="linear", reference="uniform",
+                           optimizer="adam", lr=0.05, steps=1000, seed=1)
   c = config_dict.ConfigDict()
   c.job = "tree_mdp"
   c.seed = a.seed  # the 'random' reference and the 'linear' policy's features

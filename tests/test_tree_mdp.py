@@ -29,12 +29,13 @@ def test_config():
   config = get_config()
   assert config.job == "tree_mdp"
   assert (config.depth, config.branching, config.reference) == (3, 3, "uniform")
+  assert (config.policy, config.seed) == ("linear", 1)  # the default shows the paper's effect
   assert tuple(config.betas) == (0.01, 0.1, 0.5)
   assert tuple(config.objectives) == ("dpo", "ipo", "slic")
   with pytest.raises(AttributeError):
     config.not_a_field = 1  # locked
-  config = get_config("depth=4,policy=linear,lr=0.1")
-  assert (config.depth, config.policy, config.lr) == (4, "linear", 0.1)
+  config = get_config("depth=4,policy=tabular,lr=0.1")
+  assert (config.depth, config.policy, config.lr) == (4, "tabular", 0.1)
 
 
 def test_tree_tables():
@@ -74,13 +75,13 @@ def test_vmap_over_beta_matches_single_beta():
 
 @pytest.mark.parametrize("name", ["dpo", "ipo", "slic"])
 def test_tabular_policy_moves_mass_to_chosen(name):
-  """Measured with the tabular policy (the default): p(y_l) → 0, p(y_w) rises, p(OOD) falls.
+  """Measured with the tabular policy: p(y_l) → 0, p(y_w) rises, p(OOD) falls.
 
   This is NOT the paper's picture: with one logit per state the update at the split state
   shifts the root's mass from y_l's subtree to y_w's, and OOD subtrees only lose share.
   Smaller β goes further from the reference (larger KL), as the paper finds.
   """
-  c = tree_mdp.train_curves(get_config(steps=400), name)  # betas (0.01, 0.1, 0.5)
+  c = tree_mdp.train_curves(get_config(policy="tabular", seed=0, steps=400), name)
   p_init = 1 / 27
   np.testing.assert_allclose(c["p_ood"][:, 0], 25 / 27, rtol=1e-5)
   np.testing.assert_allclose(c["kl"][:, 0], 0.0, atol=1e-6)
