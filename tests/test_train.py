@@ -247,3 +247,36 @@ def test_config_errors(updates, message):
 def test_unknown_config_argument_is_named():
   with pytest.raises(ConfigError, match="config argument 'sizee' is unknown"):
     load_config("daa", "sizee=1b")
+
+
+def test_init_from_hf_weights_and_from_an_sft_run(tmp_path):
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  hf_cfg = transformers.GPTNeoXConfig(
+      vocab_size=263, hidden_size=40, num_hidden_layers=2, num_attention_heads=5,
+      intermediate_size=67, rotary_pct=0.25, max_position_embeddings=128,
+      use_parallel_residual=True, tie_word_embeddings=False)
+  torch.manual_seed(0)
+  hf_dir = str(tmp_path / "hf")
+  transformers.GPTNeoXForCausalLM(hf_cfg).save_pretrained(hf_dir)
+  # SFT from the HF weights (size is then the HF checkpoint's), then DPO from the SFT run.
+  sft = str(tmp_path / "sft")
+  train.run(tiny("job=sft", **{"hf_model": hf_dir, "train.max_steps": 2}), sft)
+  first_sft = metrics(sft)[0]
+  assert first_sft["sft/nll"] > 0
+  dpo = str(tmp_path / "dpo")
+  c = tiny(**{"hf_model": hf_dir, "init_from": sft, "train.max_steps": 2})
+  train.run(c, dpo)
+  assert metrics(dpo)[0]["daa/loss"] == pytest.approx(math.log(2), abs=1e-6)
+  # The SFT export that DPO started from equals what the SFT run trained (not the HF init).
+  cfg = train.model_config(c)
+  assert cfg.hidden_size == 40 and cfg.vocab_size == 263
+  mesh = train.run_mesh(c)
+  from daa_jax import sharding  # pylint: disable=g-import-not-at-top
+  shardings = sharding.param_shardings(cfg, mesh)
+  loaded = train.initial_params(c, cfg, mesh, shardings)
+  abstract = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
+  exported, step = ckpt_lib.load_params(sft, abstract)
+  assert step == 2
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(exported)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
