@@ -12,10 +12,11 @@ with outcome 1 when the policy sample wins, 0 when the reference wins and 0.5 on
   DPO paper's TL;DR or dialogue prompt, in both position orders, with retries, bounded
   concurrency and an append-only on-disk cache so an interrupted evaluation resumes without
   paying twice. Only the standard library talks HTTP.
-* `RewardModelJudge` (a learned reward model scoring both responses) needs the model and lives
-  with it; see the placeholder section below.
+* `RewardModelJudge` scores both responses with a learned reward model (a Hugging Face
+  `GPTNeoXForSequenceClassification`) run by daa_jax's own GPT-NeoX.
 
-This module imports neither jax nor anything that touches devices.
+Importing this module imports neither jax nor anything that touches devices; only building a
+`RewardModelJudge` does.
 """
 
 from __future__ import annotations
@@ -155,10 +156,175 @@ class GoldJudge:
 
 
 # --- Reward-model judge ---------------------------------------------------------------------
-# RewardModelJudge scores (prompt, sample) and (prompt, reference) with a learned reward model
-# and compares like GoldJudge. It needs the model (model.py / sampling.py), so it is added next
-# to them by the lead; it must keep the `Judge` contract above: judge(prompts, samples,
-# references) -> (outcomes, info) with info holding 'sample_rewards' and 'reference_rewards'.
+
+
+class RewardModelJudge:
+  """Scores both responses with a learned reward model and compares like `GoldJudge`.
+
+  The reward model is a Hugging Face `GPTNeoXForSequenceClassification` with one label: the
+  GPT-NeoX trunk (`gpt_neox.*`, converted by `hf_convert`, so the trunk is exactly
+  `model.CausalLM`'s) and a bias-free `score.weight [1, D]`. The reward of a sequence is
+  `score · h`, with h the final (post `final_layer_norm`) hidden state at the pooled token.
+  Pooling follows transformers: the rightmost real token whose id is not the config's
+  `pad_token_id` (so with pad = EOS, as in Pythia, a trailing EOS is skipped exactly as HF
+  skips it); without a `pad_token_id`, the last real token.
+
+  A scored sequence is prompt tokens + response tokens (+ EOS with `append_eos`), tokenized
+  separately like the training data; longer than `max_length`, it keeps its end.
+
+  jax, the model and the converter are imported when a judge is built, so importing this
+  module never touches devices.
+  """
+
+  def __init__(self, path: str, tokenizer: Any = None, max_length: int = 512,
+               batch_size: int = 8, tie_tol: float = 0.0, append_eos: bool = True,
+               mesh: Any = None, dtype: str = "float32"):
+    """Loads the reward model.
+
+    Args:
+      path: a local HF model directory (config.json plus safetensors or pytorch_model.bin).
+      tokenizer: an object with `encode` and `eos_id` (`data.get_tokenizer`), a name for
+        `data.get_tokenizer`, or None for the tokenizer saved in `path`.
+      max_length: longest scored sequence in tokens.
+      batch_size: sequences per forward (rounded up to the mesh's data-parallel size).
+      tie_tol: |r(sample) - r(reference)| <= tie_tol counts as a tie.
+      append_eos: end every response with the tokenizer's EOS (as in the training data).
+      mesh: a `sharding` mesh to shard the weights and batch over; None: default device.
+      dtype: compute dtype of the trunk (params stay float32).
+
+    Raises:
+      CheckpointError: missing files, no `score.weight`, more than one label, or weights
+        that do not fit config.json.
+    """
+    # pylint: disable=g-import-not-at-top
+    import jax
+    import jax.numpy as jnp
+    from daa_jax import hf_convert
+    from daa_jax import model as model_lib
+    from daa_jax import sharding
+    from daa_jax.config_lib import ModelConfig
+    from daa_jax.data import get_tokenizer
+    from daa_jax.errors import CheckpointError
+    # pylint: enable=g-import-not-at-top
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+      raise CheckpointError(f"config.judge.reward_model={path!r}: no config.json there; give a "
+                            "local GPTNeoXForSequenceClassification directory.")
+    with open(config_file, encoding="utf-8") as f:
+      hf_config = json.load(f)
+    self.config = ModelConfig.from_hf(hf_config, dtype=dtype)
+    self.pad_token_id = hf_config.get("pad_token_id")
+    tensors, sources = hf_convert._read_weights(path)  # pylint: disable=protected-access
+    score_name = next((k for k in ("score.weight", "gpt_neox.score.weight") if k in tensors),
+                      None)
+    if score_name is None:
+      raise CheckpointError(
+          f"{path}: no 'score.weight' tensor; a reward model must be a "
+          "GPTNeoXForSequenceClassification checkpoint (a trunk plus a [1, hidden] score head).")
+    # pylint: disable-next=protected-access
+    score = np.asarray(hf_convert._to_numpy(tensors.pop(score_name)), np.float32)
+    if score.shape != (1, self.config.hidden_size):
+      raise CheckpointError(
+          f"{sources.get(score_name, path)}: 'score.weight' has shape {score.shape}; a reward "
+          f"model needs one label, shape (1, {self.config.hidden_size}).")
+    # The classifier has no LM head; the converter checks the whole CausalLM tree, so give it
+    # a placeholder head and drop it after (hidden_states never reads embed_out).
+    v, d = self.config.vocab_size, self.config.hidden_size
+    tensors["embed_out.weight"] = np.zeros((v, d), np.float32)
+    params = hf_convert.params_from_hf_state_dict(self.config, tensors, source=sources)
+    params.pop("embed_out")
+    self.mesh = mesh
+    self._dp = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    if mesh is None:
+      self.params = jax.device_put(params)
+    else:
+      shardings = sharding.param_shardings(self.config, mesh)
+      shardings.pop("embed_out")
+      self.params = sharding.place_params(params, shardings)
+    self.score_weight = score[0]  # [D]
+    if tokenizer is None or isinstance(tokenizer, str):
+      tokenizer = get_tokenizer(tokenizer or path)
+    self.tokenizer = tokenizer
+    self.max_length = int(max_length)
+    self.batch_size = -(-max(int(batch_size), 1) // self._dp) * self._dp
+    self.tie_tol = float(tie_tol)
+    self.append_eos = bool(append_eos)
+    model = model_lib.CausalLM(self.config)
+    pad = -1 if self.pad_token_id is None else int(self.pad_token_id)
+
+    def rewards(params, score_weight, tokens, mask):
+      hidden = model.apply({"params": params}, tokens, attention_mask=mask,
+                           method=model_lib.CausalLM.hidden_states)  # [B,L,D]
+      index = jnp.arange(tokens.shape[1])[None, :]
+      real = mask > 0
+      poolable = real & (tokens != pad)
+      # HF: the rightmost non-pad token; a row of only pad ids falls back to its last token.
+      last = jnp.where(poolable.any(-1), jnp.max(jnp.where(poolable, index, -1), -1),
+                       jnp.maximum(jnp.sum(real, -1) - 1, 0))  # [B]
+      pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [B,D]
+      # The head in float32: a bf16 dot over D loses the small reward differences we compare.
+      return pooled.astype(jnp.float32) @ score_weight
+
+    self._jax = jax
+    self._sharding = sharding
+    self._fn = jax.jit(rewards)
+
+  def reward_tokens(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Rewards `[N]` float64 of token rows `[N, L]` with a 0/1 `mask` (right-padded)."""
+    tokens = np.asarray(tokens, np.int32)
+    mask = np.asarray(mask, np.int32)
+    n, length = tokens.shape
+    out = np.zeros(n, np.float64)
+    for start in range(0, n, self.batch_size):
+      rows = np.arange(start, min(start + self.batch_size, n))
+      # Pad the last batch with copies of its first row: one compile per (batch, length).
+      rows = np.concatenate([rows, np.full(self.batch_size - len(rows), rows[0])])
+      t, m = tokens[rows], mask[rows]
+      if self.mesh is None:
+        got = self._jax.device_get(self._fn(self.params, self.score_weight, t, m))
+      else:
+        # Every process holds the whole batch and sends its slice of rows.
+        jax, pc, pi = self._jax, self._jax.process_count(), self._jax.process_index()
+        with self._sharding.activate(self.mesh):
+          batch = self._sharding.host_to_global(
+              {"t": np.split(t, pc)[pi], "m": np.split(m, pc)[pi]}, self.mesh)
+          r = self._fn(self.params, self.score_weight, batch["t"], batch["m"])
+        if pc == 1:
+          got = jax.device_get(r)
+        else:
+          from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+          got = multihost_utils.process_allgather(r, tiled=True)
+      got = np.asarray(got, np.float64)
+      keep = min(self.batch_size, n - start)
+      out[start:start + keep] = got[:keep]
+    return out
+
+  def rewards(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+    """Rewards `[N]` of (prompt, response) texts."""
+    if len(prompts) != len(responses):
+      raise DataError(f"reward model: {len(prompts)} prompts but {len(responses)} responses.")
+    eos = [self.tokenizer.eos_id] if self.append_eos else []
+    seqs = [(list(self.tokenizer.encode(p)) + list(self.tokenizer.encode(r)) + eos)
+            [-self.max_length:] for p, r in zip(prompts, responses)]
+    if not seqs:
+      return np.zeros(0, np.float64)
+    # Round the length up to a multiple of 32 so that calls rarely compile anew.
+    length = min(self.max_length, -(-max(max(len(s) for s in seqs), 1) // 32) * 32)
+    tokens = np.zeros((len(seqs), length), np.int32)
+    mask = np.zeros((len(seqs), length), np.int32)
+    for i, s in enumerate(seqs):
+      tokens[i, :len(s)] = s
+      mask[i, :len(s)] = 1
+    return self.reward_tokens(tokens, mask)
+
+  def judge(self, prompts, samples, references):
+    """Returns (outcomes [N], {'sample_rewards': [N], 'reference_rewards': [N]})."""
+    _check_lengths(prompts, samples, references)
+    r_sample = self.rewards(prompts, samples)
+    r_ref = self.rewards(prompts, references)
+    diff = r_sample - r_ref
+    outcomes = np.where(np.abs(diff) <= self.tie_tol, 0.5, np.where(diff > 0, 1.0, 0.0))
+    return outcomes, {"sample_rewards": r_sample, "reference_rewards": r_ref}
 
 
 # --- LLM judge ------------------------------------------------------------------------------

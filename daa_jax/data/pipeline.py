@@ -92,8 +92,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 def _cache_root(cfg, workdir: Optional[str]) -> str:
   if cfg.cache_dir:
     return cfg.cache_dir
-  if workdir:
+  if workdir and "://" not in str(workdir):
     return os.path.join(workdir, "data_cache")
+  # No workdir, or a remote one (gs://): the cache is written with local file APIs, so it
+  # lives on each host's local disk (keyed by fingerprint, safe to share between runs).
   return os.path.join(tempfile.gettempdir(), "daa_jax_data_cache")
 
 
@@ -173,6 +175,12 @@ def _plan(cfg, kind: str, split: str, workdir: Optional[str]) -> dict:
     name = {("pairs", "train"): "pairs", ("pairs", "eval"): "eval_pairs",
             ("sft", "train"): "sft", ("sft", "eval"): "eval"}[kind, split]
     columns = dict(readers.DEFAULT_COLUMNS)
+    if kind == "pairs" and cfg.synthetic.get("pairs_dir"):
+      path = os.path.join(cfg.synthetic.pairs_dir, f"{name}.jsonl")
+      if not os.path.exists(path):
+        raise ConfigError(f"config.data.synthetic.pairs_dir={cfg.synthetic.pairs_dir!r} has no "
+                          f"{name}.jsonl; write pairs there or unset the field.")
+      return dict(files=[path], fmt="jsonl", columns=columns, select=None)
     if name == "eval":  # eval.jsonl holds (prompt, reference): its SFT response is the reference.
       columns["response"] = "reference"
     return dict(files=[paths[name]], fmt="jsonl", columns=columns, select=None)

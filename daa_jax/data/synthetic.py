@@ -72,6 +72,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.num_sft = 20000
   c.num_pairs = 1000
   c.num_eval = 500
+  # A directory with `pairs.jsonl` / `eval_pairs.jsonl` (generic JSONL: prompt, chosen,
+  # rejected) that replaces the demonstrator pairs — e.g. pairs sampled from a trained SFT
+  # policy and labeled by `label_pairs` (what the quickstart does). Everything else (SFT
+  # demos, eval prompts, references, gold reward) stays the task's own.
+  c.pairs_dir = ml_collections.config_dict.placeholder(str)
   return c
 
 
@@ -314,7 +319,8 @@ class SyntheticTask:
   def files(self, cache_root: str) -> dict[str, str]:
     """`write_files` into `cache_root/synthetic-<hash of the config>/`, once."""
     digest = hashlib.sha256(json.dumps(
-        [FILES_VERSION, self.cfg.to_dict()], sort_keys=True).encode()).hexdigest()[:16]
+        [FILES_VERSION, {k: v for k, v in self.cfg.to_dict().items() if k != "pairs_dir"}],
+        sort_keys=True).encode()).hexdigest()[:16]
     out_dir = os.path.join(cache_root, f"synthetic-{digest}")
     names = ("sft", "pairs", "eval", "eval_pairs")
     if not os.path.exists(os.path.join(out_dir, "DONE")):

@@ -1,0 +1,60 @@
+"""Evaluation of a training run's checkpoints: KL from samples, held-out metrics, win rates.
+
+  python -m daa_jax.main --config configs/eval.py:run=RUN_DIR --workdir RUN_DIR
+  daa-jax eval RUN_DIR                      # the same
+
+Every params export of the run (its schedule checkpoints) without `eval/<step>/summary.json`
+is evaluated; the run's own config.json supplies the model, data, objective and reference.
+Common overrides:
+
+  --config.eval.include_reference=True      # also the reference policy, as step 0 (KL 0)
+  --config.eval.num_prompts=256 --config.eval.samples_per_prompt=4
+  --config.judge.name=llm --config.judge.model=gpt-4-turbo-2024-04-09   # $OPENAI_API_KEY
+  --config.judge.name=reward_model --config.judge.reward_model=/path/to/hf_rm
+  --config.mesh='(1,-1,1)'                  # default: the run's mesh
+"""
+
+from ml_collections import config_dict
+
+from daa_jax import config_lib
+
+
+def get_config(arg=None):
+  a = config_lib.parse_arg(arg, run="")
+  c = config_dict.ConfigDict()
+  c.job = "eval"
+  c.run = a.run  # the training run's workdir; empty: --workdir
+  c.mesh = config_dict.placeholder(tuple)  # None: the run's config.mesh
+
+  c.eval = config_dict.ConfigDict()
+  c.eval.num_prompts = 500        # distinct held-out prompts (SYNTHETIC.md: 500)
+  c.eval.samples_per_prompt = 1
+  c.eval.max_new_tokens = 0       # 0: 32 on the synthetic task, else max_length - prompt length
+  # Exact samples from the policy (temperature 1, no truncation): what the KL estimators need.
+  c.eval.temperature = 1.0        # 0: greedy
+  c.eval.top_k = 0                # 0: off
+  c.eval.top_p = 1.0              # 1: off
+  c.eval.batch_size = 64          # sequences per sampling step (rounded to the data axes)
+  c.eval.seed = 0                 # samples are a function of (seed, batch_size)
+  c.eval.forward_kl = True        # also KL(π_ref‖πθ) from reference samples
+  c.eval.include_reference = False  # also evaluate the reference policy itself as step 0
+  c.eval.num_pairs = 2000         # held-out preference pairs (0: all)
+  c.eval.steps = config_dict.placeholder(tuple)  # None: every exported step
+
+  c.judge = config_dict.ConfigDict()
+  # auto (gold on the synthetic task, else llm) | gold | reward_model | llm | none (KL only)
+  c.judge.name = "auto"
+  # llm: an OpenAI-compatible chat-completions endpoint (judges.LLMJudgeConfig).
+  c.judge.base_url = "https://api.openai.com/v1"
+  c.judge.model = "gpt-4-turbo-2024-04-09"
+  c.judge.api_key_env = "OPENAI_API_KEY"  # the variable's name; keys never go in configs
+  c.judge.task = "tldr"           # tldr | dialogue
+  c.judge.max_concurrency = 8
+  c.judge.max_requests = config_dict.placeholder(int)  # a spending cap per checkpoint
+  c.judge.cache_path = config_dict.placeholder(str)    # None: <workdir>/eval/llm_judge_cache.jsonl
+  # reward_model: a local GPTNeoXForSequenceClassification directory.
+  c.judge.reward_model = ""
+  c.judge.tokenizer = ""          # "": the reward model's own, else the run's tokenizer
+  c.judge.max_length = 512
+  c.judge.batch_size = 16
+  return c.lock()
