@@ -354,3 +354,17 @@ def shrink_for_local(config) -> None:
     config.data.synthetic.num_sft = 2000
     config.data.synthetic.num_pairs = 512
     config.data.synthetic.num_eval = 128
+
+
+def load_sibling(this_file: str, name: str, arg: str | None = None):
+  """`get_config(arg)` of another file in the same configs/ directory (composition by import,
+  one level deep), returned unlocked for the caller to adjust."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.abspath(this_file)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"daa_jax_configs_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  config.unlock()
+  return config

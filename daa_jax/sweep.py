@@ -1,0 +1,392 @@
+"""A study: objective × size × β runs from one config, evaluated, fitted and plotted.
+
+  sweep directory/
+    sft_<size>/                   the SFT reference of each size (or none: HF weights)
+    pairs_<size>/                 preference pairs sampled from that SFT policy (synthetic)
+    <objective>_<size>_b<β>/      one DAA run each (a normal run workdir, with eval/<step>/)
+    summary.csv                   one row per evaluated checkpoint
+    fits.json, figures/, report.md
+
+`run(config, workdir)` runs everything locally, one run after another: finished runs are
+skipped, interrupted ones resume from their checkpoints, evaluated checkpoints are not
+evaluated twice. With `config.mode = 'commands'` it writes `commands.sh` instead, one
+`python -m daa_jax.main` line per run, for a cluster scheduler.
+
+Runs of one size and objective share one compiled train step (`train._STEP_CACHE`): β is a
+runtime argument.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import shlex
+from typing import Any
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from daa_jax import scaling
+
+SUMMARY_COLUMNS = ("objective", "size", "beta", "step", "epoch_fraction", "kl", "kl_stderr",
+                   "sqrt_kl", "forward_kl", "win_rate", "win_rate_lo", "win_rate_hi",
+                   "reward_acc", "heldout_loss", "length_r2", "chosen_logp_drift",
+                   "rejected_logp_drift", "mean_sample_length", "run")
+
+
+def _beta_tag(beta: float) -> str:
+  return f"{beta:g}".replace(".", "p")
+
+
+def run_name(objective: str, size: str, beta: float) -> str:
+  return f"{objective}_{size}_b{_beta_tag(beta)}"
+
+
+def _done_marker(run_dir: str) -> str:
+  return os.path.join(run_dir, "TRAINED")
+
+
+def _unlocked_copy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  c = copy.deepcopy(config)
+  c.unlock()
+  return c
+
+
+# --- expansion -----------------------------------------------------------------------------
+
+def sft_config(config, size: str) -> ml_collections.ConfigDict:
+  c = _unlocked_copy(config.sft)
+  c.model.size = size
+  if config.get("hf_models") and config.hf_models.get(size):
+    c.hf_model = config.hf_models[size]
+  return c
+
+
+def daa_config(config, size: str, objective: str, beta: float, workdir: str):
+  c = _unlocked_copy(config.daa)
+  c.model.size = size
+  c.objective.name = objective
+  c.objective.beta = float(beta)
+  if config.sft_source == "train":
+    c.init_from = os.path.join(workdir, f"sft_{size}")
+  elif config.get("hf_models") and config.hf_models.get(size):
+    c.hf_model = config.hf_models[size]
+  if config.pairs == "policy_samples":
+    c.data.synthetic.pairs_dir = os.path.join(workdir, f"pairs_{size}")
+  return c
+
+
+def expand(config, workdir: str) -> list[dict[str, Any]]:
+  """The runs of a sweep, in execution order: per size the SFT run, then its DAA runs."""
+  runs = []
+  for size in config.sizes:
+    if config.sft_source == "train":
+      runs.append(dict(kind="sft", size=size, name=f"sft_{size}",
+                       dir=os.path.join(workdir, f"sft_{size}"),
+                       config=sft_config(config, size)))
+    for objective in config.objectives:
+      for beta in config.betas:
+        name = run_name(objective, size, beta)
+        runs.append(dict(kind="daa", size=size, objective=objective, beta=float(beta),
+                         name=name, dir=os.path.join(workdir, name),
+                         config=daa_config(config, size, objective, beta, workdir)))
+  return runs
+
+
+def eval_config(config, run_dir: str, include_reference: bool = False):
+  c = ml_collections.ConfigDict(dict(job="eval", run=run_dir, mesh=None))
+  c.eval = _unlocked_copy(config.eval)
+  c.eval.include_reference = include_reference
+  c.judge = _unlocked_copy(config.judge)
+  return c
+
+
+# --- preference pairs from the SFT policy (the synthetic task) -----------------------------
+
+def policy_pairs(config, size: str, workdir: str) -> str:
+  """Samples two responses per prompt from the SFT policy and labels them with the synthetic
+  task's Bradley–Terry labeler (SYNTHETIC.md). Writes `pairs.jsonl` and `eval_pairs.jsonl`.
+
+  Pairs where either sample has no EOS within the budget are dropped: the data pipeline
+  appends EOS to every response, which would misrepresent them.
+  """
+  # Imports here keep `python -m daa_jax.scaling`-style uses of this module jax-free.
+  import jax  # pylint: disable=g-import-not-at-top
+  from daa_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from daa_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from daa_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from daa_jax import sampling  # pylint: disable=g-import-not-at-top
+  from daa_jax import train  # pylint: disable=g-import-not-at-top
+
+  out_dir = os.path.join(workdir, f"pairs_{size}")
+  if os.path.exists(os.path.join(out_dir, "DONE")):
+    return out_dir
+  sft_dir = os.path.join(workdir, f"sft_{size}")
+  c = daa_config(config, size, config.objectives[0], config.betas[0], workdir)
+  task = data_lib.SyntheticTask(c.data.synthetic)
+  tokenizer = data_lib.get_tokenizer(c.data.tokenizer)
+  model_cfg = train.model_config(c, tokenizer.vocab_size)
+  mesh = train.run_mesh(c)
+  from daa_jax import sharding  # pylint: disable=g-import-not-at-top
+  abstract = ckpt_lib.abstract_with_shardings(
+      jax.eval_shape(lambda: model_lib.init_params(model_cfg, jax.random.key(0))),
+      sharding.param_shardings(model_cfg, mesh))
+  params, _ = ckpt_lib.load_params(sft_dir, abstract)
+  model = model_lib.CausalLM(model_cfg)
+  pp = config.policy_pairs
+  sampler = sampling.make_sampler(model, sampling.SamplingConfig(
+      max_new_tokens=int(c.data.synthetic.max_response_length) + 1, temperature=1.0,
+      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id))
+
+  eval_prompts = data_lib.load_sft(c.data, "eval", workdir=sft_dir).prompt_texts()
+  held_out = set(eval_prompts)
+  train_prompts = [p for p in task.sample_prompts(2 * pp.num_pairs + 64, [pp.seed, 7])
+                   if p not in held_out]
+
+  def sample_twice(prompts, stream):
+    encoded = [tokenizer.encode(p) for p in prompts]
+    width = max(len(e) for e in encoded)
+    batch = int(pp.batch_size)
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch = max(dp, batch // dp * dp)
+    texts, eos = [[], []], [[], []]
+    for start in range(0, len(prompts), batch):
+      rows = encoded[start:start + batch]
+      n = len(rows)
+      tokens = np.full((batch, width), tokenizer.pad_id, np.int32)
+      mask = np.zeros((batch, width), np.int32)
+      for i, r in enumerate(rows):
+        tokens[i, width - len(r):] = r  # left padding
+        mask[i, width - len(r):] = 1
+      glob = sharding.host_to_global({"t": tokens, "m": mask}, mesh)
+      for k in range(2):
+        rng = jax.random.fold_in(jax.random.key(pp.seed), stream * 1_000_003 + start * 2 + k)
+        with sharding.activate(mesh):
+          out = jax.device_get(sampler(params, glob["t"], glob["m"], rng))
+        for i in range(n):
+          length = int(out["lengths"][i])
+          ids = [int(x) for x in out["tokens"][i, :length]]
+          finished = bool(out["finished"][i])
+          if finished:
+            ids = ids[:-1]
+          texts[k].append(tokenizer.decode(ids))
+          eos[k].append(finished)
+    return texts, eos
+
+  def write(name, prompts, stream, limit):
+    (a, b), (ea, eb) = sample_twice(prompts, stream)
+    keep = [i for i in range(len(prompts)) if ea[i] and eb[i] and a[i] and b[i]]
+    labeled = task.label_pairs([prompts[i] for i in keep], [a[i] for i in keep],
+                               [b[i] for i in keep], seed=[pp.seed, stream])
+    rows = [dict(zip(labeled, values)) for values in zip(*labeled.values())][:limit]
+    with open(os.path.join(out_dir, f"{name}.jsonl"), "w", encoding="utf-8") as f:
+      for row in rows:
+        f.write(json.dumps({k: (float(v) if isinstance(v, (np.floating, float)) else v)
+                            for k, v in row.items()}) + "\n")
+    gaps = np.array([r["gold_chosen"] - r["gold_rejected"] for r in rows])
+    return dict(pairs=len(rows), drawn=len(prompts), kept=len(keep),
+                label_agrees_with_gold=float(np.mean(gaps > 0)),
+                gold_ties=float(np.mean(gaps == 0)))
+
+  os.makedirs(out_dir, exist_ok=True)
+  stats = {"train": write("pairs", train_prompts, 1, int(pp.num_pairs)),
+           "eval": write("eval_pairs", eval_prompts, 2, int(pp.num_eval_pairs))}
+  with open(os.path.join(out_dir, "stats.json"), "w", encoding="utf-8") as f:
+    json.dump(stats, f, indent=2)
+  open(os.path.join(out_dir, "DONE"), "w").close()
+  logging.info("policy pairs for %s: %s", size, stats)
+  return out_dir
+
+
+# --- collection --------------------------------------------------------------------------
+
+def collect(runs: list[dict], workdir: str) -> list[dict]:
+  """Rows of summary.csv from every run's `eval/<step>/summary.json`."""
+  rows = []
+  for r in runs:
+    eval_dir = os.path.join(r["dir"], "eval")
+    if not os.path.isdir(eval_dir):
+      continue
+    for name in sorted(os.listdir(eval_dir), key=lambda s: (len(s), s)):
+      path = os.path.join(eval_dir, name, "summary.json")
+      if not os.path.exists(path):
+        continue
+      with open(path, encoding="utf-8") as f:
+        s = json.load(f)
+      lo, hi = (s.get("win_rate_ci") or [None, None])[:2]
+      step = int(s["step"])
+      row = dict(objective=r.get("objective", "sft"), size=r["size"], beta=r.get("beta", 0.0),
+                 step=step, epoch_fraction=s.get("epoch_fraction"), kl=s.get("kl"),
+                 kl_stderr=s.get("kl_stderr"), sqrt_kl=s.get("sqrt_kl"),
+                 forward_kl=s.get("forward_kl"), win_rate=s.get("win_rate"),
+                 win_rate_lo=lo, win_rate_hi=hi, reward_acc=s.get("reward_acc"),
+                 heldout_loss=s.get("heldout_loss"), length_r2=s.get("length_r2"),
+                 chosen_logp_drift=s.get("chosen_logp_drift"),
+                 rejected_logp_drift=s.get("rejected_logp_drift"),
+                 mean_sample_length=s.get("mean_sample_length"), run=r["name"])
+      if step == 0:  # the reference policy itself (KL 0), once per size
+        if any(x["objective"] == "sft" and x["size"] == r["size"] for x in rows):
+          continue
+        row.update(objective="sft", beta=0.0, run=f"sft_{r['size']}")
+      rows.append(row)
+  path = os.path.join(workdir, "summary.csv")
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
+    writer.writeheader()
+    for row in rows:
+      writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in SUMMARY_COLUMNS})
+  return rows
+
+
+# --- the study's checks --------------------------------------------------------------------
+
+def checks(rows: list[dict], fits: dict) -> dict[str, dict]:
+  """The paper's findings, tested on this sweep's numbers (stated in report.md)."""
+  out: dict[str, dict] = {}
+  daa = [r for r in rows if r["objective"] != "sft" and r.get("win_rate") is not None
+         and r.get("kl") is not None]
+  for objective in sorted({r["objective"] for r in daa}):
+    for size in sorted({r["size"] for r in daa if r["objective"] == objective}):
+      group = [r for r in daa if r["objective"] == objective and r["size"] == size]
+      best = max(group, key=lambda r: r["win_rate"])
+      far = max(group, key=lambda r: r["kl"])
+      half = max((best["win_rate_hi"] - best["win_rate_lo"]) / 2,
+                 (far["win_rate_hi"] - far["win_rate_lo"]) / 2)
+      finals = {}
+      for r in group:
+        if r["beta"] not in finals or r["step"] > finals[r["beta"]]["step"]:
+          finals[r["beta"]] = r
+      betas = sorted(finals)
+      kls = [finals[b]["kl"] for b in betas]
+      rank = _spearman(betas, kls) if len(betas) >= 3 else float("nan")
+      fit = _fit_of(fits, objective, size, "all")
+      log_fit = (fit or {}).get("log") or {}
+      quad = (fit or {}).get("quadratic") or {}
+      coef = log_fit.get("coef") or {}
+      out[f"{objective}/{size}"] = dict(
+          best_win_rate=best["win_rate"], best_sqrt_kl=best["sqrt_kl"], best_step=best["step"],
+          best_beta=best["beta"], largest_kl_win_rate=far["win_rate"],
+          largest_sqrt_kl=far["sqrt_kl"], interval_half_width=half,
+          rises_then_falls=bool(best["win_rate"] - far["win_rate"] > half
+                                and best["kl"] < far["kl"]),
+          final_kl_by_beta=dict(zip(map(str, betas), kls)), kl_beta_spearman=rank,
+          smaller_beta_larger_kl=bool(len(betas) >= 2 and kls[0] > kls[-1] and not rank > 0),
+          log_alpha=coef.get("alpha"), log_beta=coef.get("beta"),
+          log_rmse=log_fit.get("rmse"), quadratic_rmse=quad.get("rmse"),
+          log_fit_ok=bool(coef and coef.get("alpha", 0) > 0 and coef.get("beta", 0) > 0
+                          and log_fit.get("rmse", math.inf) < quad.get("rmse", -math.inf)))
+  return out
+
+
+def _fit_of(fits, objective, size, subset):
+  for g in fits.get("groups", []):
+    if g.get("objective") == objective and str(g.get("size")) == str(size) and (
+        g.get("set") == subset) and not g.get("skipped"):
+      return g
+  return None
+
+
+def _spearman(x, y) -> float:
+  rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+  if np.std(rx) == 0 or np.std(ry) == 0:
+    return float("nan")
+  return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _check_lines(results: dict[str, dict]) -> list[str]:
+  lines = ["## Checks of the paper's findings", ""]
+  for key, c in results.items():
+    lines.append(
+        f"- **{key}**: best win rate {c['best_win_rate']:.3f} at √KL {c['best_sqrt_kl']:.2f} "
+        f"(β={c['best_beta']:g}, step {c['best_step']}) vs {c['largest_kl_win_rate']:.3f} at "
+        f"the largest √KL {c['largest_sqrt_kl']:.2f} (interval half-width "
+        f"{c['interval_half_width']:.3f}) → rises then falls: "
+        f"**{'yes' if c['rises_then_falls'] else 'no'}**. Final KL by β "
+        + ", ".join(f"{b}: {v:.2f}" for b, v in c["final_kl_by_beta"].items())
+        + f" → smaller β, larger KL: **{'yes' if c['smaller_beta_larger_kl'] else 'no'}**. "
+        + ("Log-form fit (all checkpoints) α={:.3f}, β={:.3f}, RMSE {:.4f} vs quadratic "
+           "{:.4f} → **{}**.".format(c["log_alpha"], c["log_beta"], c["log_rmse"],
+                                     c["quadratic_rmse"], "yes" if c["log_fit_ok"] else "no")
+           if c["log_alpha"] is not None else "Log-form fit: skipped (too few points)."))
+  return lines + [""]
+
+
+# --- the driver --------------------------------------------------------------------------
+
+def write_commands(config, workdir: str, runs: list[dict]) -> str:
+  """One launch line per run (SFT first); configs are passed as JSON-free flag overrides."""
+  lines = ["#!/usr/bin/env bash", "# Generated by daa_jax.sweep: run in order (SFT before the "
+           "DAA runs of its size); each line is independent otherwise.", "set -euo pipefail"]
+  for r in runs:
+    c = r["config"]
+    base = "configs/sft.py" if r["kind"] == "sft" else "configs/daa.py"
+    arg = f"size={r['size']}"
+    if r["kind"] == "daa":
+      arg += f",objective={r['objective']},beta={r['beta']:g}"
+    flags = [f"--config={base}:{arg}", f"--workdir={r['dir']}"]
+    for key in ("init_from", "hf_model"):
+      if c.get(key):
+        flags.append(f"--config.{key}={c[key]}")
+    if c.data.source != "synthetic":
+      flags += [f"--config.data.source={c.data.source}", f"--config.data.format={c.data.format}",
+                f"--config.data.tokenizer={c.data.tokenizer}"]
+    lines.append("python -m daa_jax.main " + " ".join(shlex.quote(f) for f in flags))
+    if r["kind"] == "daa":
+      lines.append("python -m daa_jax.main " + " ".join(shlex.quote(f) for f in [
+          f"--config=configs/eval.py:run={r['dir']}", f"--workdir={r['dir']}"]))
+  lines.append(f"python -m daa_jax.scaling {shlex.quote(workdir)}")
+  path = os.path.join(workdir, "commands.sh")
+  os.makedirs(workdir, exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+  os.chmod(path, 0o755)
+  return path
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or writes the commands of) a whole study; returns a summary with `message`."""
+  from daa_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from daa_jax import train  # pylint: disable=g-import-not-at-top
+  from daa_jax import config_lib  # pylint: disable=g-import-not-at-top
+  runs = expand(config, workdir)
+  for r in runs:  # every run's config is checked before the first one starts
+    config_lib.validate(r["config"])
+  if config.mode == "commands":
+    path = write_commands(config, workdir, runs)
+    return {"message": f"wrote {len(runs)} runs to {path}", "commands": path}
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "sweep_config.json"), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  for i, r in enumerate(runs):
+    logging.info("sweep: run %d/%d %s", i + 1, len(runs), r["name"])
+    if r["kind"] == "daa" and config.pairs == "policy_samples":
+      policy_pairs(config, r["size"], workdir)
+    if not os.path.exists(_done_marker(r["dir"])):
+      summary = train.run(r["config"], r["dir"])
+      if summary.get("status") != "finished":
+        return {"message": f"sweep stopped in {r['dir']} ({summary.get('status')}); rerun the "
+                           "same command to resume.", "status": summary.get("status")}
+      with open(_done_marker(r["dir"]), "w", encoding="utf-8") as f:
+        f.write(json.dumps({"step": summary.get("step")}))
+    if r["kind"] == "daa":
+      # The first DAA run of a size also evaluates its reference (the SFT policy, KL 0) as
+      # step 0: the intercept R0 of the fits.
+      first = r is next(x for x in runs if x["kind"] == "daa" and x["size"] == r["size"])
+      evaluate.run(eval_config(config, r["dir"], include_reference=first), r["dir"])
+  rows = collect(runs, workdir)
+  fits = scaling.fit_all(rows, r0=config.get("fit_r0", "sft"))
+  scaling.write_fits(fits, os.path.join(workdir, "fits.json"))
+  figures = scaling.make_figures(rows, fits, os.path.join(workdir, "figures"))
+  results = checks(rows, fits)
+  with open(os.path.join(workdir, "checks.json"), "w", encoding="utf-8") as f:
+    json.dump(results, f, indent=2)
+  report = os.path.join(workdir, "report.md")
+  scaling.write_report(rows, fits, figures, report, extra_lines=_check_lines(results))
+  message = (f"daa_jax: {len(runs)} runs, {len(rows)} evaluated checkpoints.\n"
+             f"  report:  {report}\n  figures: {os.path.join(workdir, 'figures')}\n"
+             f"  table:   {os.path.join(workdir, 'summary.csv')}")
+  return {"message": message, "rows": len(rows), "checks": results, "report": report}
