@@ -142,7 +142,7 @@ def policy_pairs(config, size: str, workdir: str) -> str:
       max_new_tokens=int(c.data.synthetic.max_response_length) + 1, temperature=1.0,
       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id))
 
-  eval_prompts = data_lib.load_sft(c.data, "eval", workdir=sft_dir).prompt_texts()
+  eval_prompts = data_lib.load_sft(c.data, "eval", workdir=sft_dir).prompt_texts
   held_out = set(eval_prompts)
   train_prompts = [p for p in task.sample_prompts(2 * pp.num_pairs + 64, [pp.seed, 7])
                    if p not in held_out]
