@@ -142,3 +142,18 @@ def abstract_with_shardings(tree: PyTree, shardings: PyTree) -> PyTree:
   """`jax.ShapeDtypeStruct` leaves carrying the target shardings, for restore."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       tree, shardings)
+
+
+def save_arrays(path, arrays: PyTree) -> None:
+  """Saves a pytree of arrays (e.g. evaluation statistics) at `path`, replacing a half-written
+  earlier attempt. Every process joins (orbax saves are collective)."""
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(epath.Path(path), arrays, force=True)
+  ckptr.wait_until_finished()
+  ckptr.close()
+
+
+def load_arrays(path) -> PyTree:
+  """Restores a pytree saved by `save_arrays`, as numpy/host arrays."""
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(epath.Path(path))

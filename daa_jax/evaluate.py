@@ -55,7 +55,6 @@ from etils import epath
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from daa_jax import checkpoint as ckpt_lib
 from daa_jax import config_lib
@@ -506,11 +505,7 @@ def _jsonable(x):
 def write_step(out_dir: str, step: int, summary: dict, arrays: dict, rows: list[dict]) -> None:
   """Writes `eval/<step>/{arrays, samples.jsonl, summary.json}`; summary.json last."""
   d = epath.Path(out_dir) / "eval" / str(step)
-  ckptr = ocp.StandardCheckpointer()
-  # Every process joins the (collective) orbax save; force: a half-done earlier try is replaced.
-  ckptr.save(d / "arrays", arrays, force=True)
-  ckptr.wait_until_finished()
-  ckptr.close()
+  ckpt_lib.save_arrays(d / "arrays", arrays)
   if jax.process_index() == 0:
     text = "".join(json.dumps(_jsonable(r), ensure_ascii=False) + "\n" for r in rows)
     (d / "samples.jsonl").write_text(text)
@@ -521,8 +516,7 @@ def write_step(out_dir: str, step: int, summary: dict, arrays: dict, rows: list[
 
 def load_arrays(eval_step_dir: str) -> dict:
   """The orbax arrays of one `eval/<step>/` directory, as numpy."""
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(epath.Path(eval_step_dir) / "arrays")
+  return ckpt_lib.load_arrays(epath.Path(eval_step_dir) / "arrays")
 
 
 def _done(out_dir: str, step: int) -> bool:
