@@ -31,7 +31,7 @@ def get_config(arg=None):
   # spreads the runs along the KL axis.
   c.betas = (0.1, 0.3, 1.0)
   c.sft_source = "train"  # train an SFT reference per size (vs 'hf': start from HF weights)
-  c.hf_models = config_dict.ConfigDict()  # size -> HF id or dir (sft_source='hf' or SFT init)
+  c.hf_model_template = ""  # e.g. "EleutherAI/pythia-{size}": where SFT (or DAA) starts
   c.pairs = "policy_samples"  # pairs sampled from the SFT policy and gold-labeled
   c.policy_pairs = config_dict.ConfigDict(dict(
       num_pairs=1000, num_eval_pairs=500, seed=0, batch_size=256))

@@ -27,7 +27,7 @@ def get_config(arg=None):
   c.objectives = ("dpo", "ipo", "slic")
   c.betas = (0.01, 0.0175, 0.025, 0.0375, 0.05, 0.075, 0.1)
   c.sft_source = "train"
-  c.hf_models = config_dict.ConfigDict({s: config_lib.hub_id(s) for s in c.sizes})
+  c.hf_model_template = "EleutherAI/pythia-{size}"  # SFT starts from the base model
   c.pairs = "data"  # the dataset's human comparisons
   c.policy_pairs = config_dict.ConfigDict(dict(num_pairs=0, num_eval_pairs=0, seed=0,
                                                batch_size=64))

@@ -61,8 +61,8 @@ def _unlocked_copy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 def sft_config(config, size: str) -> ml_collections.ConfigDict:
   c = _unlocked_copy(config.sft)
   c.model.size = size
-  if config.get("hf_models") and config.hf_models.get(size):
-    c.hf_model = config.hf_models[size]
+  if config.get("hf_model_template"):
+    c.hf_model = config.hf_model_template.format(size=size)
   return c
 
 
@@ -73,8 +73,8 @@ def daa_config(config, size: str, objective: str, beta: float, workdir: str):
   c.objective.beta = float(beta)
   if config.sft_source == "train":
     c.init_from = os.path.join(workdir, f"sft_{size}")
-  elif config.get("hf_models") and config.hf_models.get(size):
-    c.hf_model = config.hf_models[size]
+  elif config.get("hf_model_template"):
+    c.hf_model = config.hf_model_template.format(size=size)
   if config.pairs == "policy_samples":
     c.data.synthetic.pairs_dir = os.path.join(workdir, f"pairs_{size}")
   return c
@@ -234,12 +234,17 @@ def collect(runs: list[dict], workdir: str) -> list[dict]:
         row.update(objective="sft", beta=0.0, run=f"sft_{r['size']}")
       rows.append(row)
   path = os.path.join(workdir, "summary.csv")
+  write_summary(rows, path)
+  return scaling.load_summary(path)
+
+
+def write_summary(rows: list[dict], path: str) -> None:
+  """`summary.csv`: one row per evaluated checkpoint (SUMMARY_COLUMNS; blanks for missing)."""
   with open(path, "w", newline="", encoding="utf-8") as f:
     writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
     writer.writeheader()
     for row in rows:
       writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in SUMMARY_COLUMNS})
-  return rows
 
 
 # --- the study's checks --------------------------------------------------------------------
