@@ -307,7 +307,7 @@ def _check_lines(results: dict[str, dict]) -> list[str]:
   for key, c in results.items():
     lines.append(
         f"- **{key}**: best win rate {c['best_win_rate']:.3f} at √KL {c['best_sqrt_kl']:.2f} "
-        f"(β={c['best_beta']:g}, step {c['best_step']}) vs {c['largest_kl_win_rate']:.3f} at "
+        f"(β={c['best_beta']:g}, step {int(c['best_step'])}) vs {c['largest_kl_win_rate']:.3f} at "
         f"the largest √KL {c['largest_sqrt_kl']:.2f} (interval half-width "
         f"{c['interval_half_width']:.3f}) → rises then falls: "
         f"**{'yes' if c['rises_then_falls'] else 'no'}**. Final KL by β "

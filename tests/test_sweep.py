@@ -116,7 +116,7 @@ def test_shrunk_quickstart_shows_overoptimization(tmp_path):
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
   args = [sys.executable, "-m", "daa_jax.main", "--config=configs/quickstart.py:sft_steps=800",
           f"--workdir={workdir}", "--config.objectives=('dpo','slic')",
-          "--config.betas=(0.1,1.0)", "--config.eval.num_prompts=400",
+          "--config.betas=(0.1,1.0)", "--config.eval.num_prompts=300",
           "--config.sft.train.progress=False", "--config.daa.train.progress=False"]
   proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -130,5 +130,6 @@ def test_shrunk_quickstart_shows_overoptimization(tmp_path):
     c = checks[f"{objective}/tiny"]
     assert c["rises_then_falls"], (objective, c)
     assert c["smaller_beta_larger_kl"], (objective, c)
+    assert c["log_fit_ok"], (objective, c)  # α, β > 0 and lower RMSE than the quadratic
   report = open(os.path.join(workdir, "report.md")).read()
   assert "rises then falls" in report
