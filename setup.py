@@ -26,6 +26,7 @@ setuptools.setup(
         "absl-py>=2.0",
         "chex>=0.1.86",
         "pyarrow>=14",
+        "tensorboard>=2.15",  # event files only (no TensorFlow)
     ],
     extras_require={
         # torch (CPU) is for parity tests against transformers only; install torch==2.13.0
