@@ -32,7 +32,7 @@ setuptools.setup(
         # torch (CPU) is for parity tests against transformers only; install torch==2.13.0
         # (CPU build) first, as the README says, or pip pulls a multi-GB CUDA build.
         "test": ["pytest>=7", "pytest-xdist>=3", "torch"],
-        "tpu": ["jax[tpu]"],
+        "tpu": ["jax[tpu]", "gcsfs"],  # gcsfs: gs:// workdirs through etils.epath
         "cuda": ["jax[cuda12]"],
         "bench": ["torch", "trl", "datasets"],
         # format='tfds': the TL;DR comparisons as array_record, read without TensorFlow.

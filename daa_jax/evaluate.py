@@ -511,7 +511,7 @@ def write_step(out_dir: str, step: int, summary: dict, arrays: dict, rows: list[
     (d / "samples.jsonl").write_text(text)
     tmp = d / "summary.json.tmp"
     tmp.write_text(json.dumps(_jsonable(summary), indent=2, sort_keys=True))
-    tmp.rename(d / "summary.json")
+    tmp.replace(d / "summary.json")
 
 
 def load_arrays(eval_step_dir: str) -> dict:

@@ -155,19 +155,19 @@ class FakeChat:
       if self.delay_s:
         time.sleep(self.delay_s)
       if self.status_for_all:
-        return self._send(handler, self.status_for_all, {"error": f"bad key: {auth}"})
+        return self._reply(handler, self.status_for_all, {"error": f"bad key: {auth}"})
       first = attempt == 0
       if "[429]" in text and first:
-        return self._send(handler, 429, {"error": "slow down"}, {"Retry-After": "0"})
+        return self._reply(handler, 429, {"error": "slow down"}, {"Retry-After": "0"})
       if "[wait]" in text and first:
-        return self._send(handler, 429, {"error": "slow down"}, {"Retry-After": "0.4"})
+        return self._reply(handler, 429, {"error": "slow down"}, {"Retry-After": "0.4"})
       if "[500]" in text and first:
-        return self._send(handler, 500, {"error": "oops"})
+        return self._reply(handler, 500, {"error": "oops"})
       if "[slow]" in text and first:
         time.sleep(1.6)  # longer than the client's timeout
-        return self._send(handler, 200, self._completion("Preferred: A"))
+        return self._reply(handler, 200, self._completion("Preferred: A"))
       if "[garbage]" in text or ("[malformed]" in text and first):
-        return self._send(handler, 200, self._completion("I like both of them."))
+        return self._reply(handler, 200, self._completion("I like both of them."))
       with self.lock:
         if self.ok_budget is not None and self.answered >= self.ok_budget:
           hard_fail = True
@@ -175,14 +175,26 @@ class FakeChat:
           hard_fail = False
           self.answered += 1
       if hard_fail:
-        return self._send(handler, 500, {"error": "down"})
+        return self._reply(handler, 500, {"error": "down"})
       a, b = _SLOTS.search(text).groups()
       choice = "B" if b.startswith("good") and not a.startswith("good") else "A"
-      return self._send(handler, 200, self._completion(
+      return self._reply(handler, 200, self._completion(
           f"Comparison: one of them is better.\nPreferred: {choice}"))
     finally:
-      with self.lock:
+      self._leave(handler)
+
+  def _leave(self, handler):
+    with self.lock:
+      if not getattr(handler, "_left", False):
+        handler._left = True
         self.active -= 1
+
+  def _reply(self, handler, *args):
+    # Leave the active count before the client can see the answer: the client may start its
+    # next request the moment the response arrives, before this thread runs again.
+    self._leave(handler)
+    return self._send(handler, *args)
+
 
   @staticmethod
   def _completion(content):
