@@ -33,27 +33,48 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the j
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _LOCAL_DEVICES = flags.DEFINE_string(
     "local_device_ids", None, "Comma-separated local device ids for this process (GPU).")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "jax.distributed.initialize(): 'auto' when the flags above or a multi-task SLURM job or "
+    "TPU pod environment say so; 'on' always (unset values detected by jax from TPU VM "
+    "metadata, SLURM or Open MPI; launch/tpu_vm.sh uses it); 'off' never (one process).")
+
+
+def _cpu_only(jax) -> bool:
+  platforms = os.environ.get("JAX_PLATFORMS") or getattr(jax.config, "jax_platforms", "") or ""
+  return [p.strip() for p in platforms.split(",") if p.strip()] == ["cpu"]
 
 
 def _maybe_initialize_distributed() -> None:
-  """Initializes jax.distributed when this is one process of several."""
+  """Initializes jax.distributed when this is one process of several, then logs topology.
+
+  `--distributed=auto` initializes when `--coordinator_address` or `--num_processes` > 1 is
+  given, or the environment is a SLURM job with more than one task or a TPU pod that sets
+  `TPU_WORKER_HOSTNAMES` / `MEGASCALE_COORDINATOR_ADDRESS`; a single SLURM task (one process
+  driving all of a node's GPUs) is not distributed. A GCE TPU VM slice sets no variable (jax
+  reads its metadata server), so `launch/tpu_vm.sh` passes `--distributed=on`. Unset values
+  are detected by jax (TPU metadata, SLURM, Open MPI).
+  """
   import jax  # pylint: disable=g-import-not-at-top
-  explicit = _COORDINATOR.value is not None or (_NUM_PROCESSES.value or 1) > 1
-  auto = any(v in os.environ for v in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES",
-                                       "MEGASCALE_COORDINATOR_ADDRESS"))
-  slurm_single = os.environ.get("SLURM_NTASKS", "1") == "1" and "TPU_WORKER_HOSTNAMES" not in (
-      os.environ)
-  if explicit:
+  by_flags = _COORDINATOR.value is not None or (_NUM_PROCESSES.value or 1) > 1
+  by_env = os.environ.get("SLURM_NTASKS", "1") != "1" or any(
+      v in os.environ for v in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
+  mode = _DISTRIBUTED.value
+  if mode == "on" or (mode == "auto" and (by_flags or by_env)):
+    if _cpu_only(jax) and getattr(jax.config, "jax_cpu_collectives_implementation",
+                                  "gloo") is None:
+      # Cross-process collectives on CPU need an implementation: older jax has none by
+      # default (newer defaults to gloo), and a multi-process CPU job then fails at its
+      # first all-reduce.
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs = dict(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                   process_id=_PROCESS_ID.value)
     if _LOCAL_DEVICES.value:
       kwargs["local_device_ids"] = [int(x) for x in _LOCAL_DEVICES.value.split(",")]
     jax.distributed.initialize(**kwargs)
-  elif auto and not slurm_single:
-    jax.distributed.initialize()
-  logging.info("topology: process %d of %d, %d local / %d global devices (%s)",
+  logging.info("topology: process %d of %d, %d local / %d global devices (%s), platform %s",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count(), jax.devices()[0].device_kind)
+               jax.device_count(), jax.devices()[0].device_kind, jax.default_backend())
 
 
 def dispatch(config, workdir: str):
@@ -83,6 +104,7 @@ class _QuietLibraries:
 
 
 def main(argv) -> None:
+  _STARTED.append(True)
   import logging as py_logging  # pylint: disable=g-import-not-at-top
   py_logging.getLogger("absl").addFilter(_QuietLibraries())
   if len(argv) > 1:
@@ -107,8 +129,27 @@ def cli() -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     cfg = os.path.join(os.path.dirname(here), "configs", "eval.py")
     argv = [argv[0], f"--config={cfg}:run={run_dir}", f"--workdir={run_dir}"] + argv[3:]
-  app.run(main, argv=argv)
+  _run(argv)
+
+
+_STARTED = []
+
+
+def _run(argv=None) -> None:
+  """`app.run(main)`, turning a bad `--config.a.b=value` override (raised by ml_collections
+  while flags are parsed, before `main` starts) into a one-paragraph error and exit code 2."""
+  try:
+    app.run(main, argv=argv)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    if _STARTED:  # raised by the job itself: a bug, keep its traceback
+      raise
+    given = [a for a in (argv or sys.argv) if a.startswith("--config.")]
+    sys.stderr.write(
+        f"daa_jax: error: a --config override does not fit the config ({type(e).__name__}: "
+        f"{e}). Overrides given: {' '.join(given) or 'none'}. Check the field names and types "
+        "in the config file (its fields are listed in its get_config).\n")
+    sys.exit(2)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _run()

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from absl import logging
+from etils import epath
 
 from daa_jax.config_lib import ModelConfig
 
@@ -79,10 +80,15 @@ class MetricsWriter:
 
   def __init__(self, workdir: str, is_main: bool = True, tensorboard: bool = True):
     self.is_main = is_main
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = epath.Path(workdir) / "metrics.jsonl"  # local or gs://
+    # Object stores (gs://) have no append (gcsfs silently truncates on mode 'a'): keep the
+    # file's text here and rewrite the whole object on each write.
+    self._remote_text = None
     self._tb = None
     if is_main:
-      os.makedirs(workdir, exist_ok=True)
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      if "://" in str(workdir):
+        self._remote_text = self.path.read_text() if self.path.exists() else ""
       if tensorboard:
         try:
           self._tb = _TensorBoard(os.path.join(workdir, "tb"))
@@ -93,8 +99,13 @@ class MetricsWriter:
     if not self.is_main:
       return
     clean = {k: (float(v) if hasattr(v, "__float__") else v) for k, v in values.items()}
-    with open(self.path, "a", encoding="utf-8") as f:
-      f.write(json.dumps({"step": int(step), **clean}) + "\n")
+    line = json.dumps({"step": int(step), **clean}) + "\n"
+    if self._remote_text is not None:
+      self._remote_text += line
+      self.path.write_text(self._remote_text)
+    else:
+      with self.path.open("a") as f:
+        f.write(line)
     if self._tb is not None:
       self._tb.scalars(step, {k: v for k, v in clean.items() if isinstance(v, float)})
 
@@ -104,8 +115,8 @@ class MetricsWriter:
 
 
 def read_jsonl(path: str) -> list[dict]:
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in epath.Path(path).read_text().splitlines()
+          if line.strip()]
 
 
 class Progress:

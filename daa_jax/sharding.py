@@ -158,15 +158,17 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
-def host_to_global(batch, mesh: jax.sharding.Mesh):
+def host_to_global(batch, mesh: jax.sharding.Mesh, whole: bool = False):
   """Per-process numpy batch (this host's rows) -> global arrays sharded by `batch_sharding`.
 
   Single-process, the local batch is the global batch; its size must divide by
-  data x fsdp.
+  data x fsdp. `whole=True`: every process holds the same whole global batch (evaluation
+  passes over an unsharded loader) and each device takes its own rows from it.
   """
   return jax.tree_util.tree_map(
-      lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(x)),
-                                                       np.asarray(x)), batch)
+      lambda x: jax.make_array_from_process_local_data(
+          batch_sharding(mesh, np.ndim(x)), np.asarray(x),
+          np.shape(x) if whole else None), batch)
 
 
 def cache_shardings(mesh: jax.sharding.Mesh, cache):

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from daa_jax import objectives
+from daa_jax import packing as packing_lib
 
 PyTree = Any
 
@@ -44,6 +45,7 @@ class StepConfig:
   grad_accum: int = 1
   cached_ref: bool = False     # use batch['ref_logps'] instead of a reference forward
   logps_chunk: int = 0         # > 0: chunked log-softmax (memory-lean)
+  packing: bool = False        # DAA batches are `packing.pack_pairs` rows [prompt|chosen|rejected]
 
 
 def _global_norm(tree) -> jax.Array:
@@ -77,8 +79,16 @@ def sequence_logps(model, params, tokens, attention_mask, positions, loss_mask,
       chunk_size=logps_chunk or None)
 
 
-def pair_logps(model, params, batch, logps_chunk: int = 0) -> jax.Array:
-  """Policy (or reference) log-probs of both responses of each pair: `[B,2]` float32."""
+def pair_logps(model, params, batch, logps_chunk: int = 0, packing: bool = False) -> jax.Array:
+  """Policy (or reference) log-probs of both responses of each pair: `[B,2]` float32.
+
+  `packing=True` takes a `packing.pack_pairs` batch (one prompt-shared row per pair) and
+  gives the same values as the two-row batch it was packed from.
+  """
+  if packing:
+    if "target_index" not in batch:
+      raise ValueError("StepConfig.packing=True needs batches from packing.pack_pairs.")
+    return packing_lib.packed_pair_logps(model, params, batch, logps_chunk)
   summed, _ = sequence_logps(
       model, params, _flat_pairs(batch["tokens"]), _flat_pairs(batch["attention_mask"]),
       _flat_pairs(batch["positions"]), _flat_pairs(batch["loss_mask"]), logps_chunk)
@@ -86,11 +96,12 @@ def pair_logps(model, params, batch, logps_chunk: int = 0) -> jax.Array:
 
 
 def _daa_loss(params, ref_params, batch, hparams, *, model, cfg: StepConfig, num_pairs):
-  policy = pair_logps(model, params, batch, cfg.logps_chunk)
+  policy = pair_logps(model, params, batch, cfg.logps_chunk, cfg.packing)
   if cfg.cached_ref:
     ref = batch["ref_logps"].astype(jnp.float32)
   else:
-    ref = jax.lax.stop_gradient(pair_logps(model, ref_params, batch, cfg.logps_chunk))
+    ref = jax.lax.stop_gradient(
+        pair_logps(model, ref_params, batch, cfg.logps_chunk, cfg.packing))
   loss, metrics = objectives.compute_loss(
       cfg.objective, policy, ref, batch["lengths"], beta=hparams["beta"],
       alpha=hparams["alpha"], epsilon=hparams["epsilon"], sft_weight=hparams["sft_weight"],
@@ -197,11 +208,11 @@ def eval_step(params, ref_params, batch, hparams, *, model, cfg: StepConfig):
   Returns `(loss, metrics)` where `metrics['per_pair']` holds `[B]` arrays (implicit rewards,
   log-ratios, lengths, losses) and `policy_logps`/`ref_logps` `[B,2]`.
   """
-  policy = pair_logps(model, params, batch, cfg.logps_chunk)
+  policy = pair_logps(model, params, batch, cfg.logps_chunk, cfg.packing)
   if cfg.cached_ref:
     ref = batch["ref_logps"].astype(jnp.float32)
   else:
-    ref = pair_logps(model, ref_params, batch, cfg.logps_chunk)
+    ref = pair_logps(model, ref_params, batch, cfg.logps_chunk, cfg.packing)
   loss, metrics = objectives.compute_loss(
       cfg.objective, policy, ref, batch["lengths"], beta=hparams["beta"],
       alpha=hparams["alpha"], epsilon=hparams["epsilon"], sft_weight=hparams["sft_weight"],

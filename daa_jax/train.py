@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 
 from daa_jax import checkpoint as ckpt_lib
 from daa_jax import config_lib
@@ -37,6 +38,7 @@ from daa_jax import hf_convert
 from daa_jax import metrics as metrics_lib
 from daa_jax import model as model_lib
 from daa_jax import optim
+from daa_jax import packing as packing_lib
 from daa_jax import sharding
 from daa_jax import step as step_lib
 from daa_jax.errors import ConfigError, TrainingDiverged
@@ -137,33 +139,39 @@ def compute_pair_logps(model, params, dataset, mesh, batch_size: int,
   """Log-probs `[N,2]` of every pair of `dataset` under `params` (one pass, eval order)."""
   loader = data_lib.Loader(dataset, batch_size=batch_size, seed=0, shuffle=False,
                            drop_remainder=False)
-  fn = jax.jit(functools.partial(step_lib.pair_logps, model, logps_chunk=logps_chunk))
+  # Every process iterates the whole (unsharded) loader and gets the logps back replicated,
+  # so `device_get` works when the mesh spans several processes.
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  fn = jax.jit(functools.partial(step_lib.pair_logps, model, logps_chunk=logps_chunk),
+               out_shardings=replicated)
   out = np.zeros((len(dataset), 2), np.float32)
   for batch in loader:
     valid = batch.pop("valid").astype(bool)
     index = batch.pop("index")
     logps = np.asarray(jax.device_get(fn(params, sharding.host_to_global(
-        {k: v for k, v in batch.items() if k != "ref_logps"}, mesh))))
+        {k: v for k, v in batch.items() if k != "ref_logps"}, mesh, whole=True))))
     out[index[valid]] = logps[valid]
   return out
 
 
 def attach_reference(config, workdir, model, ref_params_fn, dataset, mesh, split):
   """Returns the dataset with a `ref_logps` column, from the on-disk cache when present."""
-  path = _ref_cache_path(config, workdir, dataset, split)
-  if os.path.exists(path):
+  path = epath.Path(_ref_cache_path(config, workdir, dataset, split))  # local or gs://
+  if path.exists():
     logging.info("reference log-probs: cache hit %s (no reference forward needed)", path)
-    ref = np.load(path)
+    with path.open("rb") as f:
+      ref = np.load(f)
   else:
     logging.info("reference log-probs: computing over %d %s pairs", len(dataset), split)
     ref = compute_pair_logps(model, ref_params_fn(), dataset, mesh,
                              batch_size=_eval_batch_size(config, mesh),
                              logps_chunk=config.train.logps_chunk)
     if jax.process_index() == 0:
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      tmp = path + ".tmp.npy"
-      np.save(tmp, ref)
-      os.replace(tmp, path)
+      path.parent.mkdir(parents=True, exist_ok=True)
+      tmp = path.parent / (path.name + ".tmp")
+      with tmp.open("wb") as f:
+        np.save(f, ref)
+      tmp.replace(path)
   return dataset.with_column("ref_logps", ref)
 
 
@@ -176,8 +184,11 @@ def _eval_batch_size(config, mesh) -> int:
 # --- held-out preference metrics -----------------------------------------------------------
 
 def heldout_metrics(eval_fn, params, ref_params, hparams, dataset, mesh, batch_size,
-                    max_batches: int = 0) -> dict[str, float]:
-  """Mean loss, reward accuracy and margin over held-out pairs (padding rows excluded)."""
+                    max_batches: int = 0, pack=None) -> dict[str, float]:
+  """Mean loss, reward accuracy and margin over held-out pairs (padding rows excluded).
+
+  `pack`: None, or a host-side batch transform (`packing.pack_pairs`) for a packed step.
+  """
   loader = data_lib.Loader(dataset, batch_size=batch_size, seed=0, shuffle=False,
                            drop_remainder=False)
   per_pair = {"loss": [], "h": [], "rewards_chosen": [], "rewards_rejected": []}
@@ -186,7 +197,10 @@ def heldout_metrics(eval_fn, params, ref_params, hparams, dataset, mesh, batch_s
       break
     valid = batch.pop("valid").astype(bool)
     batch.pop("index")
-    _, m = eval_fn(params, ref_params, sharding.host_to_global(batch, mesh), hparams)
+    if pack is not None:
+      batch = pack(batch)
+    _, m = eval_fn(params, ref_params, sharding.host_to_global(batch, mesh, whole=True),
+                   hparams)
     m = jax.device_get(m["per_pair"])
     for k in per_pair:
       per_pair[k].append(np.asarray(m[k])[valid])
@@ -224,11 +238,10 @@ class _Preemption:
 
 
 def _write_config(config, workdir):
-  path = os.path.join(workdir, "config.json")
+  path = epath.Path(workdir) / "config.json"  # local or gs://
   text = config.to_json_best_effort(indent=2, sort_keys=True)
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      old = json.load(f)
+  if path.exists():
+    old = json.loads(path.read_text())
     for field in ("job", "model", "objective"):
       if field in old and json.dumps(old[field], sort_keys=True) != json.dumps(
           json.loads(text).get(field), sort_keys=True):
@@ -237,9 +250,11 @@ def _write_config(config, workdir):
             f"({json.dumps(old[field], sort_keys=True)}); resume with the same config or use a "
             "fresh --workdir.")
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-      f.write(text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write aside and rename: the other processes read this file while process 0 writes it.
+    tmp = path.parent / "config.json.tmp"
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def run_mesh(config) -> jax.sharding.Mesh:
@@ -354,7 +369,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   scfg = step_lib.StepConfig(
       kind=kind, objective=config.objective.name if kind == "daa" else "dpo",
       normalize=config.objective.normalize if kind == "daa" else "sum",
-      grad_accum=int(t.grad_accum), cached_ref=cached_ref, logps_chunk=int(t.logps_chunk))
+      grad_accum=int(t.grad_accum), cached_ref=cached_ref, logps_chunk=int(t.logps_chunk),
+      packing=kind == "daa" and bool(t.get("packing", False)))
+  # Packed batches: one shape per dataset (its longest pair), so the step compiles once.
+  pack = packing_lib.packer(train_ds) if scfg.packing else None
+  eval_pack = packing_lib.packer(eval_ds) if scfg.packing and eval_ds is not None else None
   hparams = step_lib.hparams_from_config(config.objective)
   hparams["debug_nan_step"] = jnp.asarray(int(t.debug_nan_step), jnp.int32)
   hparams = jax.device_put(hparams, replicated)
@@ -371,7 +390,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_fn = _STEP_CACHE[key]
   eval_fn = None
   if eval_ds is not None:
-    eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model, cfg=scfg))
+    # Replicated outputs: every process reads the per-pair metrics (mesh over processes).
+    eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model, cfg=scfg),
+                      out_shardings=replicated)
 
   writer = metrics_lib.MetricsWriter(workdir, is_main)
   start = int(jax.device_get(state.step))
@@ -418,7 +439,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       for step in range(start, total_steps):
         host_batch = next(loader)
         host_batch.pop("index", None)
-        batch = sharding.host_to_global(host_batch, mesh)
+        batch = sharding.host_to_global(pack(host_batch) if pack else host_batch, mesh)
         state, m = train_fn(state, ref_params, batch, hparams)
         # Tokens seen by all processes (each holds its slice; counts are per host * hosts).
         tokens = float(host_batch["attention_mask"].sum()) * jax.process_count()
@@ -432,7 +453,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           flush(done)
         if eval_fn is not None and (done % t.eval_every == 0 or final):
           ev = heldout_metrics(eval_fn, state.params, ref_params, hparams, eval_ds, mesh,
-                               _eval_batch_size(config, mesh), t.eval_batches)
+                               _eval_batch_size(config, mesh), t.eval_batches, eval_pack)
           writer.write(done, ev)
           summary.update(ev)
         if due_ckpt:

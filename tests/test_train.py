@@ -229,6 +229,11 @@ def test_user_errors_exit_with_one_paragraph(tmp_path):
   assert proc.returncode == 2
   assert "config.objective.beta=-1" in proc.stderr
   assert "Traceback" not in proc.stderr
+  proc = _cli(["--config=configs/tiny.py:job=daa", "--config.train.bogus=1",
+               f"--workdir={tmp_path}"], check=False)
+  assert proc.returncode == 2
+  assert "--config.train.bogus=1" in proc.stderr and "'bogus'" in proc.stderr
+  assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("updates,message", [

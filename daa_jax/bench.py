@@ -1,0 +1,512 @@
+"""Throughput, MFU and memory benchmark of the DAA step, the SFT step and sampling.
+
+One workload per process, random weights of a Pythia shape (no download), synthetic data of
+exact lengths (the PyTorch baselines' `bench_common.make_pairs` when its tokenizer fits the
+model's vocabulary, else random ids of the same lengths):
+
+  python -m daa_jax.bench --model 70m --what train --pairs 8 --prompt_len 128 \\
+      --response_len 128 --packing --steps 10
+  python -m daa_jax.bench --model 70m --what sample --pairs 8 --prompt_len 128 --new_tokens 128
+
+It warms up, times `--steps` steps (each synchronized), and prints one line
+`RESULT_JSON {...}` (also appended to `--out` when given) with `step_s_median`, `pairs_per_s`,
+`tokens_per_s`, `model_flops`, `mfu`, `peak_mem_bytes`, `compile_s`, the settings and the
+device. Definitions, chosen to match /work/shared/bench's PyTorch baselines:
+
+  * tokens/s, DAA: 2·pairs·(prompt_len + response_len) / step (chosen and rejected sequence
+    tokens, whatever the layout; packing computes fewer but counts the same). SFT:
+    pairs·(prompt_len + response_len). Sampling: pairs·new_tokens / wall time of one sampler
+    call, prefill included (HF generate's definition).
+  * response_len counts the EOS (the baselines' --completion-len).
+  * model FLOPs: `metrics.step_flops` of the two-row workload (policy forward + backward,
+    plus the reference forward unless cached), as the trainer's `perf/mfu` counts them, so
+    packed and unpacked runs are comparable and packing shows up as a higher MFU.
+    `executed_flops` estimates what the chosen layout actually computes.
+  * peak memory: the device's `peak_bytes_in_use` on GPU/TPU; on CPU the process's max RSS.
+
+`python -m daa_jax.bench compare ...` runs the same workload through daa_jax (one or more
+`--variants`) and the PyTorch baselines (plain DPO step, TRL's DPOTrainer, HF generate) as
+subprocesses, alternating them for `--rounds` rounds, and prints the ratios of medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_BASELINES = os.path.join(os.path.dirname(REPO), "shared", "bench")
+WHATS = ("train", "train_cached_ref", "sft", "sample")
+PAD_ID, EOS_ID = 1, 0  # bench_common's tokenizer: Pythia-style specials.
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  """One benchmark item (all settings end up in the JSON line)."""
+  model: str = "70m"
+  what: str = "train"
+  pairs: int = 8              # pairs (DAA), sequences (SFT) or prompts (sampling)
+  prompt_len: int = 128
+  response_len: int = 128     # incl. EOS
+  new_tokens: int = 128       # sampling
+  packing: bool = False
+  pack_multiple: int = 8      # packed rows are padded to a multiple of this
+  dtype: str = "float32"
+  steps: int = 10
+  warmup: int = 2
+  optimizer: str = "rmsprop"  # rmsprop (the paper's) | adamw (the torch baseline's)
+  attention_impl: str = "xla"
+  remat_policy: str = "none"
+  scan_layers: bool = False
+  logps_chunk: int = 0
+  ref_dtype: str = "float32"
+  peak_tflops: float = 0.0    # 0: metrics.peak_flops of the device (None on CPU)
+  seed: int = 0
+  baselines_dir: str = DEFAULT_BASELINES
+
+
+# --- Data -------------------------------------------------------------------------------
+
+
+def _bench_common(baselines_dir: str):
+  """/work/shared/bench's bench_common module, or None when it (or `tokenizers`) is absent."""
+  if not os.path.exists(os.path.join(baselines_dir, "bench_common.py")):
+    return None
+  if baselines_dir not in sys.path:
+    sys.path.insert(0, baselines_dir)
+  try:
+    import bench_common  # pylint: disable=g-import-not-at-top
+    return bench_common
+  except ImportError:
+    return None
+
+
+def make_sequences(w: Workload, vocab_size: int, num: int, seed: int = 0):
+  """`num` (prompt, chosen, rejected) id lists: prompt_len and response_len - 1 + EOS ids.
+
+  Returns (sequences, source) where source says where the ids came from.
+  """
+  bc = _bench_common(w.baselines_dir)
+  if bc is not None and vocab_size >= 8192:
+    tok, _ = bc.build_tokenizer()
+    out = []
+    for pair in bc.make_pairs(num, w.prompt_len, w.response_len, seed=seed):
+      prompt = tok.encode(pair["prompt"]).ids
+      responses = [tok.encode(pair["prompt"] + pair[k]).ids[len(prompt):] + [EOS_ID]
+                   for k in ("chosen", "rejected")]
+      out.append((prompt, *responses))
+    if all(len(p) == w.prompt_len and len(c) == len(r) == w.response_len for p, c, r in out):
+      return out, "bench_common.make_pairs"
+  rng = np.random.default_rng(seed)
+  ids = lambda n: list(rng.integers(2, vocab_size, n))  # noqa: E731
+  return [(ids(w.prompt_len), ids(w.response_len - 1) + [EOS_ID],
+           ids(w.response_len - 1) + [EOS_ID]) for _ in range(num)], "random_ids"
+
+
+def pair_batch(sequences) -> dict[str, np.ndarray]:
+  """The data contract's `[B,2,L]` preference batch of right-padded rows."""
+  num = len(sequences)
+  length = max(len(p) + max(len(c), len(r)) for p, c, r in sequences)
+  batch = {"tokens": np.full((num, 2, length), PAD_ID, np.int32)}
+  for k in ("loss_mask", "attention_mask", "positions"):
+    batch[k] = np.zeros((num, 2, length), np.int32)
+  batch["lengths"] = np.zeros((num, 2), np.int32)
+  batch["prompt_lengths"] = np.array([len(s[0]) for s in sequences], np.int32)
+  for b, (prompt, *responses) in enumerate(sequences):
+    for s, response in enumerate(responses):
+      n, p = len(prompt) + len(response), len(prompt)
+      batch["tokens"][b, s, :n] = list(prompt) + list(response)
+      batch["attention_mask"][b, s, :n] = 1
+      batch["positions"][b, s, :n] = np.arange(n)
+      batch["loss_mask"][b, s, p - 1:n - 1] = 1  # t predicts token t + 1
+      batch["lengths"][b, s] = len(response)
+  return batch
+
+
+# --- Timing -----------------------------------------------------------------------------
+
+
+def peak_memory_bytes() -> tuple[int, str]:
+  """(bytes, what was measured): device peak on GPU/TPU, process max RSS on CPU."""
+  import jax  # pylint: disable=g-import-not-at-top
+  device = jax.devices()[0]
+  if device.platform != "cpu":
+    stats = device.memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+      return int(stats["peak_bytes_in_use"]), "device_peak_bytes_in_use"
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_max_rss"
+
+
+def _timed(fn, *args):
+  import jax  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  out = jax.block_until_ready(fn(*args))
+  return out, time.perf_counter() - start
+
+
+def _model_config(w: Workload, vocab_size: int | None = None):
+  from daa_jax import config_lib  # pylint: disable=g-import-not-at-top
+  overrides = dict(dtype=w.dtype, attention_impl=w.attention_impl,
+                   remat_policy=w.remat_policy, scan_layers=w.scan_layers)
+  if vocab_size:
+    overrides["vocab_size"] = vocab_size
+  return config_lib.pythia(w.model, **overrides)
+
+
+def _optimizer(w: Workload):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from daa_jax import config_lib, optim  # pylint: disable=g-import-not-at-top
+  if w.optimizer == "rmsprop":
+    c = config_lib.optim_fields("paper")
+  elif w.optimizer == "adamw":
+    # The torch baseline's AdamW: lr 1e-6, no weight decay, no clipping.
+    c = config_lib.optim_fields("adamw")
+    c.update(lr=1e-6, weight_decay=0.0, grad_clip=0.0, schedule="constant")
+  else:
+    raise ValueError(f"--optimizer={w.optimizer!r}; use rmsprop or adamw.")
+  c.warmup_steps = 0
+  return optim.make(ml_collections.ConfigDict(c), total_steps=10_000)[0]
+
+
+def _executed_flops(cfg, w: Workload, passes: float) -> float:
+  """FLOPs the chosen layout computes (prompt once with packing; vocab head on responses)."""
+  from daa_jax import metrics  # pylint: disable=g-import-not-at-top
+  p, r, b = w.prompt_len, w.response_len, w.pairs
+  head = 2.0 * cfg.hidden_size * cfg.vocab_size
+  body = lambda ctx: metrics.forward_flops_per_token(cfg, ctx) - head  # noqa: E731
+  if w.packing:
+    tokens, ctx, head_positions = b * (p + 2 * r), p + 2 * r, 2 * b * r
+  else:
+    tokens, ctx, head_positions = 2 * b * (p + r), p + r, 2 * b * (p + r)
+  return passes * (body(ctx) * tokens + head * head_positions)
+
+
+def bench_train(w: Workload) -> dict[str, Any]:
+  """The DAA (live or cached reference) or SFT step."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from daa_jax import metrics, packing  # pylint: disable=g-import-not-at-top
+  from daa_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from daa_jax import step as step_lib  # pylint: disable=g-import-not-at-top
+
+  cfg = _model_config(w)
+  model = model_lib.CausalLM(cfg)
+  params = model_lib.init_params(cfg, jax.random.key(w.seed))
+  tx = _optimizer(w)
+  kind = "sft" if w.what == "sft" else "daa"
+  cached = w.what == "train_cached_ref"
+  scfg = step_lib.StepConfig(kind=kind, cached_ref=cached, logps_chunk=w.logps_chunk,
+                             packing=w.packing and kind == "daa")
+  hparams = {k: jnp.float32(v) for k, v in
+             dict(beta=0.1, alpha=0.0, epsilon=0.0, sft_weight=0.0).items()}
+  ref_params = None
+  if kind == "daa" and not cached:
+    # A copy: the state (and so `params`) is donated to the step.
+    ref_params = jax.tree.map(lambda p: jnp.array(p, dtype=w.ref_dtype, copy=True), params)
+
+  num_batches = min(w.steps + w.warmup, 4)  # distinct batches, cycled
+  seqs, source = make_sequences(w, cfg.vocab_size, w.pairs * num_batches, w.seed)
+  host, pack_s = [], []
+  for i in range(num_batches):
+    batch = pair_batch(seqs[i * w.pairs:(i + 1) * w.pairs])
+    if kind == "sft":
+      batch = {k: (v[:, 0] if v.ndim >= 2 and k != "prompt_lengths" else v)
+               for k, v in batch.items()}
+    if cached:
+      batch["ref_logps"] = np.full((w.pairs, 2), -1.0 * w.response_len, np.float32)
+    if scfg.packing:
+      start = time.perf_counter()
+      batch = packing.pack_pairs(batch, pad_id=PAD_ID, multiple=w.pack_multiple)
+      pack_s.append(time.perf_counter() - start)
+    host.append(batch)
+  batches = [jax.device_put(b) for b in host]
+
+  state = step_lib.init_state(params, tx)
+  fn = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx, cfg=scfg),
+               donate_argnums=(0,))
+  start = time.perf_counter()
+  compiled = fn.lower(state, ref_params, batches[0], hparams).compile()
+  compile_s = time.perf_counter() - start
+  times, loss = [], None
+  for i in range(w.warmup + w.steps):
+    (state, m), dt = _timed(compiled, state, ref_params, batches[i % num_batches], hparams)
+    if i >= w.warmup:
+      times.append(dt)
+    loss = float(m["loss/total"])
+  median = statistics.median(times)
+  seq_len = w.prompt_len + w.response_len
+  sequences = w.pairs * (2 if kind == "daa" else 1)
+  tokens = sequences * seq_len
+  flops = metrics.step_flops(cfg, tokens, seq_len, kind, cached)
+  passes = 3.0 + (1.0 if kind == "daa" and not cached else 0.0)
+  executed = (_executed_flops(cfg, w, passes) if kind == "daa" else flops)
+  return dict(step_s_median=median, step_s_min=min(times), step_s_all=times,
+              compile_s=compile_s, pairs_per_s=w.pairs / median, tokens_per_s=tokens / median,
+              model_flops=flops, executed_flops=executed, data=source, final_loss=loss,
+              pack_s_per_batch=statistics.median(pack_s) if pack_s else None,
+              packed_shape=list(host[0]["tokens"].shape) if scfg.packing else None,
+              n_params=model_lib.param_count(params))
+
+
+def bench_sample(w: Workload) -> dict[str, Any]:
+  """`sampling.make_sampler`: prefill + `new_tokens` decode steps, pure sampling."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from daa_jax import metrics, sampling  # pylint: disable=g-import-not-at-top
+  from daa_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+
+  cfg = _model_config(w)
+  model = model_lib.CausalLM(cfg)
+  params = model_lib.init_params(cfg, jax.random.key(w.seed))
+  seqs, source = make_sequences(w, cfg.vocab_size, w.pairs, w.seed + 1)
+  prompts = jnp.asarray(np.array([s[0] for s in seqs], np.int32))  # [B,P], all real
+  mask = jnp.ones(prompts.shape, jnp.int32)
+  # eos_id -1: never stops early, like the baseline's min_new_tokens = max_new_tokens.
+  scfg = sampling.SamplingConfig(max_new_tokens=w.new_tokens, temperature=1.0, top_k=0,
+                                 top_p=1.0, eos_id=-1, pad_id=PAD_ID)
+  sampler = sampling.make_sampler(model, scfg)
+  jitted = getattr(sampler, "jitted", sampler)
+  start = time.perf_counter()
+  compiled = jitted.lower(params, prompts, mask, jax.random.key(0)).compile()
+  compile_s = time.perf_counter() - start
+  times = []
+  for i in range(w.warmup + w.steps):
+    _, dt = _timed(compiled, params, prompts, mask, jax.random.key(100 + i))
+    if i >= w.warmup:
+      times.append(dt)
+  median = statistics.median(times)
+  ctx = w.prompt_len + w.new_tokens
+  flops = metrics.forward_flops_per_token(cfg, ctx) * w.pairs * ctx
+  return dict(step_s_median=median, step_s_min=min(times), step_s_all=times,
+              compile_s=compile_s, pairs_per_s=w.pairs / median,
+              tokens_per_s=w.pairs * w.new_tokens / median, model_flops=flops,
+              executed_flops=flops, data=source, n_params=model_lib.param_count(params))
+
+
+def run(w: Workload) -> dict[str, Any]:
+  """Benchmarks one workload; returns the JSON-able result."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from daa_jax import metrics  # pylint: disable=g-import-not-at-top
+  if w.what not in WHATS:
+    raise ValueError(f"--what={w.what!r}; use one of {', '.join(WHATS)}.")
+  if w.what in ("sft", "sample"):
+    w = dataclasses.replace(w, packing=False)  # pair packing applies to DAA steps only
+  result = bench_sample(w) if w.what == "sample" else bench_train(w)
+  device = jax.devices()[0]
+  peak = w.peak_tflops * 1e12 if w.peak_tflops else metrics.peak_flops(device.device_kind)
+  achieved = result["model_flops"] / result["step_s_median"]
+  mem, mem_kind = peak_memory_bytes()
+  result.update(
+      bench="daa_jax", **{k: v for k, v in dataclasses.asdict(w).items()
+                          if k != "baselines_dir"},
+      model_tflops_per_s=achieved / 1e12, peak_flops=peak,
+      mfu=achieved / peak if peak else None,
+      mfu_executed=result["executed_flops"] / result["step_s_median"] / peak if peak else None,
+      peak_mem_bytes=mem, peak_mem_kind=mem_kind, device_kind=device.device_kind,
+      platform=device.platform, num_devices=jax.device_count(), jax=jax.__version__,
+      tokens_per_s_definition=(
+          "pairs*new_tokens / sampler wall time (prefill included)" if w.what == "sample" else
+          f"{'' if w.what == 'sft' else '2*'}pairs*(prompt_len+response_len) / median step"))
+  return result
+
+
+def emit(result: dict, out: str | None = None) -> None:
+  line = json.dumps(result, sort_keys=True)
+  print("RESULT_JSON " + line, flush=True)
+  if out:
+    with open(out, "a", encoding="utf-8") as f:
+      f.write(line + "\n")
+
+
+# --- compare: daa_jax vs the PyTorch baselines, interleaved ---------------------------------
+
+TORCH_SHAPES = {"70m": "pythia-70m", "160m": "pythia-160m", "410m": "pythia-410m"}
+
+
+def _parse_result(stdout: str) -> dict | None:
+  lines = [l for l in stdout.splitlines() if l.startswith("RESULT_JSON ")]
+  return json.loads(lines[-1][len("RESULT_JSON "):]) if lines else None
+
+
+def _run_child(name: str, argv: list[str], timeout_s: int) -> dict:
+  """One benchmark subprocess -> {'name', 'step_s', 'tokens_per_s', 'raw'} or an error."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.info("compare: %s: %s", name, " ".join(argv))
+  start = time.perf_counter()
+  try:
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          timeout=timeout_s, cwd=REPO, check=False)
+  except subprocess.TimeoutExpired:
+    return {"name": name, "error": f"timeout after {timeout_s}s"}
+  res = _parse_result(proc.stdout)
+  if proc.returncode or res is None:
+    return {"name": name, "error": f"rc={proc.returncode}: {proc.stderr[-800:]}"}
+  if res.get("bench") == "torch_dpo_step":
+    run0 = res["runs"][0]
+    if "error" in run0:
+      return {"name": name, "error": run0["error"]}
+    step_s, tps = run0["median_s"], run0["tokens_per_s"]
+  else:
+    step_s = res.get("step_s_median", res.get("median_s"))
+    tps = res["tokens_per_s"]
+  return {"name": name, "step_s": step_s, "tokens_per_s": tps,
+          "wall_s": time.perf_counter() - start, "raw": res}
+
+
+def compare(args) -> dict:
+  """Alternates daa_jax variants and the baselines for `--rounds` rounds; ratios of medians."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  variants = args.variants.split(",") if args.variants else [
+      args.what + ("+packing" if args.packing else "")]
+  base = [sys.executable, "-m", "daa_jax.bench", "--model", args.model,
+          "--pairs", str(args.pairs), "--prompt_len", str(args.prompt_len),
+          "--response_len", str(args.response_len), "--new_tokens", str(args.new_tokens),
+          "--dtype", args.dtype, "--steps", str(args.steps), "--warmup", str(args.warmup),
+          "--optimizer", args.optimizer, "--attention_impl", args.attention_impl,
+          "--remat_policy", args.remat_policy, "--logps_chunk", str(args.logps_chunk),
+          "--baselines_dir", args.baselines_dir]
+  children: list[tuple[str, list[str]]] = []
+  for v in variants:
+    what, *opts = v.split("+")
+    children.append((v, base + ["--what", what] + (["--packing"] if "packing" in opts else [])))
+  notes = []
+  torch_dtype = "bf16" if args.dtype == "bfloat16" else "fp32"
+  shape = TORCH_SHAPES.get(args.model.lower().removeprefix("pythia-"))
+  sampling = all(v.startswith("sample") for v in variants)
+  if shape is None:
+    notes.append(f"no PyTorch baseline for model {args.model} (bench_common has "
+                 f"{', '.join(TORCH_SHAPES)})")
+  elif sampling:
+    children.append(("hf_generate", [
+        sys.executable, os.path.join(args.baselines_dir, "torch_generate_baseline.py"),
+        "--shape", shape, "--batch", str(args.pairs), "--prompt-len", str(args.prompt_len),
+        "--new-tokens", str(args.new_tokens), "--warmup", "1", "--runs", str(args.steps),
+        "--dtype", torch_dtype]))
+  elif any(v.startswith("train") for v in variants):
+    dpo = [sys.executable, os.path.join(args.baselines_dir, "torch_dpo_baseline.py"),
+           "--shape", shape, "--pairs", str(args.pairs), "--prompt-len", str(args.prompt_len),
+           "--completion-len", str(args.response_len), "--warmup", str(args.warmup),
+           "--steps", str(args.steps), "--dtype", torch_dtype]
+    children.append(("torch_plain", dpo + ["--impl", "plain"]))
+    probe = subprocess.run([sys.executable, "-c", "import trl, datasets"], capture_output=True,
+                           check=False)
+    if probe.returncode == 0 and not args.no_trl:
+      children.append(("trl", dpo + ["--impl", "trl", "--trl-grad-ckpt", "0"]))
+    else:
+      notes.append("TRL skipped: " + ("--no_trl" if args.no_trl else
+                                      "`import trl, datasets` failed"))
+  rounds: list[list[dict]] = []
+  for r in range(args.rounds):
+    row = []
+    # Rotate the order each round so no child always runs first (or after the slowest one).
+    order = children[r % len(children):] + children[:r % len(children)]
+    for name, argv in order:
+      res = _run_child(name, argv, args.timeout_s)
+      logging.info("compare: round %d %s: %s", r, name,
+                   res.get("error") or f"{res['step_s']:.4f} s/step")
+      print(f"round {r} {name}: " + (res.get("error") or
+                                     f"{res['step_s']:.4f} s  {res['tokens_per_s']:.1f} tok/s"),
+            flush=True)
+      row.append(res)
+    rounds.append(row)
+  summary = {}
+  for name, _ in children:
+    ok = [c for row in rounds for c in row if c["name"] == name and "error" not in c]
+    if ok:
+      summary[name] = {"step_s_median": statistics.median(c["step_s"] for c in ok),
+                       "tokens_per_s_median": statistics.median(c["tokens_per_s"] for c in ok),
+                       "step_s_rounds": [c["step_s"] for c in ok]}
+    else:
+      summary[name] = {"error": [c.get("error") for row in rounds for c in row
+                                 if c["name"] == name]}
+  ratios = {}
+  for v in variants[1:]:  # daa_jax variants against the first one (e.g. packing on vs off)
+    if "step_s_median" in summary.get(v, {}) and "step_s_median" in summary.get(variants[0], {}):
+      ratios[f"{v}/{variants[0]}"] = (summary[variants[0]]["step_s_median"]
+                                      / summary[v]["step_s_median"])
+  for v in variants:
+    for b in ("torch_plain", "trl", "hf_generate"):
+      if "step_s_median" in summary.get(v, {}) and "step_s_median" in summary.get(b, {}):
+        # Same work per step on both sides: speedup = their step time / ours.
+        ratios[f"{v}/{b}"] = summary[b]["step_s_median"] / summary[v]["step_s_median"]
+  result = {"bench": "daa_jax_compare", "model": args.model, "pairs": args.pairs,
+            "prompt_len": args.prompt_len, "response_len": args.response_len,
+            "new_tokens": args.new_tokens, "dtype": args.dtype, "rounds": args.rounds,
+            "steps": args.steps, "summary": summary, "speedup": ratios, "notes": notes,
+            "runs": [[{k: v for k, v in c.items() if k != "raw"} for c in row]
+                     for row in rounds],
+            "speedup_definition": "baseline median step time / daa_jax median step time "
+                                  "(= pairs/s ratio; medians over rounds of per-run medians)"}
+  print("\nspeedup (baseline step time / daa_jax step time, same workload):")
+  for k, v in ratios.items():
+    print(f"  {k:40s} {v:6.2f}x")
+  for n in notes:
+    print("  note:", n)
+  return result
+
+
+# --- CLI --------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m daa_jax.bench", description=__doc__.split("\n")[0])
+  p.add_argument("command", nargs="?", default="run", choices=["run", "compare"])
+  d = Workload()
+  p.add_argument("--model", default=d.model, help="a Pythia size (70m, 1b, ...) or tiny")
+  p.add_argument("--what", default=d.what, choices=WHATS)
+  p.add_argument("--pairs", type=int, default=d.pairs)
+  p.add_argument("--prompt_len", type=int, default=d.prompt_len)
+  p.add_argument("--response_len", type=int, default=d.response_len, help="incl. EOS")
+  p.add_argument("--new_tokens", type=int, default=d.new_tokens)
+  p.add_argument("--packing", action="store_true", help="prompt-shared pair packing")
+  p.add_argument("--pack_multiple", type=int, default=d.pack_multiple,
+                 help="pad packed rows to a multiple of this (64 suits cuDNN attention)")
+  p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
+  p.add_argument("--steps", type=int, default=d.steps, help="timed steps (median)")
+  p.add_argument("--warmup", type=int, default=d.warmup)
+  p.add_argument("--optimizer", default=d.optimizer, choices=["rmsprop", "adamw"])
+  p.add_argument("--attention_impl", default=d.attention_impl, help="xla | cudnn | auto")
+  p.add_argument("--remat_policy", default=d.remat_policy)
+  p.add_argument("--scan_layers", action="store_true")
+  p.add_argument("--logps_chunk", type=int, default=d.logps_chunk)
+  p.add_argument("--ref_dtype", default=d.ref_dtype)
+  p.add_argument("--peak_tflops", type=float, default=d.peak_tflops,
+                 help="peak TFLOP/s per device for MFU (default: known devices only)")
+  p.add_argument("--seed", type=int, default=d.seed)
+  p.add_argument("--out", default=None, help="append the JSON line to this file")
+  p.add_argument("--baselines_dir", default=d.baselines_dir)
+  # compare
+  p.add_argument("--compare", action="store_true", help="same as the `compare` command")
+  p.add_argument("--variants", default="",
+                 help="compare: daa_jax items, e.g. train,train+packing,train_cached_ref+packing")
+  p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--no_trl", action="store_true")
+  p.add_argument("--timeout_s", type=int, default=3600)
+  return p
+
+
+def main(argv=None) -> None:
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  args = _parser().parse_args(argv)
+  logging.set_verbosity(logging.INFO)
+  if args.command == "compare" or args.compare:
+    emit(compare(args), args.out)
+    return
+  fields = {f.name for f in dataclasses.fields(Workload)}
+  w = Workload(**{k: v for k, v in vars(args).items() if k in fields})
+  emit(run(w), args.out)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,68 @@
+"""The benchmark CLI: a tiny shape for 2 steps emits one valid JSON line with the keys."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from daa_jax import bench
+from daa_jax import config_lib
+from daa_jax import metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REQUIRED = ("pairs_per_s", "tokens_per_s", "mfu", "peak_mem_bytes", "compile_s",
+            "step_s_median", "model_flops", "device_kind", "model", "what", "pairs",
+            "prompt_len", "response_len", "packing", "dtype", "steps", "optimizer")
+TINY = dict(model="tiny", pairs=2, prompt_len=6, response_len=4, new_tokens=3, steps=2,
+            warmup=1)
+
+
+def test_cli_emits_one_json_line_and_appends_to_out(tmp_path):
+  out = tmp_path / "bench.jsonl"
+  argv = [sys.executable, "-m", "daa_jax.bench", "--model", "tiny", "--what", "train",
+          "--pairs", "2", "--prompt_len", "6", "--response_len", "4", "--steps", "2",
+          "--warmup", "1", "--packing", "--peak_tflops", "1", "--out", str(out)]
+  proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT_JSON ")]
+  assert len(lines) == 1
+  result = json.loads(lines[0][len("RESULT_JSON "):])
+  assert set(REQUIRED) <= set(result)
+  assert result["packing"] is True and result["packed_shape"] == [2, 16]
+  assert len(result["step_s_all"]) == 2
+  assert result["mfu"] == pytest.approx(result["model_flops"] / result["step_s_median"] / 1e12)
+  # tokens/s counts both sequences of every pair, like the PyTorch baseline.
+  assert result["tokens_per_s"] == pytest.approx(2 * 2 * (6 + 4) / result["step_s_median"])
+  assert json.loads(out.read_text()) == result
+
+
+@pytest.mark.parametrize("what,packing", [("train_cached_ref", True), ("sft", False),
+                                          ("sample", False)])
+def test_every_workload_runs(what, packing):
+  result = bench.run(bench.Workload(what=what, packing=packing, **TINY))
+  json.dumps(result)  # JSON-able
+  assert set(REQUIRED) <= set(result)
+  assert result["step_s_median"] > 0 and result["peak_mem_bytes"] > 0
+  assert result["mfu"] is None  # CPU: no known peak unless --peak_tflops
+  if what == "sample":
+    assert result["tokens_per_s"] == pytest.approx(2 * 3 / result["step_s_median"])
+  if what == "train_cached_ref":
+    # No reference forward: policy forward + backward of the two-row workload (2·2 rows).
+    expected = metrics.step_flops(config_lib.pythia("tiny"), 2 * 2 * 10, 10, "daa", True)
+    assert result["model_flops"] == pytest.approx(expected)
+    assert result["executed_flops"] < result["model_flops"]  # packed: prompt computed once
+
+
+def test_baseline_results_are_parsed(tmp_path):
+  stub = tmp_path / "fake_baseline.py"
+  stub.write_text("print('[plain] step 0 1.0s')\n"
+                  "print('RESULT_JSON ' + __import__('json').dumps({'bench': 'torch_dpo_step', "
+                  "'runs': [{'impl': 'plain', 'median_s': 2.0, 'tokens_per_s': 5.0}]}))\n")
+  res = bench._run_child("torch_plain", [sys.executable, str(stub)], 60)  # pylint: disable=protected-access
+  assert res["step_s"] == 2.0 and res["tokens_per_s"] == 5.0
+  broken = tmp_path / "broken.py"
+  broken.write_text("raise SystemExit(3)\n")
+  assert "rc=3" in bench._run_child("x", [sys.executable, str(broken)], 60)["error"]  # pylint: disable=protected-access
