@@ -375,16 +375,31 @@ def compare(args) -> dict:
           "--dtype", args.dtype, "--steps", str(args.steps), "--warmup", str(args.warmup),
           "--optimizer", args.optimizer, "--attention_impl", args.attention_impl,
           "--remat_policy", args.remat_policy, "--logps_chunk", str(args.logps_chunk),
-          "--baselines_dir", args.baselines_dir]
+          "--baselines_dir", args.baselines_dir, "--pack_multiple", str(args.pack_multiple),
+          "--ref_dtype", args.ref_dtype] + (["--scan_layers"] if args.scan_layers else [])
   children: list[tuple[str, list[str]]] = []
   for v in variants:
+    # what[+packing][+scan][+<remat policy>], e.g. train_cached_ref+packing+scan+dots.
     what, *opts = v.split("+")
-    children.append((v, base + ["--what", what] + (["--packing"] if "packing" in opts else [])))
+    extra = []
+    for opt in opts:
+      if opt == "packing":
+        extra.append("--packing")
+      elif opt == "scan":
+        extra.append("--scan_layers")
+      elif opt in ("full", "dots", "dots_with_no_batch_dims"):
+        extra += ["--remat_policy", opt]
+      else:
+        raise ValueError(f"--variants: unknown option {opt!r} in {v!r}; use packing, scan, "
+                         "full, dots or dots_with_no_batch_dims.")
+    children.append((v, base + ["--what", what] + extra))
   notes = []
   torch_dtype = "bf16" if args.dtype == "bfloat16" else "fp32"
   shape = TORCH_SHAPES.get(args.model.lower().removeprefix("pythia-"))
   sampling = all(v.startswith("sample") for v in variants)
-  if shape is None:
+  if args.no_baselines:
+    notes.append("baselines skipped: --no_baselines")
+  elif shape is None:
     notes.append(f"no PyTorch baseline for model {args.model} (bench_common has "
                  f"{', '.join(TORCH_SHAPES)})")
   elif sampling:
@@ -492,6 +507,7 @@ def _parser() -> argparse.ArgumentParser:
                  help="compare: daa_jax items, e.g. train,train+packing,train_cached_ref+packing")
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--no_trl", action="store_true")
+  p.add_argument("--no_baselines", action="store_true", help="compare daa_jax variants only")
   p.add_argument("--timeout_s", type=int, default=3600)
   return p
 

@@ -12,7 +12,7 @@
 # head size cuDNN does not take) is retried once with --attention_impl xla.
 # Needs a CUDA build of jax in the active environment (pip install -U "jax[cuda12]").
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 
 OUT="${OUT:-/tmp/daa_bench_gpu}"
 BUDGET_S="${BUDGET_S:-450}"   # wall-clock budget for the whole grid (< 8 min)
@@ -23,11 +23,12 @@ RESULTS="$OUT/bench_gpu.jsonl"
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-1}"
 START=$(date +%s)
+CUDNN_FAILED=""  # models whose cuDNN attention failed once (later items use xla)
 
 if [[ "${SMOKE:-0}" == 1 ]]; then
-  M1=tiny; M2=tiny2; ATTN=xla; STEPS=2; SCALE=16
+  M1=tiny; M2=tiny2; ATTN="${ATTN:-xla}"; STEPS=2; SCALE=16
 else
-  M1=1b; M2=2.8b; ATTN=cudnn; STEPS=10; SCALE=1
+  M1=1b; M2=2.8b; ATTN="${ATTN:-cudnn}"; STEPS=10; SCALE=1
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 fi
 
@@ -41,6 +42,13 @@ run_item() {
     return
   fi
   (( limit > left )) && limit=$left
+  local model="" prev="" a
+  for a in "$@"; do [[ "$prev" == --model ]] && model="$a"; prev="$a"; done
+  if [[ " $CUDNN_FAILED " == *" $model "* && " $* " == *" --attention_impl cudnn "* ]]; then
+    local swapped=("$@")  # cuDNN already refused this model: go straight to xla
+    for a in "${!swapped[@]}"; do [[ "${swapped[$a]}" == cudnn ]] && swapped[a]=xla; done
+    set -- "${swapped[@]}"; name="$name-xla"
+  fi
   echo "== $name (timeout ${limit}s): $*" >&2
   t0=$(date +%s)
   timeout -k 10 "$limit" python -m daa_jax.bench --steps "$STEPS" --warmup 2 --out "$RESULTS" "$@" \
@@ -56,8 +64,9 @@ run_item() {
   grep -q -i "RESOURCE_EXHAUSTED\|out of memory" "$OUT/logs/$name.log" && why="$why (out of memory)"
   echo "{\"item\": \"$name\", \"error\": \"$why\", \"log\": \"$OUT/logs/$name.log\"}" | tee -a "$RESULTS"
   if [[ " $* " == *" --attention_impl cudnn "* ]] && (( rc != 124 && rc != 137 && dt < 90 )); then
+    CUDNN_FAILED="$CUDNN_FAILED $model"
     local args=("$@")
-    for i in "${!args[@]}"; do [[ "${args[$i]}" == cudnn ]] && args[$i]=xla; done
+    for i in "${!args[@]}"; do [[ "${args[$i]}" == cudnn ]] && args[i]=xla; done
     run_item "$name-xla" "$limit" "${args[@]}"
   fi
 }

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -66,3 +67,20 @@ def test_baseline_results_are_parsed(tmp_path):
   broken = tmp_path / "broken.py"
   broken.write_text("raise SystemExit(3)\n")
   assert "rc=3" in bench._run_child("x", [sys.executable, str(broken)], 60)["error"]  # pylint: disable=protected-access
+
+
+def test_gpu_grid_script_passes_shellcheck_and_runs_in_smoke_mode(tmp_path):
+  script = os.path.join(REPO, "launch", "bench_gpu.sh")
+  if shutil.which("shellcheck") is not None:
+    lint = subprocess.run(["shellcheck", "--shell=bash", script], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert lint.returncode == 0, lint.stdout
+  # SMOKE: the same grid on tiny models; a short budget runs the first items, skips the rest.
+  env = dict(os.environ, SMOKE="1", OUT=str(tmp_path), BUDGET_S="35")
+  proc = subprocess.run(["bash", script], capture_output=True, text=True, timeout=120,
+                        env=env, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = [json.loads(l) for l in (tmp_path / "bench_gpu.jsonl").read_text().splitlines()]
+  assert rows[0]["model"] == "tiny" and rows[0]["packing"] and "pairs_per_s" in rows[0]
+  assert rows[-1]["error"].startswith("skipped")  # past the budget, recorded, not run
+  assert len(rows) == 7  # every item of the grid has a line

@@ -192,7 +192,8 @@ def test_trainer_with_packing_matches_two_row_run(tmp_path):
                       "train.eval_batches": 1, "train.packing": packed}), workdir)
     runs[packed] = metrics(workdir)
   assert len(runs[True]) == len(runs[False])
-  assert "eval/loss" in runs[True][-1] and runs[True][-1]["loss/total"] != np.log(2)
+  assert any("eval/loss" in r for r in runs[True])
+  assert [r["loss/total"] for r in runs[True] if "loss/total" in r][-1] != np.log(2)
   for a, b in zip(runs[False], runs[True]):
     for key in ("loss/total", "daa/margin", "logps/chosen", "eval/loss"):
       if key in a:
