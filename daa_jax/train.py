@@ -257,6 +257,16 @@ def _write_config(config, workdir):
     tmp.replace(path)
 
 
+def _saveable(state):
+  """The state to hand to an asynchronous save. On CPU, host "transfers" can alias device
+  buffers, and the next step donates (reuses) the state's buffers while orbax may still be
+  writing; a copy keeps the saved values alive. On accelerators the device-to-host copy is a
+  real copy, made before `save` returns."""
+  if jax.default_backend() == "cpu":
+    return jax.tree.map(jnp.copy, state)
+  return state
+
+
 def run_mesh(config) -> jax.sharding.Mesh:
   """The run's mesh; a mesh smaller than the machine (no -1) uses the first devices."""
   shape = tuple(config.mesh)
@@ -457,16 +467,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           writer.write(done, ev)
           summary.update(ev)
         if due_ckpt:
-          checkpointer.save(done, state, {"data": loader.state(), "seed": int(config.seed),
-                                          "step": done})
+          checkpointer.save(done, _saveable(state), {
+              "data": loader.state(), "seed": int(config.seed), "step": done})
           if done == t.debug_kill_after_checkpoint:  # tests: die mid-save, like a lost VM
             os.kill(os.getpid(), signal.SIGKILL)
         if done == t.debug_sigterm_at_step:  # tests: a real SIGTERM through the handler
           os.kill(os.getpid(), signal.SIGTERM)
         if preempt.requested:  # the step boundary after a SIGTERM: save and leave
           flush(done)
-          checkpointer.save(done, state, {"data": loader.state(), "seed": int(config.seed),
-                                          "step": done}, export=False)
+          checkpointer.save(done, _saveable(state), {
+              "data": loader.state(), "seed": int(config.seed), "step": done}, export=False)
           summary["status"] = "preempted"
           break
     finally:
