@@ -5,7 +5,7 @@ exact lengths (the PyTorch baselines' `bench_common.make_pairs` when its tokeniz
 model's vocabulary, else random ids of the same lengths):
 
   python -m daa_jax.bench --model 70m --what train --pairs 8 --prompt_len 128 \\
-      --response_len 128 --packing --steps 10
+      --response_len 128 --steps 10          # --no-packing: the two-row layout
   python -m daa_jax.bench --model 70m --what sample --pairs 8 --prompt_len 128 --new_tokens 128
 
 It warms up, times `--steps` steps (each synchronized), and prints one line
@@ -60,7 +60,7 @@ class Workload:
   prompt_len: int = 128
   response_len: int = 128     # incl. EOS
   new_tokens: int = 128       # sampling
-  packing: bool = False
+  packing: bool = True        # the trainer's default (config.train.packing)
   pack_multiple: int = 8      # packed rows are padded to a multiple of this
   dtype: str = "float32"
   steps: int = 10
@@ -367,8 +367,7 @@ def _run_child(name: str, argv: list[str], timeout_s: int) -> dict:
 def compare(args) -> dict:
   """Alternates daa_jax variants and the baselines for `--rounds` rounds; ratios of medians."""
   from absl import logging  # pylint: disable=g-import-not-at-top
-  variants = args.variants.split(",") if args.variants else [
-      args.what + ("+packing" if args.packing else "")]
+  variants = args.variants.split(",") if args.variants else [args.what]
   base = [sys.executable, "-m", "daa_jax.bench", "--model", args.model,
           "--pairs", str(args.pairs), "--prompt_len", str(args.prompt_len),
           "--response_len", str(args.response_len), "--new_tokens", str(args.new_tokens),
@@ -376,22 +375,25 @@ def compare(args) -> dict:
           "--optimizer", args.optimizer, "--attention_impl", args.attention_impl,
           "--remat_policy", args.remat_policy, "--logps_chunk", str(args.logps_chunk),
           "--baselines_dir", args.baselines_dir, "--pack_multiple", str(args.pack_multiple),
-          "--ref_dtype", args.ref_dtype] + (["--scan_layers"] if args.scan_layers else [])
+          "--ref_dtype", args.ref_dtype, "--packing" if args.packing else "--no-packing"
+          ] + (["--scan_layers"] if args.scan_layers else [])
   children: list[tuple[str, list[str]]] = []
   for v in variants:
-    # what[+packing][+scan][+<remat policy>], e.g. train_cached_ref+packing+scan+dots.
+    # what[+packing|+two_row][+scan][+<remat policy>], e.g. train_cached_ref+scan+dots.
     what, *opts = v.split("+")
     extra = []
     for opt in opts:
       if opt == "packing":
         extra.append("--packing")
+      elif opt == "two_row":
+        extra.append("--no-packing")
       elif opt == "scan":
         extra.append("--scan_layers")
       elif opt in ("full", "dots", "dots_with_no_batch_dims"):
         extra += ["--remat_policy", opt]
       else:
-        raise ValueError(f"--variants: unknown option {opt!r} in {v!r}; use packing, scan, "
-                         "full, dots or dots_with_no_batch_dims.")
+        raise ValueError(f"--variants: unknown option {opt!r} in {v!r}; use packing, two_row, "
+                         "scan, full, dots or dots_with_no_batch_dims.")
     children.append((v, base + ["--what", what] + extra))
   notes = []
   torch_dtype = "bf16" if args.dtype == "bfloat16" else "fp32"
@@ -484,7 +486,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--prompt_len", type=int, default=d.prompt_len)
   p.add_argument("--response_len", type=int, default=d.response_len, help="incl. EOS")
   p.add_argument("--new_tokens", type=int, default=d.new_tokens)
-  p.add_argument("--packing", action="store_true", help="prompt-shared pair packing")
+  p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=d.packing,
+                 help="prompt-shared pair packing (the trainer's default); --no-packing: "
+                      "the two-row layout")
   p.add_argument("--pack_multiple", type=int, default=d.pack_multiple,
                  help="pad packed rows to a multiple of this (64 suits cuDNN attention)")
   p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
@@ -504,7 +508,7 @@ def _parser() -> argparse.ArgumentParser:
   # compare
   p.add_argument("--compare", action="store_true", help="same as the `compare` command")
   p.add_argument("--variants", default="",
-                 help="compare: daa_jax items, e.g. train,train+packing,train_cached_ref+packing")
+                 help="compare: daa_jax items, e.g. train,train+two_row,train_cached_ref+scan+dots")
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--no_trl", action="store_true")
   p.add_argument("--no_baselines", action="store_true", help="compare daa_jax variants only")

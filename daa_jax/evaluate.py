@@ -61,6 +61,7 @@ from daa_jax import config_lib
 from daa_jax import data as data_lib
 from daa_jax import judges
 from daa_jax import model as model_lib
+from daa_jax import packing as packing_lib
 from daa_jax import sampling
 from daa_jax import sharding
 from daa_jax import step as step_lib
@@ -374,14 +375,17 @@ def _prepare(config, run_dir: str, out_dir: str) -> _Setup:
   objective = config.objective
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   hparams = jax.device_put(step_lib.hparams_from_config(objective), replicated)
+  packed = bool(config.train.get("packing", False))  # prompt-shared rows, as in training
   eval_fn = jax.jit(functools.partial(
       step_lib.eval_step, model=model, cfg=step_lib.StepConfig(
-          kind="daa", objective=objective.name, normalize=objective.normalize, cached_ref=True)))
+          kind="daa", objective=objective.name, normalize=objective.normalize, cached_ref=True,
+          packing=packed)))
+  pack = packing_lib.packer(pairs) if packed else (lambda b: b)
   keys = ("tokens", "loss_mask", "attention_mask", "positions", "lengths")
   pair_batches = []
   with sharding.activate(mesh):
     for start, rows_ in zip(range(0, num_pairs, pair_bs), _row_batches(num_pairs, pair_bs)):
-      host = {k: v for k, v in pairs.batch(rows_).items() if k in keys}
+      host = pack({k: v for k, v in pairs.batch(rows_).items() if k in keys})
       host["ref_logps"] = np.zeros(host["lengths"].shape, np.float32)
       _, m = eval_fn(ref, None, _to_mesh(host, mesh), hparams)
       host["ref_logps"] = np.asarray(_fetch(m["policy_logps"]), np.float32)

@@ -29,8 +29,8 @@ Packed batch (numpy, B rows; Lp = packed length, R = target slots per response):
   target_mask     [B, 2, R]  int32  1 on real targets; `sum(-1)` == `loss_mask.sum(-1)`.
   every other key of the input batch (`lengths`, `prompt_lengths`, `ref_logps`, ...) unchanged.
 
-The model (`model.py`) masks attention by "same segment id" only, so `PromptSharedLM` is a
-`CausalLM` subclass (same params tree) whose forward uses the prompt-shared rule.
+The attention rule is the model's `shared_segment=PROMPT`: a token sees earlier tokens of its
+own segment and of the prompt segment (`CausalLM.__call__`).
 """
 
 from __future__ import annotations
@@ -218,46 +218,6 @@ def pack_pairs(batch: dict, length: int | None = None, response_length: int | No
 # --- Device side -------------------------------------------------------------------------
 
 
-def prompt_shared_mask(segment_ids: jax.Array) -> jax.Array:
-  """[B,Lp] segment ids -> [B,1,Lp,Lp] bool: query q may attend key k.
-
-  Causal within the row; a key is visible if it is in the query's segment or the prompt;
-  padding keys are never visible, but every query sees itself (as in `model._self_mask`,
-  so a padding query still has one key).
-  """
-  slot = jnp.arange(segment_ids.shape[1])
-  causal = slot[:, None] >= slot[None, :]  # [Lq,Lk]
-  seg_q, seg_k = segment_ids[:, :, None], segment_ids[:, None, :]  # [B,Lq,1], [B,1,Lk]
-  visible = (seg_k != PAD) & ((seg_k == seg_q) | (seg_k == PROMPT))  # [B,Lq,Lk]
-  mask = (causal[None] & visible) | (slot[:, None] == slot[None, :])[None]
-  return mask[:, None]
-
-
-class PromptSharedLM(model_lib.CausalLM):
-  """`CausalLM` (same params) whose forward uses `prompt_shared_mask`.
-
-  A stopgap until `model.py` takes a mask: the body is `CausalLM._hidden` without the cache
-  branch, with `_self_mask` replaced by `prompt_shared_mask`. `segment_ids` and `positions`
-  are required (packed rows always carry them).
-  """
-
-  def _hidden(self, tokens, attention_mask, positions, segment_ids, cache):
-    if cache is not None or segment_ids is None or positions is None:
-      raise ValueError("PromptSharedLM needs segment_ids and positions, and no cache.")
-    del attention_mask  # Padding is segment PAD.
-    cfg = self.config
-    mask = prompt_shared_mask(segment_ids)  # [B,1,Lp,Lp]
-    cos, sin = model_lib.rotary_cos_sin(positions, cfg.rotary_dim, cfg.rotary_emb_base)
-    x = self.embed_in(tokens.astype(jnp.int32))  # [B,Lp,D]
-    x = model_lib._constrain(x, ("act_batch", "act_len", "act_embed"))  # pylint: disable=protected-access
-    if cfg.scan_layers:
-      x, _ = self.layers(x, mask, cos, sin, None, None)
-    else:
-      for layer in self.layers:
-        x, _ = layer(x, mask, cos, sin, None, None)
-    return self.final_layer_norm(x), None
-
-
 def packed_pair_logps(model: model_lib.CausalLM, params, packed: dict,
                       logps_chunk: int = 0) -> jax.Array:
   """Summed response log-probs `[B,2]` (float32) of a packed batch (see `pack_pairs`).
@@ -266,21 +226,22 @@ def packed_pair_logps(model: model_lib.CausalLM, params, packed: dict,
   `2·R` predicting positions go through the vocabulary projection.
 
   Args:
-    model: the `CausalLM` (its config builds the `PromptSharedLM`).
+    model: the `CausalLM`.
     params: its params.
     packed: the packed batch as arrays.
     logps_chunk: > 0: log-softmax over chunks of this many target positions.
   """
-  lm = PromptSharedLM(model.config)
   variables = {"params": params}
-  hidden = lm.apply(variables, packed["tokens"], positions=packed["positions"],
-                    segment_ids=packed["segment_ids"],
-                    method=model_lib.CausalLM.hidden_states)  # [B,Lp,D]
+  # Each token sees its own segment and the prompt; padding (segment PAD) is masked out.
+  hidden = model.apply(variables, packed["tokens"], attention_mask=packed["attention_mask"],
+                       positions=packed["positions"], segment_ids=packed["segment_ids"],
+                       shared_segment=PROMPT,
+                       method=model_lib.CausalLM.hidden_states)  # [B,Lp,D]
   num_pairs, _, response_length = packed["target_index"].shape
   index = packed["target_index"].reshape(num_pairs, 2 * response_length)  # [B,2R]
   picked = jnp.take_along_axis(hidden, index[..., None], axis=1)  # [B,2R,D]
   picked = picked.reshape(2 * num_pairs, response_length, hidden.shape[-1])  # [2B,R,D]
-  logits = lm.apply(variables, picked, method=model_lib.CausalLM.logits_from_hidden)  # [2B,R,V]
+  logits = model.apply(variables, picked, method=model_lib.CausalLM.logits_from_hidden)  # [2B,R,V]
   summed, _ = objectives.sequence_logps(
       logits, packed["targets"].reshape(2 * num_pairs, response_length),
       packed["target_mask"].reshape(2 * num_pairs, response_length),

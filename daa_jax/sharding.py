@@ -178,6 +178,6 @@ def cache_shardings(mesh: jax.sharding.Mesh, cache):
       return NamedSharding(mesh, P())
     if x.ndim == 2:  # 'mask' [B,S]
       return _named(mesh, (BATCH_AXES, None), x.shape)
-    lead = (None,) if x.ndim == 5 else ()  # scan layout: [N,B,S,H,K]
-    return _named(mesh, lead + (BATCH_AXES, None, "tensor", None), x.shape)
+    lead = (None,) if x.ndim == 5 else ()  # scan layout: [N,B,H,S,K]
+    return _named(mesh, lead + (BATCH_AXES, "tensor", None, None), x.shape)
   return jax.tree_util.tree_map(one, cache)

@@ -135,21 +135,26 @@ def _ref_cache_path(config, workdir, dataset, split: str) -> str:
 
 
 def compute_pair_logps(model, params, dataset, mesh, batch_size: int,
-                       logps_chunk: int = 0) -> np.ndarray:
-  """Log-probs `[N,2]` of every pair of `dataset` under `params` (one pass, eval order)."""
+                       logps_chunk: int = 0, packing: bool = False) -> np.ndarray:
+  """Log-probs `[N,2]` of every pair of `dataset` under `params` (one pass, eval order).
+
+  `packing`: run prompt-shared packed rows (`packing.py`; same values, fewer FLOPs).
+  """
   loader = data_lib.Loader(dataset, batch_size=batch_size, seed=0, shuffle=False,
                            drop_remainder=False)
   # Every process iterates the whole (unsharded) loader and gets the logps back replicated,
   # so `device_get` works when the mesh spans several processes.
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  fn = jax.jit(functools.partial(step_lib.pair_logps, model, logps_chunk=logps_chunk),
-               out_shardings=replicated)
+  fn = jax.jit(functools.partial(step_lib.pair_logps, model, logps_chunk=logps_chunk,
+                                 packing=packing), out_shardings=replicated)
+  pack = packing_lib.packer(dataset) if packing else (lambda b: b)
   out = np.zeros((len(dataset), 2), np.float32)
   for batch in loader:
     valid = batch.pop("valid").astype(bool)
     index = batch.pop("index")
+    batch = pack({k: v for k, v in batch.items() if k != "ref_logps"})
     logps = np.asarray(jax.device_get(fn(params, sharding.host_to_global(
-        {k: v for k, v in batch.items() if k != "ref_logps"}, mesh, whole=True))))
+        batch, mesh, whole=True))))
     out[index[valid]] = logps[valid]
   return out
 
@@ -165,7 +170,8 @@ def attach_reference(config, workdir, model, ref_params_fn, dataset, mesh, split
     logging.info("reference log-probs: computing over %d %s pairs", len(dataset), split)
     ref = compute_pair_logps(model, ref_params_fn(), dataset, mesh,
                              batch_size=_eval_batch_size(config, mesh),
-                             logps_chunk=config.train.logps_chunk)
+                             logps_chunk=config.train.logps_chunk,
+                             packing=bool(config.train.get("packing", False)))
     if jax.process_index() == 0:
       path.parent.mkdir(parents=True, exist_ok=True)
       tmp = path.parent / (path.name + ".tmp")

@@ -83,4 +83,4 @@ def test_gpu_grid_script_passes_shellcheck_and_runs_in_smoke_mode(tmp_path):
   rows = [json.loads(l) for l in (tmp_path / "bench_gpu.jsonl").read_text().splitlines()]
   assert rows[0]["model"] == "tiny" and rows[0]["packing"] and "pairs_per_s" in rows[0]
   assert rows[-1]["error"].startswith("skipped")  # past the budget, recorded, not run
-  assert len(rows) == 7  # every item of the grid has a line
+  assert len(rows) == 8  # every item of the grid has a line

@@ -131,10 +131,10 @@ def test_kv_cache_chunked_prefill_and_explicit_positions():
 def test_cache_layout():
   config = ModelConfig(**TINY)
   cache = model_lib.init_cache(config, 2, 7)
-  assert cache["layers_1"]["k"].shape == (2, 7, 5, 24)
+  assert cache["layers_1"]["k"].shape == (2, 5, 7, 24)  # [B,H,S,K]
   assert cache["mask"].shape == (2, 7) and cache["index"].dtype == jnp.int32
   scanned = model_lib.init_cache(config.replace(scan_layers=True), 2, 7, dtype=jnp.bfloat16)
-  assert scanned["layers"]["v"].shape == (2, 2, 7, 5, 24)
+  assert scanned["layers"]["v"].shape == (2, 2, 5, 7, 24)
   assert scanned["layers"]["v"].dtype == jnp.bfloat16
 
 
@@ -224,3 +224,52 @@ def test_bfloat16_compute():
 def test_odd_rotary_dim_is_a_config_error():
   with pytest.raises(ConfigError, match="rotary"):
     ModelConfig(hidden_size=84, num_attention_heads=3, rotary_pct=0.25)  # 28 * 0.25 = 7
+
+
+def test_own_attention_equals_jax_dot_product_attention_with_grads():
+  """'xla' ([B,H,T,K] batched GEMMs) = jax.nn.dot_product_attention ('auto'), fwd and grads,
+  with padding, packed segments and a shared segment."""
+  config = ModelConfig(**TINY)
+  params = random_params(config, seed=8)
+  tokens, mask = _decode_batch(seed=5)
+  segment_ids = np.array([[0] * 4 + [1] * 3 + [2] * 3] * 3, np.int32)
+  results = []
+  for impl in ("xla", "auto"):
+    cfg = config.replace(attention_impl=impl)
+
+    def loss(params, cfg=cfg):
+      out = []
+      for kw in ({}, {"segment_ids": segment_ids}, {"segment_ids": segment_ids,
+                                                    "shared_segment": 0}):
+        logits = forward(cfg, params, tokens, attention_mask=mask, **kw)
+        out.append(jnp.sum(jnp.where(mask[..., None] > 0, jnp.sin(logits), 0.0)))
+      return jnp.stack(out)
+
+    value = jax.jit(loss)(params)
+    grads = jax.jit(jax.grad(lambda p, loss=loss: jnp.sum(loss(p))))(params)
+    results.append((np.asarray(value), jax.device_get(grads)))
+  (v0, g0), (v1, g1) = results
+  np.testing.assert_allclose(v0, v1, atol=1e-4, rtol=1e-6)
+  assert len(set(np.round(v0, 3))) == 3  # the three masks really differ
+  jax.tree_util.tree_map(
+      functools.partial(np.testing.assert_allclose, atol=1e-5, rtol=1e-5), g0, g1)
+
+
+def test_shared_segment_sees_the_prompt_and_restarts_positions():
+  """A `[prompt | a | b]` row with shared_segment=0 equals the rows `[prompt | a]` and
+  `[prompt | b]` at the response positions (default positions)."""
+  config = ModelConfig(**TINY)
+  params = random_params(config, seed=9)
+  rng = np.random.default_rng(7)
+  prompt, a, b = (rng.integers(0, 101, n).astype(np.int32) for n in (4, 3, 5))
+  packed = np.concatenate([prompt, a, b, [0, 0]])[None]
+  segment_ids = np.array([[0] * 4 + [1] * 3 + [2] * 5 + [-1] * 2], np.int32)
+  mask = (segment_ids >= 0).astype(np.int32)
+  got = np.asarray(jax.jit(functools.partial(forward, config))(
+      params, packed, attention_mask=mask, segment_ids=segment_ids, shared_segment=0))[0]
+  row_a = np.asarray(forward(config, params, np.concatenate([prompt, a])[None]))[0]
+  row_b = np.asarray(forward(config, params, np.concatenate([prompt, b])[None]))[0]
+  np.testing.assert_allclose(got[:7], row_a, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(got[7:12], row_b[4:], atol=1e-5, rtol=0)
+  with pytest.raises(ValueError, match="shared_segment needs segment_ids"):
+    forward(config, params, packed, shared_segment=0)

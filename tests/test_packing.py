@@ -121,10 +121,14 @@ def test_packed_layout(params):
 
 def test_mask_hides_the_other_response():
   seg = jnp.asarray([[0, 0, 1, 1, 2, 2, -1]])
-  mask = np.asarray(packing.prompt_shared_mask(seg))[0, 0]
+  valid = seg >= 0
+  mask, positions = model_lib._self_mask(valid, None, seg, shared_segment=packing.PROMPT)  # pylint: disable=protected-access
+  mask = np.asarray(mask)[0, 0]
   assert mask[4, :2].all() and not mask[4, 2:4].any() and mask[4, 4]  # rejected: prompt, self
   assert mask[3, :4].all() and not mask[3, 4:].any()  # chosen: prompt + earlier chosen
   assert not mask[5, 6] and mask[6, 6]  # padding: never a key, but sees itself
+  # Default positions: both responses continue after the prompt.
+  np.testing.assert_array_equal(np.asarray(positions)[0, :6], [0, 1, 2, 3, 2, 3])
 
 
 def test_pack_pairs_rejects_bad_batches():
@@ -181,15 +185,18 @@ def test_packed_step_with_grad_accum_and_cached_reference(params):
     np.testing.assert_allclose(losses[1][key], losses[0][key], rtol=0, atol=1e-5)
 
 
-def test_trainer_with_packing_matches_two_row_run(tmp_path):
-  """config.train.packing: same losses and held-out metrics as the two-row run."""
+@pytest.mark.parametrize("reference", ["live", "cached"])
+def test_trainer_with_packing_matches_two_row_run(tmp_path, reference):
+  """config.train.packing: same losses and held-out metrics as the two-row run (with a cached
+  reference, the reference log-prob pass runs packed too)."""
   from test_train import metrics, tiny  # pylint: disable=g-import-not-at-top
   from daa_jax import train  # pylint: disable=g-import-not-at-top
   runs = {}
   for packed in (False, True):
     workdir = str(tmp_path / f"packed{int(packed)}")
     train.run(tiny(**{"train.max_steps": 3, "train.log_every": 1, "train.eval_every": 3,
-                      "train.eval_batches": 1, "train.packing": packed}), workdir)
+                      "train.eval_batches": 1, "train.packing": packed,
+                      "objective.reference": reference}), workdir)
     runs[packed] = metrics(workdir)
   assert len(runs[True]) == len(runs[False])
   assert any("eval/loss" in r for r in runs[True])

@@ -219,3 +219,20 @@ def test_score_both_is_exactly_zero_for_identical_params(params):
   live = np.arange(8)[None] < out["lengths"][:, None]
   assert np.all(diff["kl_step"][live] > 0) and np.all(diff["forward_kl_step"][live] > 0)
   np.testing.assert_allclose(diff["policy_logps"], out["logps"], atol=1e-5)
+
+
+def test_draw_inverts_the_cdf_and_never_picks_a_zero_probability_token():
+  """`draw` (one uniform per row) against exact probabilities with holes in the support."""
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=64) * 2
+  logits[[0, 5, 6, 30, 62, 63]] = -np.inf  # zero-probability tokens, incl. both ends
+  logp = jax.nn.log_softmax(jnp.asarray(np.tile(logits, (20000, 1)), jnp.float32), axis=-1)
+  toks = np.asarray(jax.jit(sampling.draw)(jax.random.key(3), logp))
+  probs = np.exp(np.asarray(logp[0], np.float64))
+  counts = np.bincount(toks, minlength=64)
+  assert np.all(counts[probs == 0] == 0)
+  assert chi_square_p(counts, probs / probs.sum()) > 1e-3
+  # A point mass is always drawn, wherever it is.
+  point = jnp.full((4, 64), -jnp.inf).at[jnp.arange(4), jnp.array([0, 1, 40, 63])].set(0.0)
+  np.testing.assert_array_equal(np.asarray(sampling.draw(jax.random.key(0), point)),
+                                [0, 1, 40, 63])

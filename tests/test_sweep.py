@@ -111,12 +111,16 @@ def test_collect_writes_summary_csv_with_the_contract_columns(tmp_path):
 
 
 def test_shrunk_quickstart_shows_overoptimization(tmp_path):
-  """The quickstart's pipeline end to end, shrunk: the paper's findings must show."""
+  """The quickstart's pipeline end to end without IPO: the paper's findings must show.
+
+  Everything else is the README's quickstart (SFT 1500 steps, β 0.1/0.3/1, 500 judged
+  prompts). A weaker SFT reference (800 steps) or 300 prompts leaves a hump of ~0.01 in win
+  rate under ±0.035 of sampling noise, where the fit's signs are a coin flip.
+  """
   workdir = str(tmp_path)
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  args = [sys.executable, "-m", "daa_jax.main", "--config=configs/quickstart.py:sft_steps=800",
+  args = [sys.executable, "-m", "daa_jax.main", "--config=configs/quickstart.py",
           f"--workdir={workdir}", "--config.objectives=('dpo','slic')",
-          "--config.betas=(0.1,1.0)", "--config.eval.num_prompts=300",
           "--config.sft.train.progress=False", "--config.daa.train.progress=False"]
   proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
   assert proc.returncode == 0, proc.stderr[-3000:]
