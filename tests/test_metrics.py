@@ -1,6 +1,5 @@
 """Metrics: JSONL + TensorBoard event files, and the DPO-aware FLOP accounting."""
 
-import json
 import os
 
 import pytest

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from daa_jax import config_lib
 from daa_jax import scaling

@@ -30,7 +30,7 @@ _STATS_FILE = "prepare_stats.json"
 def _tfds():
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    import array_record  # pylint: disable=g-import-not-at-top,unused-import
+    import array_record  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
     raise ConfigError("config.data.format='tfds' needs tensorflow-datasets and array_record: "
                       "`pip install tensorflow-datasets array_record` (TensorFlow is not "
