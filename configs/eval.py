@@ -44,7 +44,7 @@ def get_config(arg=None):
   c.judge = config_dict.ConfigDict()
   # auto (gold on the synthetic task, else llm) | gold | reward_model | llm | none (KL only)
   c.judge.name = "auto"
-  # llm: an OpenAI-compatible chat-completions endpoint (judges.LLMJudgeConfig).
+  # llm: an OpenAI-compatible chat-completions endpoint (llm_judge.LLMJudgeConfig).
   c.judge.base_url = "https://api.openai.com/v1"
   c.judge.model = "gpt-4-turbo-2024-04-09"
   c.judge.api_key_env = "OPENAI_API_KEY"  # the variable's name; keys never go in configs

@@ -60,6 +60,7 @@ from daa_jax import checkpoint as ckpt_lib
 from daa_jax import config_lib
 from daa_jax import data as data_lib
 from daa_jax import judges
+from daa_jax import llm_judge
 from daa_jax import model as model_lib
 from daa_jax import packing as packing_lib
 from daa_jax import sampling
@@ -228,10 +229,10 @@ def make_judge(config, tokenizer, mesh, out_dir: str):
         j.reward_model, tokenizer=rm_tokenizer, max_length=int(j.max_length),
         batch_size=int(j.batch_size), mesh=mesh)
   if name == "llm":
-    fields = {f.name for f in dataclasses.fields(judges.LLMJudgeConfig)}
+    fields = {f.name for f in dataclasses.fields(llm_judge.LLMJudgeConfig)}
     kw = {k: v for k, v in j.to_dict().items() if k in fields and v is not None}
     kw.setdefault("cache_path", str(epath.Path(out_dir) / "eval" / "llm_judge_cache.jsonl"))
-    return name, judges.LLMJudge(judges.LLMJudgeConfig.from_dict(kw))
+    return name, llm_judge.LLMJudge(llm_judge.LLMJudgeConfig.from_dict(kw))
   raise ConfigError(f"config.judge.name={name!r}; use auto, gold, reward_model, llm or none.")
 
 

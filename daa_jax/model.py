@@ -222,7 +222,8 @@ class Attention(nn.Module):
       # 'xla' and the KV cache: heads next to batch, [B,H,T,K], so QK^T and PV are batched
       # GEMMs over (B,H) whose operands need no transposes, forward or backward, and the
       # cache is read in place when decoding. (jax.nn.dot_product_attention's 'xla' path
-      # takes [B,T,H,K] and transposes inside: its backward measured 2.9x slower on CPU.)
+      # takes [B,T,H,K] and transposes inside: on CPU its attention backward took 1.7x as
+      # long, Pythia-70m on 8 packed rows of 384 tokens.)
       qkv = qkv.transpose(0, 2, 1, 3)  # [B,H,T,3K]
       q, k, v = jnp.split(qkv, 3, axis=-1)  # each [B,H,T,K]
       q = _apply_rotary(q, cos[:, None], sin[:, None])

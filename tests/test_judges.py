@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from daa_jax import judges
+from daa_jax import llm_judge
 from daa_jax.errors import ConfigError, DataError
 
 KEY = "sk-test-S3CRET-0123456789abcdef"
@@ -116,7 +117,7 @@ def test_gold_judge_outcomes_and_rewards():
     ("", None),
 ])
 def test_parse_verdict(answer, verdict):
-  assert judges.parse_verdict(answer) == verdict
+  assert llm_judge.parse_verdict(answer) == verdict
 
 
 # --- The fake chat-completions server -------------------------------------------------------
@@ -245,7 +246,7 @@ def _key(monkeypatch):
 def _judge(server, tmp_path, **kw):
   kw.setdefault("cache_path", str(tmp_path / "judge_cache.jsonl"))
   kw.setdefault("max_concurrency", 2)
-  return judges.LLMJudge(judges.LLMJudgeConfig(
+  return llm_judge.LLMJudge(llm_judge.LLMJudgeConfig(
       base_url=server.base_url, api_key_env=KEY_ENV, timeout_s=1.0, backoff_base_s=0.01,
       backoff_max_s=0.05, use_env_proxy=False, **kw))
 
@@ -299,16 +300,16 @@ def test_honors_retry_after(server, tmp_path):
   assert outcomes.tolist() == [1.0] and stats["retries"] == 1
   (first, second), = server.times.values()
   assert second - first >= 0.4  # backoff alone (at most 0.05 s here) would come sooner
-  assert judges._retry_after_seconds("2") == 2.0
+  assert llm_judge._retry_after_seconds("2") == 2.0
   http_date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
-  assert 25 < judges._retry_after_seconds(http_date) <= 30
-  assert judges._retry_after_seconds("soon") is None
+  assert 25 < llm_judge._retry_after_seconds(http_date) <= 30
+  assert llm_judge._retry_after_seconds("soon") is None
 
 
 def test_gives_up_after_max_retries(server, tmp_path):
   server.ok_budget = 0
   judge = _judge(server, tmp_path, max_retries=2, max_concurrency=1)
-  with pytest.raises(judges.JudgeRequestError, match="HTTP 500"):
+  with pytest.raises(llm_judge.JudgeRequestError, match="HTTP 500"):
     judge.judge(["p"], ["good"], ["bad"])
   assert len(server.requests) == 3
 
@@ -329,7 +330,7 @@ def test_cache_second_run_makes_no_requests(server, tmp_path):
 def test_resume_after_max_requests(server, tmp_path):
   prompts, samples, refs = _posts(6), ["good s"] * 6, ["bad r"] * 6
   cache = tmp_path / "judge_cache.jsonl"
-  with pytest.raises(judges.JudgeRequestError, match="rerun to resume"):
+  with pytest.raises(llm_judge.JudgeRequestError, match="rerun to resume"):
     _judge(server, tmp_path, max_requests=5, max_concurrency=1).judge(prompts, samples, refs)
   first = {t for _, t in server.requests}
   assert len(first) == 5 and len(cache.read_text().splitlines()) == 5
@@ -343,7 +344,7 @@ def test_resume_after_max_requests(server, tmp_path):
 def test_resume_after_server_fails_hard(server, tmp_path):
   prompts, samples, refs = _posts(6), ["good s"] * 6, ["bad r"] * 6
   server.ok_budget = 4
-  with pytest.raises(judges.JudgeRequestError, match="4 of 12"):
+  with pytest.raises(llm_judge.JudgeRequestError, match="4 of 12"):
     _judge(server, tmp_path, max_retries=1).judge(prompts, samples, refs)
   # A partial last line, as left by a kill mid-write, is skipped and re-asked.
   with open(tmp_path / "judge_cache.jsonl", "a") as f:
@@ -375,7 +376,7 @@ def test_key_sent_but_never_stored_logged_or_raised(server, tmp_path, caplog):
   assert KEY not in repr(judge) and KEY not in str(judge.config)
   # The server rejects the key and echoes it back in its error body.
   server.status_for_all = 401
-  with pytest.raises(judges.JudgeRequestError) as info:
+  with pytest.raises(llm_judge.JudgeRequestError) as info:
     _judge(server, tmp_path, cache_path=str(tmp_path / "c2.jsonl")).judge(
         ["new post"], ["a"], ["b"])
   assert "401" in str(info.value) and KEY_ENV in str(info.value)
@@ -392,13 +393,13 @@ def test_key_sent_but_never_stored_logged_or_raised(server, tmp_path, caplog):
 def test_config_errors(monkeypatch):
   monkeypatch.delenv(KEY_ENV)
   with pytest.raises(ConfigError, match=KEY_ENV):
-    judges.LLMJudge(judges.LLMJudgeConfig(api_key_env=KEY_ENV))
+    llm_judge.LLMJudge(llm_judge.LLMJudgeConfig(api_key_env=KEY_ENV))
   with pytest.raises(ConfigError, match="max_concurrency"):
-    judges.LLMJudgeConfig(max_concurrency=0)
+    llm_judge.LLMJudgeConfig(max_concurrency=0)
   with pytest.raises(ConfigError, match="base_url"):
-    judges.LLMJudgeConfig(base_url="api.openai.com")
+    llm_judge.LLMJudgeConfig(base_url="api.openai.com")
   with pytest.raises(ConfigError, match="unknown"):
-    judges.LLMJudgeConfig.from_dict({"modle": "x"})
-  cfg = judges.LLMJudgeConfig.from_dict({"task": "dialogue", "api_key_env": None})
-  assert judges.LLMJudge(cfg).config.task == "dialogue"
-  assert "More helpful" in judges.DIALOGUE_PROMPT and "Preferred" in judges.TLDR_PROMPT
+    llm_judge.LLMJudgeConfig.from_dict({"modle": "x"})
+  cfg = llm_judge.LLMJudgeConfig.from_dict({"task": "dialogue", "api_key_env": None})
+  assert llm_judge.LLMJudge(cfg).config.task == "dialogue"
+  assert "More helpful" in llm_judge.DIALOGUE_PROMPT and "Preferred" in llm_judge.TLDR_PROMPT
