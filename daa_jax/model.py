@@ -207,29 +207,29 @@ class Attention(nn.Module):
     # HF lays the 3D outputs out per head: [H, (q|k|v), K]; not [(q|k|v), H, K].
     qkv = qkv.reshape(b, t, h, 3 * k_dim)
     impl = None if cfg.attention_impl in (None, "auto", "none") else cfg.attention_impl
-    if kv is None and impl != "xla":
-      # jax.nn.dot_product_attention ('cudnn', or jax's choice): [B,T,H,K] in and out.
-      # Logits and softmax are float32 for bf16 inputs too (cuDNN accumulates in float32).
-      # The boolean mask (causal + padding + segments) is general; 'cudnn' turns it into a
-      # dense additive bias, so it is correct there but does not skip the masked blocks.
-      q, k, v = jnp.split(qkv, 3, axis=-1)  # each [B,T,H,K]
-      q = _apply_rotary(q, cos[:, :, None], sin[:, :, None])
-      k = _apply_rotary(k, cos[:, :, None], sin[:, :, None])
-      act = ("act_batch", "act_len", "act_heads", "act_kv")
-      q, k, v = (_constrain(a, act) for a in (q, k, v))
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
-    else:
-      # 'xla' and the KV cache: heads next to batch, [B,H,T,K], so QK^T and PV are batched
-      # GEMMs over (B,H) whose operands need no transposes, forward or backward, and the
-      # cache is read in place when decoding. (jax.nn.dot_product_attention's 'xla' path
-      # takes [B,T,H,K] and transposes inside: on CPU its attention backward took 1.7x as
-      # long, Pythia-70m on 8 packed rows of 384 tokens.)
+    # 'xla' and the KV cache run `_attend` with heads next to batch, [B,H,T,K]: QK^T and PV
+    # are then batched GEMMs over (B,H) whose operands need no transposes, forward or
+    # backward, and the cache is read in place when decoding. (jax.nn.dot_product_attention's
+    # 'xla' path takes [B,T,H,K] and transposes inside: on CPU its attention backward took
+    # 1.7x as long, Pythia-70m on 8 packed rows of 384 tokens.) 'cudnn' or jax's own choice go
+    # to jax.nn.dot_product_attention in [B,T,H,K]; its logits and softmax are float32 for
+    # bf16 inputs too. The boolean mask (causal + padding + segments) is general; 'cudnn' turns
+    # it into a dense additive bias, so it is correct there but does not skip masked blocks.
+    heads_first = kv is not None or impl == "xla"
+    if heads_first:
       qkv = qkv.transpose(0, 2, 1, 3)  # [B,H,T,3K]
-      q, k, v = jnp.split(qkv, 3, axis=-1)  # each [B,H,T,K]
-      q = _apply_rotary(q, cos[:, None], sin[:, None])
-      k = _apply_rotary(k, cos[:, None], sin[:, None])
+      cos, sin = cos[:, None], sin[:, None]  # [B,1,T,R]
       act = ("act_batch", "act_heads", "act_len", "act_kv")
-      q, k, v = (_constrain(a, act) for a in (q, k, v))
+    else:
+      cos, sin = cos[:, :, None], sin[:, :, None]  # [B,T,1,R]
+      act = ("act_batch", "act_len", "act_heads", "act_kv")
+    q, k, v = jnp.split(qkv, 3, axis=-1)
+    q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
+    q, k, v = (_constrain(a, act) for a in (q, k, v))
+    if not heads_first:
+      out = _constrain(jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl),
+                       act)
+    else:
       if kv is not None:
         start = (0, 0, index, 0)
         kv = {"k": jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), start),

@@ -135,10 +135,11 @@ def _ref_cache_path(config, workdir, dataset, split: str) -> str:
 
 
 def compute_pair_logps(model, params, dataset, mesh, batch_size: int,
-                       logps_chunk: int = 0, packing: bool = False) -> np.ndarray:
+                       logps_chunk: int = 0, pack=None) -> np.ndarray:
   """Log-probs `[N,2]` of every pair of `dataset` under `params` (one pass, eval order).
 
-  `packing`: run prompt-shared packed rows (`packing.py`; same values, fewer FLOPs).
+  `pack`: None, or `packing.packer(dataset)` to run prompt-shared packed rows (same values,
+  fewer FLOPs).
   """
   loader = data_lib.Loader(dataset, batch_size=batch_size, seed=0, shuffle=False,
                            drop_remainder=False)
@@ -146,21 +147,25 @@ def compute_pair_logps(model, params, dataset, mesh, batch_size: int,
   # so `device_get` works when the mesh spans several processes.
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   fn = jax.jit(functools.partial(step_lib.pair_logps, model, logps_chunk=logps_chunk,
-                                 packing=packing), out_shardings=replicated)
-  pack = packing_lib.packer(dataset) if packing else (lambda b: b)
+                                 packing=pack is not None), out_shardings=replicated)
   out = np.zeros((len(dataset), 2), np.float32)
   for batch in loader:
     valid = batch.pop("valid").astype(bool)
     index = batch.pop("index")
-    batch = pack({k: v for k, v in batch.items() if k != "ref_logps"})
+    batch = {k: v for k, v in batch.items() if k != "ref_logps"}
+    if pack is not None:
+      batch = pack(batch)
     logps = np.asarray(jax.device_get(fn(params, sharding.host_to_global(
         batch, mesh, whole=True))))
     out[index[valid]] = logps[valid]
   return out
 
 
-def attach_reference(config, workdir, model, ref_params_fn, dataset, mesh, split):
-  """Returns the dataset with a `ref_logps` column, from the on-disk cache when present."""
+def attach_reference(config, workdir, model, ref_params_fn, dataset, mesh, split, pack=None):
+  """Returns the dataset with a `ref_logps` column, from the on-disk cache when present.
+
+  `pack`: as for `compute_pair_logps`.
+  """
   path = epath.Path(_ref_cache_path(config, workdir, dataset, split))  # local or gs://
   if path.exists():
     logging.info("reference log-probs: cache hit %s (no reference forward needed)", path)
@@ -170,8 +175,7 @@ def attach_reference(config, workdir, model, ref_params_fn, dataset, mesh, split
     logging.info("reference log-probs: computing over %d %s pairs", len(dataset), split)
     ref = compute_pair_logps(model, ref_params_fn(), dataset, mesh,
                              batch_size=_eval_batch_size(config, mesh),
-                             logps_chunk=config.train.logps_chunk,
-                             packing=bool(config.train.get("packing", False)))
+                             logps_chunk=config.train.logps_chunk, pack=pack)
     if jax.process_index() == 0:
       path.parent.mkdir(parents=True, exist_ok=True)
       tmp = path.parent / (path.name + ".tmp")
@@ -355,14 +359,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def reference():
     return jax.tree.map(lambda p: p.astype(ref_dtype), initial())
 
+  # Packed batches: one shape per dataset (its longest pair), so the step compiles once. The
+  # reference pass and the held-out metrics use the same packers.
+  packing = kind == "daa" and bool(t.packing)
+  pack = packing_lib.packer(train_ds) if packing else None
+  eval_pack = packing_lib.packer(eval_ds) if packing and eval_ds is not None else None
   if cached_ref:
-    train_ds = attach_reference(config, workdir, model, reference, train_ds, mesh, "train")
+    train_ds = attach_reference(config, workdir, model, reference, train_ds, mesh, "train",
+                                pack)
     loader = data_lib.Loader(train_ds, batch_size=global_batch, seed=config.seed,
                              shuffle=True, drop_remainder=True,
                              process_index=jax.process_index(),
                              process_count=jax.process_count())
     if eval_ds is not None:
-      eval_ds = attach_reference(config, workdir, model, reference, eval_ds, mesh, "eval")
+      eval_ds = attach_reference(config, workdir, model, reference, eval_ds, mesh, "eval",
+                                 eval_pack)
 
   latest = checkpointer.latest_step()
   if latest is not None:
@@ -386,10 +397,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       kind=kind, objective=config.objective.name if kind == "daa" else "dpo",
       normalize=config.objective.normalize if kind == "daa" else "sum",
       grad_accum=int(t.grad_accum), cached_ref=cached_ref, logps_chunk=int(t.logps_chunk),
-      packing=kind == "daa" and bool(t.get("packing", False)))
-  # Packed batches: one shape per dataset (its longest pair), so the step compiles once.
-  pack = packing_lib.packer(train_ds) if scfg.packing else None
-  eval_pack = packing_lib.packer(eval_ds) if scfg.packing and eval_ds is not None else None
+      packing=packing)
   hparams = step_lib.hparams_from_config(config.objective)
   hparams["debug_nan_step"] = jnp.asarray(int(t.debug_nan_step), jnp.int32)
   hparams = jax.device_put(hparams, replicated)

@@ -28,18 +28,8 @@ EOF
 
 die() { echo "gpu.sh: $*" >&2; exit 2; }
 
-# Shell-quotes its arguments (only where needed, so printed commands stay readable).
-quote() {
-  local out=() a
-  for a in "$@"; do
-    if [[ $a =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
-      out+=("$a")
-    else
-      out+=("'${a//\'/\'\\\'\'}'")
-    fi
-  done
-  echo "${out[*]}"
-}
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # quote
 
 CONFIG="" WORKDIR="" GPUS="" MESH="" MEM_FRACTION="0.90" DRY_RUN=0
 MAIN_FLAGS=()

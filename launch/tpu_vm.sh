@@ -77,18 +77,8 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 REMOTE_DIR="daa_jax"         # on every worker, relative to the home directory
 REMOTE_LOG="daa_jax_run.log"
 
-# Shell-quotes its arguments (only where needed, so dry-run output stays readable).
-quote() {
-  local out=() a
-  for a in "$@"; do
-    if [[ $a =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
-      out+=("$a")
-    else
-      out+=("'${a//\'/\'\\\'\'}'")
-    fi
-  done
-  echo "${out[*]}"
-}
+# shellcheck source=common.sh
+source "$HERE/launch/common.sh"  # quote
 
 run() {
   if ((DRY_RUN)); then quote "$@"; else "$@"; fi
