@@ -7,7 +7,8 @@ checkpoints), `sweep` / `quickstart` (a grid of runs, evaluation, fits and figur
 This is the only module with process-level side effects: flags, `jax.distributed`
 initialization for multi-process jobs, and jax config updates. A user error (bad config
 value, malformed data, incompatible checkpoint) ends with a one-paragraph message and exit
-code 2; a SIGTERM during training checkpoints and exits 0.
+code 2. A SIGTERM to any process of a job stops all of them at an agreed point (during
+training: every process saves the same step) and exits 0 with one line saying what was saved.
 """
 
 from __future__ import annotations
@@ -111,12 +112,18 @@ def main(argv) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError("--config and --workdir are required.")
+  from daa_jax import preemption  # pylint: disable=g-import-not-at-top
   try:
     _maybe_initialize_distributed()
+    # After jax.distributed: its own SIGTERM notifier must not take the signal from us.
+    preemption.install()
     summary = dispatch(_CONFIG.value, _WORKDIR.value)
   except DaaError as e:
     sys.stderr.write(f"daa_jax: error: {e}\n")
     sys.exit(2)
+  except preemption.Preempted as e:
+    print(f"daa_jax: {e}")
+    sys.exit(0)
   if isinstance(summary, dict) and summary.get("message"):
     print(summary["message"])
 
