@@ -81,6 +81,15 @@ def _maybe_initialize_distributed() -> None:
 def dispatch(config, workdir: str):
   """Runs `config.job` in `workdir` and returns its summary."""
   job = config.job
+  from daa_jax import preemption  # pylint: disable=g-import-not-at-top
+  preemption.set_phase(f"the {job} job", {
+      "eval": f"every step with {workdir}/eval/<step>/summary.json is complete; the others "
+              "are evaluated when you rerun",
+      "sweep": "finished runs and evaluations are kept; the run in progress resumes from its "
+               "last checkpoint",
+      "quickstart": "finished runs and evaluations are kept; the run in progress resumes from "
+                    "its last checkpoint",
+  }.get(job, "nothing was saved"))
   if job in ("sft", "daa"):
     from daa_jax import train  # pylint: disable=g-import-not-at-top
     return train.run(config, workdir)

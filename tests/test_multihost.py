@@ -236,9 +236,9 @@ def test_recipe_two_processes_sigterm_to_one_then_resume_equals_one_process(tmp_
 def test_mesh_spanning_processes_and_checkpoints_cross_over(tmp_path, jax_cache):
   """(b): mesh (1,2,4) — fsdp and tensor axes span the two processes — against one process
   with the same mesh, while checkpoints cross topologies: 1 -> 2 -> 1 processes."""
-  mesh = ["--config.mesh=(1,2,4)"]
+  flags = [f for f in FLAGS if not f.startswith("--config.mesh=")] + ["--config.mesh=(1,2,4)"]
   run = lambda workdir, n, steps: launch(
-      workdir, n, mesh + [f"--config.train.max_steps={steps}"], cache_dir=jax_cache,
+      workdir, n, [f"--config.train.max_steps={steps}"], flags=flags, cache_dir=jax_cache,
       log_dir=str(tmp_path / "logs"))
   reference, crossing = tmp_path / "reference", tmp_path / "crossing"
   run(reference, 1, 2)

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -219,6 +220,30 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
   a, b = final_params(straight, 8), final_params(killed, 8)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_sigkill_after_a_schedule_commit_keeps_its_export_and_repairs_an_old_layout(tmp_path):
+  flags = ["--config=configs/tiny.py:job=daa", "--config.train.max_steps=8",
+           "--config.checkpoint.async_save=True", "--config.checkpoint.epoch_fractions=(0.5,)"]
+  straight = str(tmp_path / "straight")
+  _cli(flags + [f"--workdir={straight}"])
+  assert ckpt_lib.exported_steps(straight) == [4, 8]  # 8 steps per epoch: 0.5 epoch and the end
+  killed = str(tmp_path / "killed")
+  proc = _cli(flags + [f"--workdir={killed}"], check=False, faults={"sigkill_after_commit": 4})
+  assert proc.returncode == -9, proc.stderr[-2000:]
+  # The state and the export of step 4 were one commit: both are there.
+  assert ckpt_lib.exported_steps(killed) == [4]
+  # A run directory of the earlier layout, killed between its two commits, had the state of
+  # step 4 without its export; the resumed run writes the export.
+  shutil.rmtree(os.path.join(killed, "checkpoints", "4", "params"))
+  assert ckpt_lib.exported_steps(killed) == []
+  proc = _cli(flags + [f"--workdir={killed}"])
+  assert "wrote the missing params export of step 4" in proc.stderr
+  assert ckpt_lib.exported_steps(killed) == [4, 8]
+  for step in (4, 8):
+    for x, y in zip(jax.tree.leaves(final_params(straight, step)),
+                    jax.tree.leaves(final_params(killed, step))):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_sigterm_checkpoints_and_exits_zero_then_resumes(tmp_path):
