@@ -14,6 +14,11 @@ evaluated twice. With `config.mode = 'commands'` it writes `commands.sh` instead
 
 Runs of one size and objective share one compiled train step (`train._STEP_CACHE`): β is a
 runtime argument.
+
+As a multi-process job (one process per host) every process runs the training, sampling and
+evaluation collectives; process 0 alone reads the DONE/TRAINED markers and writes every file
+of the sweep, and the others continue with its decisions once its files are written
+(`sharding.share_from_process_0`). The result equals the 1-process run's.
 """
 
 from __future__ import annotations

@@ -65,18 +65,6 @@ def _launch(tmp, workdir, n, args):
                      log_dir=str(tmp / "logs"), timeout=600)
 
 
-@pytest.fixture(scope="module")
-def tmp(tmp_path_factory):
-  return tmp_path_factory.mktemp("multihost_eval")
-
-
-@pytest.fixture(scope="module")
-def chain_1p(tmp):
-  workdir = tmp / "chain_1p"
-  _launch(tmp, workdir, 1, CHAIN)
-  return workdir
-
-
 def _summary_csv(workdir):
   with open(workdir / "summary.csv") as f:
     return list(csv.DictReader(f))
@@ -105,7 +93,16 @@ def assert_summaries_match(a, b, what):
       _close(a[key], b[key], f"{what}: {key}")
 
 
-def test_quickstart_chain_two_processes_match_one(tmp, chain_1p):
+def test_chain_and_evaluation_two_processes_match_one(tmp_path, chat, monkeypatch):
+  """One test, not two sharing a fixture: under `pytest -n 2` two tests of this file could
+  land on different workers and each run the 1-process chain."""
+  chain_1p = tmp_path / "chain_1p"
+  _launch(tmp_path, chain_1p, 1, CHAIN)
+  check_chain(tmp_path, chain_1p)
+  check_llm_judged_eval(tmp_path, chain_1p / RUN, chat, monkeypatch)
+
+
+def check_chain(tmp, chain_1p):
   """From the SFT reference on (policy pairs, DPO, evaluation, report) as 2 processes.
 
   The 2-process chain resumes a copy of the 1-process chain's finished SFT run (the sweep
@@ -182,11 +179,11 @@ def chat():
   httpd.server_close()
 
 
-def test_eval_with_llm_judge_two_processes_match_one(tmp, chain_1p, chat, monkeypatch):
+def check_llm_judged_eval(tmp, run, chat, monkeypatch):
+  """The DPO run evaluated with an LLM judge: 2 processes on mesh (1,2,4) vs 1 process."""
   monkeypatch.setenv("DAA_TEST_JUDGE_KEY", "sk-test")  # inherited by the launched processes
   for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
     monkeypatch.delenv(var, raising=False)
-  run = chain_1p / RUN
   flags = [f"--config=configs/eval.py:run={run}", "--config.eval.steps=(2,)",
            "--config.eval.num_prompts=32", "--config.eval.num_pairs=32",
            "--config.eval.batch_size=32", "--config.judge.name=llm",
