@@ -50,19 +50,14 @@ CHAIN = ["--config=configs/quickstart.py:sft_steps=150,epochs=1",
          "--config.policy_pairs.num_pairs=64", "--config.policy_pairs.num_eval_pairs=32",
          "--config.policy_pairs.batch_size=64",
          "--config.eval.num_prompts=32", "--config.eval.num_pairs=32",
-         "--config.eval.batch_size=32",
-         # Two processes with asynchronous saves die at the first schedule checkpoint (the
-         # state save and the params export share orbax barrier names); synchronous saves are
-         # the workaround until the checkpoint holds both in one manager.
-         "--config.daa.checkpoint.async_save=False", "--config.sft.checkpoint.async_save=False"]
+         "--config.eval.batch_size=32"]  # asynchronous saves, as the quickstart's
 RUN = "dpo_tiny_b0p1"
 
 
 def _launch(tmp, workdir, n, args):
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(mh, "FLAGS", [])  # the launcher's flags are a training run's; ours are whole
-    return mh.launch(workdir, n, args, cache_dir=str(tmp / "jax_cache"),
-                     log_dir=str(tmp / "logs"), timeout=600)
+  # flags=[]: the launcher's default flags are a training run's; ours are whole.
+  return mh.launch(workdir, n, args, flags=[], cache_dir=str(tmp / "jax_cache"),
+                   log_dir=str(tmp / "logs"), timeout=600)
 
 
 def _summary_csv(workdir):
