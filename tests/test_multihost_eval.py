@@ -11,7 +11,8 @@ compilation cache:
   eval:   the 1-process chain's DPO run evaluated again with an LLM judge on a loopback
           HTTP server, as 1 process (mesh (-1,1,1)) and as 2 (mesh (1,2,4): fsdp spans the
           processes, tensor within them): the same summary.json, and process 1 never sends a
-          request.
+          request. Then with a reward-model judge on mesh (1,1,8) (tensor spans the
+          processes): the rewards this process computes itself.
 
 Floats agree to float32 reduction order (gloo all-reduces vs one process); samples, counts
 and win rates are identical.
@@ -94,7 +95,8 @@ def test_chain_and_evaluation_two_processes_match_one(tmp_path, chat, monkeypatc
   chain_1p = tmp_path / "chain_1p"
   _launch(tmp_path, chain_1p, 1, CHAIN)
   check_chain(tmp_path, chain_1p)
-  check_llm_judged_eval(tmp_path, chain_1p / RUN, chat, monkeypatch)
+  llm_1p = check_llm_judged_eval(tmp_path, chain_1p / RUN, chat, monkeypatch)
+  check_reward_model_eval(tmp_path, chain_1p / RUN, llm_1p)
 
 
 def check_chain(tmp, chain_1p):
@@ -201,9 +203,52 @@ def check_llm_judged_eval(tmp, run, chat, monkeypatch):
   assert len(lines[0]) == 1 and lines[0] == lines[1], lines
   cache = (tmp / "llm_2p/eval/llm_judge_cache.jsonl").read_text().splitlines()
   assert len(cache) == questions
-  # Only process 0 writes the evaluation's files; orbax array saves stay collective.
+  # Process 0's files next to the orbax arrays (saved collectively).
   assert sorted(os.listdir(tmp / "llm_2p/eval/2")) == ["arrays", "samples.jsonl",
                                                         "summary.json"]
+  return one
+
+
+def check_reward_model_eval(tmp, run, llm_1p):
+  """A reward-model judge, collective, on mesh (1,1,8): tensor spans the processes and both
+  hold every row of the batch. Its rewards equal this process's own (1 x 8 devices, no mesh);
+  the samples and KL equal the 1-process LLM-judged evaluation's (same seed and batch)."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from daa_jax import judges  # pylint: disable=g-import-not-at-top
+  from daa_jax.config_lib import ModelConfig  # pylint: disable=g-import-not-at-top
+  from daa_jax.data import tokenize  # pylint: disable=g-import-not-at-top
+  # Odd sizes; the vocabulary covers the run's bytes tokenizer (pad 257).
+  cfg = ModelConfig(vocab_size=263, hidden_size=40, num_hidden_layers=2, num_attention_heads=5,
+                    intermediate_size=53, max_position_embeddings=128)
+  torch.manual_seed(0)
+  hf = transformers.GPTNeoXForSequenceClassification(transformers.GPTNeoXConfig(
+      **cfg.to_hf(), num_labels=1, pad_token_id=257, attn_implementation="eager")).eval()
+  with torch.no_grad():
+    for name, p in hf.named_parameters():
+      p.normal_(1.0 if "norm" in name and name.endswith("weight") else 0.0, 0.1)
+  hf.save_pretrained(tmp / "rm")
+  _launch(tmp, tmp / "rm_2p", 2, [
+      f"--config=configs/eval.py:run={run}", "--config.eval.steps=(2,)",
+      "--config.eval.num_prompts=32", "--config.eval.num_pairs=32",
+      "--config.eval.batch_size=32", "--config.eval.forward_kl=False",
+      "--config.judge.name=reward_model", f"--config.judge.reward_model={tmp / 'rm'}",
+      "--config.mesh=(1,1,8)"])
+  two = json.loads((tmp / "rm_2p/eval/2/summary.json").read_text())
+  for key in ("kl", "kl_k3", "kl_rb", "kl_stderr", "heldout_loss", "reward_acc",
+              "chosen_logp_drift", "mean_sample_length", "eos_rate"):
+    _close(two[key], llm_1p[key], f"reward-model eval on mesh (1,1,8) vs 1 process: {key}")
+  with open(tmp / "rm_2p/eval/2/samples.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  rm = judges.RewardModelJudge(str(tmp / "rm"), tokenizer=tokenize.ByteTokenizer())
+  prompts = [r["prompt"] for r in rows]
+  outcomes, info = rm.judge(prompts, [r["sample"] for r in rows], [r["reference"] for r in rows])
+  np.testing.assert_allclose([r["sample_reward"] for r in rows], info["sample_rewards"],
+                             rtol=0, atol=ATOL)
+  np.testing.assert_allclose([r["reference_reward"] for r in rows], info["reference_rewards"],
+                             rtol=0, atol=ATOL)
+  assert [r["outcome"] for r in rows] == outcomes.tolist()
+  assert two["win_rate"] == float(outcomes.mean()) and two["wins"] + two["losses"] > 0
 
 
 def test_shared_results_travel_exactly():
