@@ -141,14 +141,14 @@ def metrics(workdir) -> dict[tuple[int, str], float]:
   return out
 
 
-def assert_metrics_close(actual, expected, steps, what, extra_steps=()):
+def assert_metrics_close(actual, expected, steps, what, extra_steps=(), heldout=True):
   """Every metric of `expected` at `steps` in `actual`, and no other (except at
   `extra_steps`: a preempted run also logs the step it stopped at)."""
   keys = sorted(k for k in expected if k[0] in steps)
   assert sorted(k for k in actual if k[0] in steps and (
       k in expected or k[0] not in extra_steps)) == keys, what
   assert {s for s, _ in keys} == set(steps), what
-  assert any(name == "eval/loss" for _, name in keys), what
+  assert not heldout or any(name == "eval/loss" for _, name in keys), what
   for key in keys:
     np.testing.assert_allclose(actual[key], expected[key], rtol=0, atol=ATOL,
                                err_msg=f"{what}: {key}")
@@ -292,3 +292,20 @@ def test_sigterm_in_reference_pass_then_restart_completes_with_the_cache(tmp_pat
   np.testing.assert_allclose(_ref_cache(pod), _ref_cache(reference), rtol=0, atol=ATOL)
   assert_metrics_close(metrics(pod), metrics(reference), range(1, 5),
                        "cached reference, 2 processes after a SIGTERM vs 1 process")
+
+
+def test_sft_two_processes_match_one(tmp_path, jax_cache):
+  """SFT, the other training job, as 2 processes vs 1: metrics and the exported params."""
+  flags = ["--config=configs/tiny.py:job=sft", "--config.checkpoint.every_steps=2",
+           "--config.checkpoint.epoch_fractions=(0.25,)", "--config.train.max_steps=4"]
+  run = functools.partial(launch, flags=flags, cache_dir=jax_cache,
+                          log_dir=str(tmp_path / "logs"))
+  reference, pod = tmp_path / "reference", tmp_path / "pod"
+  run(reference, 1)
+  run(pod, 2)
+  expected = metrics(reference)
+  assert any(name == "sft/nll" for _, name in expected)
+  assert_metrics_close(metrics(pod), expected, range(1, 5), "SFT, 2 processes vs 1",
+                       heldout=False)
+  assert ckpt_lib.exported_steps(str(pod)) == ckpt_lib.exported_steps(str(reference)) == [4]
+  assert_params_close(exported_params(pod, 4), exported_params(reference, 4), "SFT export")
