@@ -75,7 +75,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
   d = llama.common_to_hf(cfg)
   d.update(model_type="gemma2", architectures=["Gemma2ForCausalLM"],
            hidden_activation=cfg.hidden_act, attention_bias=cfg.attention_bias,
-           query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
+           query_pre_attn_scalar=int(cfg.query_pre_attn_scalar or cfg.head_dim),  # HF: int
            sliding_window=cfg.sliding_window or None,
            layer_types=["sliding_attention" if s else "full_attention"
                         for s in cfg.sliding_layers],

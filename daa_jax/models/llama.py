@@ -193,6 +193,10 @@ def common_from_hf(d: Mapping[str, Any]) -> dict:
       kw[ours] = d[theirs]
   if isinstance(kw.get("eos_token_id"), list):
     kw["eos_token_id"] = tuple(kw["eos_token_id"])
+  if kw.get("attention_head_dim") == kw["hidden_size"] // kw["num_attention_heads"]:
+    del kw["attention_head_dim"]  # the default: one config, however config.json spells it
+  if kw.get("num_key_value_heads") == kw["num_attention_heads"]:
+    del kw["num_key_value_heads"]
   kw.update(rope_from_hf(d), rotary_pct=1.0, use_parallel_residual=False)
   if d.get("layer_types"):
     kw["layer_types"] = tuple(d["layer_types"])
