@@ -1,10 +1,11 @@
 """`CausalLM(config)`: the one entry to every model family, with a KV cache for decoding.
 
 `CausalLM(config)` returns the module of `config.model_type`'s family (`models/gpt_neox.py`
-for Pythia, `models/llama.py` for Llama/Mistral/Qwen2, `models/gemma2.py`); the pieces they
-share (attention with the KV cache and `shared_segment`, masks, rotary, norms, scan/remat)
-are in `models/common.py`. Every family's module tree uses its Hugging Face names, so weight
-conversion is a transpose and a rename (`hf_convert.py`). With `config.scan_layers` the
+for Pythia, `models/llama.py` for Llama/Mistral/Qwen2, `models/gemma2.py`). What they share
+is written once: attention with the KV cache, rotary, norms in `models/layers.py`; masks,
+`shared_segment` packing, the cache and scan/remat in `models/common.py`. Every family's
+module tree uses its Hugging Face names, so weight conversion is a transpose and a rename
+(`hf_convert.py`). With `config.scan_layers` the
 blocks are one `nn.scan` named `layers` whose params carry a leading layer axis;
 `to_scan_layout` / `from_scan_layout` convert between the two layouts.
 
@@ -23,10 +24,10 @@ Typical use:
 
 from daa_jax.models import FAMILIES, family_of  # noqa: F401  (registers every family)
 from daa_jax.models.common import (  # noqa: F401
-    Cache, CausalLM, abstract_params, fit_spec_to_shape, from_scan_layout, init_cache,
-    init_params, param_count, rotary_cos_sin, to_scan_layout)
-from daa_jax.models.common import attend as _attend  # noqa: F401  (tests)
-from daa_jax.models.common import self_mask as _self_mask_both  # noqa: F401
+    Cache, CausalLM, abstract_params, from_scan_layout, init_cache, init_params, param_count,
+    to_scan_layout)
+from daa_jax.models.common import self_mask as _self_mask_both
+from daa_jax.models.layers import fit_spec_to_shape, rotary_cos_sin  # noqa: F401
 
 
 def _self_mask(valid, positions, segment_ids, shared_segment=None):

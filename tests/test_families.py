@@ -6,7 +6,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -340,3 +339,21 @@ def test_cli_daa_run_and_evaluation_from_an_hf_directory(tmp_path, size):
     summary = json.load(f)
   assert summary["step"] == 2 and summary["num_samples"] == 8 and summary["kl"] > 0
   assert summary["sampler_logp_max_abs_diff"] < 1e-4  # cached decoding = teacher forcing
+
+
+def test_gemma2_hh_recipe_configs_validate():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "configs_gemma2_hh", os.path.join(REPO, "configs", "gemma2_hh.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  sft, daa = module.get_config("stage=sft"), module.get_config("stage=daa,beta=0.05")
+  for c in (sft, daa):
+    config_lib.validate(c, num_devices=8)
+    assert config_lib.sized(c.model.size).model_type == "gemma2"
+    assert c.data.format == "hh" and c.model.dtype == "bfloat16"
+  assert sft.hf_model == "google/gemma-2-2b" and daa.objective.beta == 0.05
+  assert daa.train.batch_size == 128 and daa.optim.lr == 5e-7  # the paper's DAA recipe
+  assert module.get_config("stage=daa,chat=True").data.chat_template == "tokenizer"
+  with pytest.raises(ConfigError, match="stage"):
+    module.get_config("stage=rm")

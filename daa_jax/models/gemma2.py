@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 
 from daa_jax.config_lib import ModelConfig
-from daa_jax.models import common, llama
+from daa_jax.models import common, layers, llama
 
 Array = jax.Array
 
@@ -33,14 +33,14 @@ class Block(nn.Module):
                kv: dict[str, Array] | None, index: Array | None, sliding):
     cfg = self.config
     def norm(name):
-      return common.RMSNorm(cfg, plus_one=True, name=name)
-    mask = common.layer_mask(masks, sliding)
+      return layers.RMSNorm(cfg, plus_one=True, name=name)
+    mask = layers.layer_mask(masks, sliding)
     attn, kv = llama.Attention(cfg, name="self_attn")(
         norm("input_layernorm")(x), mask, cos, sin, kv, index)
     x = x + norm("post_attention_layernorm")(attn)
     mlp = llama.GatedMlp(cfg, name="mlp")(norm("pre_feedforward_layernorm")(x))
     x = x + norm("post_feedforward_layernorm")(mlp)
-    return common.constrain(x, ("act_batch", "act_len", "act_embed")), kv
+    return layers.constrain(x, ("act_batch", "act_len", "act_embed")), kv
 
 
 class Gemma2(llama.TiedOrUntiedLM):

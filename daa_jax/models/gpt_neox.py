@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from daa_jax.config_lib import ModelConfig
 from daa_jax.errors import ConfigError
-from daa_jax.models import common
+from daa_jax.models import common, layers
 
 Array = jax.Array
 
@@ -32,11 +32,11 @@ class Attention(nn.Module):
     cfg = self.config
     b, t, d = x.shape
     h, k_dim = cfg.num_attention_heads, cfg.head_dim
-    qkv = common.dense(3 * d, ("embed", "qkv"), cfg.attention_bias, cfg,
+    qkv = layers.dense(3 * d, ("embed", "qkv"), cfg.attention_bias, cfg,
                        "query_key_value")(x)
     # HF lays the 3D outputs out per head: [H, (q|k|v), K]; not [(q|k|v), H, K].
     qkv = qkv.reshape(b, t, h, 3 * k_dim)
-    heads_first = common.heads_first_layout(cfg, kv)
+    heads_first = layers.heads_first_layout(cfg, kv)
     if heads_first:
       # One transpose of the fused projection instead of three after the split.
       qkv = qkv.transpose(0, 2, 1, 3)  # [B,H,T,3K]
@@ -44,10 +44,10 @@ class Attention(nn.Module):
     else:
       cos, sin = cos[:, :, None], sin[:, :, None]  # [B,T,1,R]
     q, k, v = jnp.split(qkv, 3, axis=-1)
-    q, k = common.apply_rotary(q, cos, sin), common.apply_rotary(k, cos, sin)
-    out, kv = common.attention_core(cfg, q, k, v, mask, kv, index, heads_first,
+    q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
+    out, kv = layers.attention_core(cfg, q, k, v, mask, kv, index, heads_first,
                                     k_dim ** -0.5)
-    out = common.dense(d, ("heads", "embed"), cfg.attention_bias, cfg, "dense")(out)
+    out = layers.dense(d, ("heads", "embed"), cfg.attention_bias, cfg, "dense")(out)
     return out, kv
 
 
@@ -57,10 +57,10 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     cfg = self.config
-    y = common.dense(cfg.intermediate_size, ("embed", "mlp"), True, cfg, "dense_h_to_4h")(x)
-    y = common.constrain(y, ("act_batch", "act_len", "act_mlp"))  # [B,L,F]
-    y = common.activation(cfg.hidden_act, y)
-    return common.dense(cfg.hidden_size, ("mlp", "embed"), True, cfg, "dense_4h_to_h")(y)
+    y = layers.dense(cfg.intermediate_size, ("embed", "mlp"), True, cfg, "dense_h_to_4h")(x)
+    y = layers.constrain(y, ("act_batch", "act_len", "act_mlp"))  # [B,L,F]
+    y = layers.activation(cfg.hidden_act, y)
+    return layers.dense(cfg.hidden_size, ("mlp", "embed"), True, cfg, "dense_4h_to_h")(y)
 
 
 class Block(nn.Module):
@@ -71,16 +71,16 @@ class Block(nn.Module):
   def __call__(self, x: Array, masks, cos: Array, sin: Array,
                kv: dict[str, Array] | None, index: Array | None, sliding):
     cfg = self.config
-    mask = common.layer_mask(masks, sliding)
+    mask = layers.layer_mask(masks, sliding)
     attn, kv = Attention(cfg, name="attention")(
-        common.LayerNorm(cfg, name="input_layernorm")(x), mask, cos, sin, kv, index)
-    mlp, post_ln = Mlp(cfg, name="mlp"), common.LayerNorm(cfg, name="post_attention_layernorm")
+        layers.LayerNorm(cfg, name="input_layernorm")(x), mask, cos, sin, kv, index)
+    mlp, post_ln = Mlp(cfg, name="mlp"), layers.LayerNorm(cfg, name="post_attention_layernorm")
     if cfg.use_parallel_residual:
       x = x + attn + mlp(post_ln(x))
     else:
       x = x + attn
       x = x + mlp(post_ln(x))
-    return common.constrain(x, ("act_batch", "act_len", "act_embed")), kv
+    return layers.constrain(x, ("act_batch", "act_len", "act_embed")), kv
 
 
 class GPTNeoX(common.CausalLM):
@@ -93,10 +93,10 @@ class GPTNeoX(common.CausalLM):
     cfg = self.config
     self.embed_in = nn.Embed(
         cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        embedding_init=common.init(("vocab", "embed")))
+        embedding_init=layers.init(("vocab", "embed")))
     self.layers = self.make_layers(Block)
-    self.final_layer_norm = common.LayerNorm(cfg)
-    self.embed_out = common.dense(cfg.vocab_size, ("embed", "vocab"), False, cfg, None)
+    self.final_layer_norm = layers.LayerNorm(cfg)
+    self.embed_out = layers.dense(cfg.vocab_size, ("embed", "vocab"), False, cfg, None)
 
   def _embed(self, tokens: Array) -> Array:
     return self.embed_in(tokens)
@@ -108,7 +108,7 @@ class GPTNeoX(common.CausalLM):
     """[..., D] final hidden states -> [..., V] logits in `config.dtype`."""
     logits = self.embed_out(hidden)
     if logits.ndim == 3:
-      logits = common.constrain(logits, ("act_batch", "act_len", "act_vocab"))
+      logits = layers.constrain(logits, ("act_batch", "act_len", "act_vocab"))
     return logits
 
 
@@ -161,7 +161,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     d["eos_token_id"] = list(d["eos_token_id"])
   d.update(model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"],
            rope_theta=cfg.rotary_emb_base, partial_rotary_factor=cfg.rotary_pct,
-           rope_scaling=None, initializer_range=common.INIT_STD, use_cache=True,
+           rope_scaling=None, initializer_range=layers.INIT_STD, use_cache=True,
            attention_dropout=0.0, hidden_dropout=0.0, classifier_dropout=0.1)
   return d
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from daa_jax.config_lib import ModelConfig
 from daa_jax.errors import ConfigError
-from daa_jax.models import common
+from daa_jax.models import common, layers
 
 Array = jax.Array
 
@@ -40,21 +40,21 @@ class Attention(nn.Module):
     b, t, _ = x.shape
     h, g, k_dim = cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim
     qkv_bias = cfg.attention_bias or cfg.qkv_bias
-    q = common.dense(h * k_dim, ("embed", "heads"), qkv_bias, cfg, "q_proj")(x)
-    k = common.dense(g * k_dim, ("embed", "kv_heads"), qkv_bias, cfg, "k_proj")(x)
-    v = common.dense(g * k_dim, ("embed", "kv_heads"), qkv_bias, cfg, "v_proj")(x)
+    q = layers.dense(h * k_dim, ("embed", "heads"), qkv_bias, cfg, "q_proj")(x)
+    k = layers.dense(g * k_dim, ("embed", "kv_heads"), qkv_bias, cfg, "k_proj")(x)
+    v = layers.dense(g * k_dim, ("embed", "kv_heads"), qkv_bias, cfg, "v_proj")(x)
     q, k, v = q.reshape(b, t, h, k_dim), k.reshape(b, t, g, k_dim), v.reshape(b, t, g, k_dim)
-    heads_first = common.heads_first_layout(cfg, kv)
+    heads_first = layers.heads_first_layout(cfg, kv)
     if heads_first:
       q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B,H|G,T,K]
       cos, sin = cos[:, None], sin[:, None]  # [B,1,T,R]
     else:
       cos, sin = cos[:, :, None], sin[:, :, None]  # [B,T,1,R]
-    q, k = common.apply_rotary(q, cos, sin), common.apply_rotary(k, cos, sin)
+    q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
     # Gemma-2 scales by query_pre_attn_scalar^-1/2 instead of K^-1/2.
     scale = (cfg.query_pre_attn_scalar or k_dim) ** -0.5
-    out, kv = common.attention_core(cfg, q, k, v, mask, kv, index, heads_first, scale)
-    out = common.dense(cfg.hidden_size, ("heads", "embed"), cfg.attention_bias, cfg,
+    out, kv = layers.attention_core(cfg, q, k, v, mask, kv, index, heads_first, scale)
+    out = layers.dense(cfg.hidden_size, ("heads", "embed"), cfg.attention_bias, cfg,
                        "o_proj")(out)
     return out, kv
 
@@ -67,11 +67,11 @@ class GatedMlp(nn.Module):
   def __call__(self, x: Array) -> Array:
     cfg = self.config
     f = cfg.intermediate_size
-    gate = common.dense(f, ("embed", "mlp"), cfg.mlp_bias, cfg, "gate_proj")(x)
-    up = common.dense(f, ("embed", "mlp"), cfg.mlp_bias, cfg, "up_proj")(x)
-    y = common.activation(cfg.hidden_act, gate) * up
-    y = common.constrain(y, ("act_batch", "act_len", "act_mlp"))  # [B,L,F]
-    return common.dense(cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, cfg, "down_proj")(y)
+    gate = layers.dense(f, ("embed", "mlp"), cfg.mlp_bias, cfg, "gate_proj")(x)
+    up = layers.dense(f, ("embed", "mlp"), cfg.mlp_bias, cfg, "up_proj")(x)
+    y = layers.activation(cfg.hidden_act, gate) * up
+    y = layers.constrain(y, ("act_batch", "act_len", "act_mlp"))  # [B,L,F]
+    return layers.dense(cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, cfg, "down_proj")(y)
 
 
 class Block(nn.Module):
@@ -82,12 +82,12 @@ class Block(nn.Module):
   def __call__(self, x: Array, masks, cos: Array, sin: Array,
                kv: dict[str, Array] | None, index: Array | None, sliding):
     cfg = self.config
-    mask = common.layer_mask(masks, sliding)
+    mask = layers.layer_mask(masks, sliding)
     attn, kv = Attention(cfg, name="self_attn")(
-        common.RMSNorm(cfg, name="input_layernorm")(x), mask, cos, sin, kv, index)
+        layers.RMSNorm(cfg, name="input_layernorm")(x), mask, cos, sin, kv, index)
     x = x + attn
-    x = x + GatedMlp(cfg, name="mlp")(common.RMSNorm(cfg, name="post_attention_layernorm")(x))
-    return common.constrain(x, ("act_batch", "act_len", "act_embed")), kv
+    x = x + GatedMlp(cfg, name="mlp")(layers.RMSNorm(cfg, name="post_attention_layernorm")(x))
+    return layers.constrain(x, ("act_batch", "act_len", "act_embed")), kv
 
 
 class TiedOrUntiedLM(common.CausalLM):
@@ -103,11 +103,11 @@ class TiedOrUntiedLM(common.CausalLM):
     cfg = self.config
     self.embed_tokens = nn.Embed(
         cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        embedding_init=common.init(("vocab", "embed")))
+        embedding_init=layers.init(("vocab", "embed")))
     self.layers = self.make_layers(self.block)
-    self.norm = common.RMSNorm(cfg, plus_one=self.plus_one_norm)
+    self.norm = layers.RMSNorm(cfg, plus_one=self.plus_one_norm)
     if not cfg.tie_word_embeddings:
-      self.lm_head = common.dense(cfg.vocab_size, ("embed", "vocab"), False, cfg, None)
+      self.lm_head = layers.dense(cfg.vocab_size, ("embed", "vocab"), False, cfg, None)
 
   def _embed(self, tokens: Array) -> Array:
     x = self.embed_tokens(tokens)
@@ -125,7 +125,7 @@ class TiedOrUntiedLM(common.CausalLM):
     cfg = self.config
     if cfg.tie_word_embeddings:
       lead = hidden.shape[:-1]
-      # 2-D as in `common._Dense`: one GEMM for the embedding's gradient.
+      # 2-D as in `layers._Dense`: one GEMM for the embedding's gradient.
       logits = self.embed_tokens.attend(hidden.reshape(-1, hidden.shape[-1]))
       logits = logits.reshape(lead + (cfg.vocab_size,))
     else:
@@ -135,7 +135,7 @@ class TiedOrUntiedLM(common.CausalLM):
       # float32 tanh: the cap compresses large logits, where bf16 has few digits left.
       logits = (jnp.tanh(logits.astype(jnp.float32) / cap) * cap).astype(cfg.dtype)
     if logits.ndim == 3:
-      logits = common.constrain(logits, ("act_batch", "act_len", "act_vocab"))
+      logits = layers.constrain(logits, ("act_batch", "act_len", "act_vocab"))
     return logits
 
 
@@ -237,7 +237,7 @@ def common_to_hf(cfg: ModelConfig) -> dict:
            tie_word_embeddings=cfg.tie_word_embeddings, bos_token_id=cfg.bos_token_id,
            eos_token_id=(list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple)
                          else cfg.eos_token_id),
-           initializer_range=common.INIT_STD, attention_dropout=0.0, use_cache=True)
+           initializer_range=layers.INIT_STD, attention_dropout=0.0, use_cache=True)
   d.update(rope_to_hf(cfg))
   return d
 
