@@ -321,10 +321,7 @@ def save_pretrained(config: ModelConfig, params, out_dir: str, dtype=np.float32,
     hf_config = transformers.AutoConfig.for_model(**hf_config).to_dict()
   except ImportError:
     pass
-  if config.model_type == "gpt_neox":
-    hf_config.update(rotary_pct=config.rotary_pct, rotary_emb_base=config.rotary_emb_base)
-  elif config.rope_scaling:
-    hf_config.update(rope_theta=config.rotary_emb_base, rope_scaling=dict(config.rope_scaling))
+  hf_config.update(config.family.legacy_hf_keys(config))
   hf_config.update(architectures=config.to_hf()["architectures"],
                    torch_dtype=np.dtype(dtype).name, dtype=np.dtype(dtype).name)
   with open(os.path.join(out_dir, "config.json"), "w") as f:

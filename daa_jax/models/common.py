@@ -48,6 +48,8 @@ class Family:
       a stored copy of tied weights).
     aliases: config -> {hub name: hub name to use when the first is missing} (tied copies).
     mlp_matrices: matmuls in one MLP (2 for GELU, 3 for gated GLU): FLOP accounting.
+    legacy_hf_keys: config -> keys that older transformers versions read, written into
+      config.json next to today's (transformers 5 would rename them if given directly).
   """
 
   module: type
@@ -59,6 +61,7 @@ class Family:
   ignored: Callable[[ModelConfig], Callable[[str], bool]] = lambda cfg: lambda name: False
   aliases: Callable[[ModelConfig], dict] = lambda cfg: {}
   mlp_matrices: int = 2
+  legacy_hf_keys: Callable[[ModelConfig], dict] = lambda cfg: {}
 
 
 FAMILIES: dict[str, Family] = {}

@@ -87,4 +87,4 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 FAMILY = common.register(common.Family(
     module=Gemma2, model_types=("gemma2",), config_from_hf=config_from_hf,
     config_to_hf=config_to_hf, hf_names=llama.hf_names, canonical=llama.canonical,
-    ignored=llama.ignored, mlp_matrices=3))
+    ignored=llama.ignored, mlp_matrices=3, legacy_hf_keys=llama.legacy_hf_keys))

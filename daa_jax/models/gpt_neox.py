@@ -219,4 +219,6 @@ def aliases(config: ModelConfig) -> dict[str, str]:
 FAMILY = common.register(common.Family(
     module=GPTNeoX, model_types=("gpt_neox",), config_from_hf=config_from_hf,
     config_to_hf=config_to_hf, hf_names=hf_names, canonical=canonical, ignored=ignored,
-    aliases=aliases, mlp_matrices=2))
+    aliases=aliases, mlp_matrices=2,
+    legacy_hf_keys=lambda cfg: dict(rotary_pct=cfg.rotary_pct,
+                                    rotary_emb_base=cfg.rotary_emb_base)))

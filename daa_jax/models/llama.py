@@ -227,6 +227,14 @@ def config_from_hf(d: Mapping[str, Any]) -> dict:
   return kw
 
 
+def legacy_hf_keys(cfg: ModelConfig) -> dict:
+  """transformers 4.x reads rope_theta and rope_scaling, not rope_parameters."""
+  keys = dict(rope_theta=cfg.rotary_emb_base)
+  if cfg.rope_scaling:
+    keys["rope_scaling"] = dict(cfg.rope_scaling)
+  return keys
+
+
 def common_to_hf(cfg: ModelConfig) -> dict:
   d = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
            num_hidden_layers=cfg.num_hidden_layers,
@@ -292,4 +300,4 @@ def ignored(config: ModelConfig):
 FAMILY = common.register(common.Family(
     module=Llama, model_types=("llama", "mistral", "qwen2"), config_from_hf=config_from_hf,
     config_to_hf=config_to_hf, hf_names=hf_names, canonical=canonical, ignored=ignored,
-    mlp_matrices=3))
+    mlp_matrices=3, legacy_hf_keys=legacy_hf_keys))
