@@ -265,7 +265,7 @@ def test_size_tables_match_transformers_param_counts():
                "llama-3.1-8b": 8_030_261_248, "qwen2.5-0.5b": 494_032_768,
                "mistral-7b": 7_241_732_096}
   for size in FAMILY_REAL:
-    config = config_lib.sized(size)
+    config = config_lib.sized(size, scan_layers=True)  # one traced layer: a faster count
     with torch.device("meta"):  # shapes only
       hf = transformers.AutoModelForCausalLM.from_config(
           transformers.AutoConfig.for_model(**config.to_hf()))
@@ -279,7 +279,7 @@ def test_flops_count_the_real_matmul_shapes():
   """metrics.matmul_params = every matmul weight in the param tree (no embedding lookup
   unless tied, where the table is also the head)."""
   for size in ("70m", "gemma-2-2b", "llama-3.2-1b", "qwen2.5-7b"):
-    config = config_lib.sized(size)
+    config = config_lib.sized(size, scan_layers=True)  # kernels carry the [N] layer axis
     flat = jax.tree_util.tree_flatten_with_path(model_lib.abstract_params(config))[0]
     kernels = sum(int(np.prod(x.shape)) for p, x in flat
                   if jax.tree_util.keystr(p).endswith("['kernel']"))
