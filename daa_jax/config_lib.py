@@ -331,7 +331,8 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def model_fields(size: str = "tiny") -> ml_collections.ConfigDict:
-  """`config.model`: a Pythia size plus execution options (see `ModelConfig`)."""
+  """`config.model`: a size-table entry (`SIZES`: Pythia, Gemma-2, Llama-3.x, Qwen2.5, Mistral)
+  plus execution options (see `ModelConfig`); `config.hf_model` takes its shape instead."""
   return ml_collections.ConfigDict(dict(
       size=size, dtype="float32", scan_layers=False, remat_policy="none",
       attention_impl="xla", vocab_size=0))  # vocab_size 0: the size table's (tiny: >= tokenizer)

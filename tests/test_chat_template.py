@@ -107,3 +107,13 @@ def test_prompt_mask_is_exact_at_the_template_boundary(tokenizer_dir, tmp_path):
       full = hf.apply_chat_template(messages + [{"role": "assistant", "content": reply}],
                                     tokenize=False)
       assert list(tokens[:n]) == hf.encode(full, add_special_tokens=False) + [eos]
+
+
+def test_missing_template_is_a_config_error(tmp_path):
+  from daa_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
+  with pytest.raises(ConfigError, match=r"config\.data\.chat_template='tokenizer'.*no "
+                                        r"chat_template"):
+    chat.ChatTemplate.load("tokenizer", str(tmp_path))
+  with pytest.raises(ConfigError, match="neither 'tokenizer' nor a template file"):
+    chat.ChatTemplate.load("no_such.jinja", str(tmp_path))

@@ -62,6 +62,18 @@ def _token_text(value: Any) -> str:
   return "" if value is None else str(value)
 
 
+def _hub_tokenizer_config(name: str) -> dict:
+  """chat_template, bos_token, eos_token of a hub tokenizer (from the local HF cache)."""
+  try:
+    from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+    tok = AutoTokenizer.from_pretrained(name)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"config.data.chat_template='tokenizer': cannot load tokenizer {name!r} "
+                      f"({e}); give a local tokenizer directory or a template file.") from e
+  return dict(chat_template=getattr(tok, "chat_template", None), bos_token=tok.bos_token,
+              eos_token=tok.eos_token)
+
+
 class ChatTemplate:
   """A jinja2 chat template as transformers renders it."""
 
@@ -99,6 +111,8 @@ class ChatTemplate:
     if os.path.isfile(config_file):
       with open(config_file) as f:
         tok_config = json.load(f)
+    elif spec == "tokenizer" and not os.path.exists(tokenizer_path):
+      tok_config = _hub_tokenizer_config(tokenizer_path)
     bos, eos = _token_text(tok_config.get("bos_token")), _token_text(tok_config.get("eos_token"))
     if spec != "tokenizer":
       if not os.path.isfile(spec):
