@@ -4,8 +4,9 @@ import setuptools
 setuptools.setup(
     name="daa_jax",
     version="0.1.0",
-    description=("DPO/IPO/SLiC on Pythia-style decoders in JAX/Flax, with KL measurement "
-                 "and scaling-law fits of reward over-optimization."),
+    description=("DPO/IPO/SLiC on Pythia, Llama, Qwen2, Mistral and Gemma-2 decoders in "
+                 "JAX/Flax, with KL measurement and scaling-law fits of reward "
+                 "over-optimization."),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["daa_jax", "daa_jax.*"]),
@@ -18,6 +19,7 @@ setuptools.setup(
         "ml-collections>=0.1.1",
         "transformers>=4.40",
         "tokenizers>=0.19",
+        "jinja2>=3.1",  # chat templates (config.data.chat_template)
         "safetensors>=0.4",
         "numpy>=1.26",
         "scipy>=1.11",

@@ -480,7 +480,8 @@ def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m daa_jax.bench", description=__doc__.split("\n")[0])
   p.add_argument("command", nargs="?", default="run", choices=["run", "compare"])
   d = Workload()
-  p.add_argument("--model", default=d.model, help="a Pythia size (70m, 1b, ...) or tiny")
+  p.add_argument("--model", default=d.model,
+                 help="a size-table entry: 70m, 1b, ..., gemma-2-2b, llama-3.2-1b, ..., tiny")
   p.add_argument("--what", default=d.what, choices=WHATS)
   p.add_argument("--pairs", type=int, default=d.pairs)
   p.add_argument("--prompt_len", type=int, default=d.prompt_len)

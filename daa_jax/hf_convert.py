@@ -1,14 +1,24 @@
-"""Hugging Face GPT-NeoX (Pythia) <-> daa_jax weights and configs.
+"""Hugging Face <-> daa_jax weights and configs, for every model family.
 
-The module tree of `model.CausalLM` uses HF's names, so conversion is a rename plus a
-transpose of Linear weights (torch stores [out, in], flax [in, out]):
+Each family's module tree uses its HF names (`daa_jax/models/`), so conversion is a rename
+plus a transpose of Linear weights (torch stores [out, in], flax [in, out]); the family's
+`hf_names` lists the pairs. GPT-NeoX, for example:
 
   gpt_neox.embed_in.weight [V,D]                       -> embed_in/embedding [V,D]
   gpt_neox.layers.N.<ln>.weight / .bias                -> layers_N/<ln>/scale / bias
   gpt_neox.layers.N.attention.query_key_value.weight^T -> layers_N/attention/query_key_value/kernel
-  gpt_neox.layers.N.{attention.dense,mlp.*}.weight^T   -> layers_N/.../kernel
-  gpt_neox.final_layer_norm.weight / .bias             -> final_layer_norm/scale / bias
   embed_out.weight^T (transformers 5: lm_head.weight^T) -> embed_out/kernel [D,V]
+
+and Llama / Mistral / Qwen2 / Gemma-2:
+
+  model.embed_tokens.weight [V,D]                      -> embed_tokens/embedding [V,D]
+  model.layers.N.self_attn.q_proj.weight^T (.bias)     -> layers_N/self_attn/q_proj/kernel (bias)
+  model.layers.N.mlp.gate_proj.weight^T                -> layers_N/mlp/gate_proj/kernel
+  model.norm.weight                                    -> norm/scale
+  lm_head.weight^T (untied only)                       -> lm_head/kernel [D,V]
+
+Tied Llama-family and Gemma-2 models keep one embedding (the output projection reads it);
+a stored `lm_head.weight` copy is skipped on load and not written on export.
 
 Every converted tree is checked against `jax.eval_shape` of the model's init (structure,
 shapes, dtypes) and a mismatch raises `CheckpointError` naming the HF tensor — we never pad or
@@ -20,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Any, Mapping
 
 import jax
@@ -30,47 +39,6 @@ import numpy as np
 from daa_jax import model as model_lib
 from daa_jax.config_lib import ModelConfig
 from daa_jax.errors import CheckpointError
-
-# Buffers that old checkpoints (transformers 4.2x-4.3x) saved next to the weights: the
-# causal-mask `attention.bias`, `attention.masked_bias` and rotary `inv_freq`. All are
-# recomputed from the config, so they are skipped.
-_IGNORED = re.compile(
-    r"^(layers\.\d+\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)|rotary_emb\.inv_freq)$")
-_LAYER_PARTS = {  # HF module path inside a layer -> our module path.
-    "input_layernorm": ("input_layernorm",),
-    "post_attention_layernorm": ("post_attention_layernorm",),
-    "attention.query_key_value": ("attention", "query_key_value"),
-    "attention.dense": ("attention", "dense"),
-    "mlp.dense_h_to_4h": ("mlp", "dense_h_to_4h"),
-    "mlp.dense_4h_to_h": ("mlp", "dense_4h_to_h"),
-}
-_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)\.(weight|bias)$")
-
-
-def _hf_names(config: ModelConfig) -> dict[tuple[str, ...], str]:
-  """Our (non-scan) param path -> HF tensor name (without the `gpt_neox.` prefix)."""
-  names = {("embed_in", "embedding"): "embed_in.weight",
-           ("final_layer_norm", "scale"): "final_layer_norm.weight",
-           ("final_layer_norm", "bias"): "final_layer_norm.bias",
-           ("embed_out", "kernel"): "embed_out.weight"}
-  for i in range(config.num_hidden_layers):
-    for hf, ours in _LAYER_PARTS.items():
-      is_norm = hf.endswith("layernorm")
-      names[(f"layers_{i}", *ours, "scale" if is_norm else "kernel")] = f"layers.{i}.{hf}.weight"
-      if is_norm or config.attention_bias:
-        names[(f"layers_{i}", *ours, "bias")] = f"layers.{i}.{hf}.bias"
-  return names
-
-
-def _canonical(name: str) -> str:
-  """Strips `gpt_neox.` and maps transformers>=5's `lm_head` to the hub's `embed_out`."""
-  name = name.removeprefix("gpt_neox.")
-  return "embed_out.weight" if name == "lm_head.weight" else name
-
-
-def _hub_name(canon: str) -> str:
-  """The name a tensor has on the hub: `gpt_neox.` prefix except the top-level head."""
-  return canon if canon == "embed_out.weight" else "gpt_neox." + canon
 
 
 def _flatten(tree, prefix=()):
@@ -103,7 +71,8 @@ def params_from_hf_state_dict(config: ModelConfig, state_dict: Mapping[str, Any]
   Args:
     config: the model config the tensors must fit.
     state_dict: HF tensor name -> array (numpy, or anything `np.asarray` takes; torch tensors
-      are converted). Names may carry the `gpt_neox.` prefix; old buffers are skipped.
+      are converted). Names as on the hub or as a base model saves them (without the
+      `gpt_neox.` / `model.` prefix); old buffers are skipped.
     dtype: the params' dtype (float16/bfloat16 checkpoints are cast to it).
     source: the file name for error messages, or a dict tensor name -> file.
 
@@ -120,25 +89,26 @@ def params_from_hf_state_dict(config: ModelConfig, state_dict: Mapping[str, Any]
            else ", ".join(sorted(set(source.values()))) or "state_dict")
 
   dtype = np.dtype(dtype)
+  family = config.family
+  skip = family.ignored(config)
   tensors = {}
   for name, value in state_dict.items():
-    canon = _canonical(name)
-    if _IGNORED.match(canon):
+    canon = family.canonical(name)
+    if skip(canon):
       continue
     tensors[canon] = (name, value)
   abstract = _abstract(config)
-  wanted = _hf_names(config)
-  if (config.tie_word_embeddings and "embed_out.weight" not in tensors
-      and "embed_in.weight" in tensors):
-    # Tied checkpoints store the input embedding only; daa_jax keeps an untied copy.
-    tensors["embed_out.weight"] = tensors["embed_in.weight"]
+  wanted = family.hf_names(config)
+  for target, alias in family.aliases(config).items():
+    if target not in tensors and alias in tensors:
+      tensors[target] = tensors[alias]
   flat = {}
   for path, hf_name in wanted.items():
     if hf_name not in tensors:
       raise CheckpointError(
           f"Checkpoint {files} has no tensor "
-          f"'{_hub_name(hf_name)}' (expected shape {_hf_shape(path, abstract[path].shape)}, for "
-          f"{'/'.join(path)}); is it a GPT-NeoX checkpoint of this config "
+          f"'{hf_name}' (expected shape {_hf_shape(path, abstract[path].shape)}, for "
+          f"{'/'.join(path)}); is it a {config.model_type} checkpoint of this config "
           f"({config.num_hidden_layers} layers, hidden {config.hidden_size})?")
     orig_name, value = tensors.pop(hf_name)
     array = _to_numpy(value)
@@ -156,7 +126,7 @@ def params_from_hf_state_dict(config: ModelConfig, state_dict: Mapping[str, Any]
     raise CheckpointError(
         f"Checkpoint has tensors daa_jax does not know: {', '.join(unknown[:5])}"
         f"{' ...' if len(unknown) > 5 else ''} (in {where(unknown[0])}); it is not a plain "
-        "GPT-NeoX model of this config (e.g. more layers than config.json says).")
+        f"{config.model_type} model of this config (e.g. more layers than config.json says).")
   params = _unflatten(flat)
   if config.scan_layers:
     params = model_lib.to_scan_layout(params, config.num_hidden_layers)
@@ -189,20 +159,20 @@ def _check_against_abstract(config: ModelConfig, params, dtype) -> None:
 
 def hf_state_dict_from_params(config: ModelConfig, params, dtype=np.float32
                               ) -> dict[str, np.ndarray]:
-  """daa_jax params (either layout) -> HF tensors named as on the hub (`gpt_neox.` prefix,
-  top-level `embed_out.weight`, which every transformers version loads)."""
+  """daa_jax params (either layout) -> HF tensors named as on the hub (GPT-NeoX: `gpt_neox.`
+  prefix and a top-level `embed_out.weight`, which every transformers version loads)."""
   params = jax.device_get(params)
   if "layers" in params:
     params = model_lib.from_scan_layout(params, config.num_hidden_layers)
   flat = dict(_flatten(params))
   out = {}
-  for path, hf_name in _hf_names(config).items():
+  for path, hf_name in config.family.hf_names(config).items():
     if path not in flat:
       raise CheckpointError(f"Params have no {'/'.join(path)} (for HF tensor '{hf_name}').")
     array = np.asarray(flat.pop(path))
     if path[-1] == "kernel":
       array = array.T
-    out[_hub_name(hf_name)] = np.ascontiguousarray(array, dtype=dtype)
+    out[hf_name] = np.ascontiguousarray(array, dtype=dtype)
   if flat:
     raise CheckpointError(f"Params have entries with no HF tensor: "
                           f"{sorted('/'.join(p) for p in flat)[:5]}")
@@ -245,7 +215,7 @@ def _read_weights(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     return tensors, sources
   raise CheckpointError(
       f"{path} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin; "
-      "pass a Hugging Face GPT-NeoX model directory or hub id.")
+      "pass a Hugging Face model directory or hub id.")
 
 
 def _download(repo_id: str, revision: str | None) -> str:
@@ -281,7 +251,7 @@ def _local_dir(name_or_path: str, revision: str | None, config_only: bool = Fals
 
 
 def load_config(name_or_path: str, revision: str | None = None, **overrides) -> ModelConfig:
-  """The `ModelConfig` of a HF GPT-NeoX model directory or hub id (config.json only).
+  """The `ModelConfig` of a HF model directory or hub id (config.json only).
 
   Args:
     name_or_path: as in `load_pretrained`.
@@ -302,7 +272,7 @@ def load_config(name_or_path: str, revision: str | None = None, **overrides) -> 
 def load_pretrained(name_or_path: str, dtype=jnp.float32,
                     config_overrides: Mapping[str, Any] | None = None,
                     revision: str | None = None):
-  """Loads a HF GPT-NeoX (Pythia) checkpoint.
+  """Loads a HF checkpoint of any supported family (GPT-NeoX, Llama, Mistral, Qwen2, Gemma-2).
 
   Args:
     name_or_path: a local model directory, or a hub id such as "EleutherAI/pythia-1b"
@@ -326,25 +296,53 @@ def load_pretrained(name_or_path: str, dtype=jnp.float32,
   return config, params_from_hf_state_dict(config, tensors, dtype=dtype, source=sources)
 
 
-def save_pretrained(config: ModelConfig, params, out_dir: str, dtype=np.float32) -> None:
-  """Writes `config.json` + `model.safetensors` that `transformers` loads.
+def save_pretrained(config: ModelConfig, params, out_dir: str, dtype=np.float32,
+                    max_shard_bytes: int | None = None) -> None:
+  """Writes `config.json` + safetensors that `transformers` loads.
 
-  `GPTNeoXForCausalLM.from_pretrained(out_dir)` finds every tensor (no missing or unexpected
-  keys). config.json carries both today's keys (`rope_parameters`) and the old
-  `rotary_pct`/`rotary_emb_base`, so transformers 4.x reads the same architecture.
+  `AutoModelForCausalLM.from_pretrained(out_dir)` finds every tensor (no missing or
+  unexpected keys). GPT-NeoX's config.json also carries the old `rotary_pct` /
+  `rotary_emb_base`, and the Llama family's the old `rope_theta` / `rope_scaling`, so
+  transformers 4.x reads the same architecture.
+
+  Args:
+    config: the model config.
+    params: params in either layout.
+    out_dir: created if missing.
+    dtype: dtype of the stored tensors.
+    max_shard_bytes: if set and the tensors are larger, write `model-0000i-of-0000n.safetensors`
+      files of at most about this size plus `model.safetensors.index.json` (as HF does).
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   os.makedirs(out_dir, exist_ok=True)
   hf_config = config.to_hf()
   try:
     import transformers  # pylint: disable=g-import-not-at-top
-    hf_config = transformers.GPTNeoXConfig(**hf_config).to_dict()
+    hf_config = transformers.AutoConfig.for_model(**hf_config).to_dict()
   except ImportError:
     pass
-  hf_config.update(rotary_pct=config.rotary_pct, rotary_emb_base=config.rotary_emb_base,
-                   architectures=["GPTNeoXForCausalLM"], torch_dtype=np.dtype(dtype).name,
-                   dtype=np.dtype(dtype).name)
+  hf_config.update(config.family.legacy_hf_keys(config))
+  hf_config.update(architectures=config.to_hf()["architectures"],
+                   torch_dtype=np.dtype(dtype).name, dtype=np.dtype(dtype).name)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(hf_config, f, indent=2, sort_keys=True)
-  save_file(hf_state_dict_from_params(config, params, dtype=dtype),
-            os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+  tensors = hf_state_dict_from_params(config, params, dtype=dtype)
+  total = sum(a.nbytes for a in tensors.values())
+  if not max_shard_bytes or total <= max_shard_bytes:
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    return
+  shards, size = [[]], 0
+  for name, array in tensors.items():
+    if shards[-1] and size + array.nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(name)
+    size += array.nbytes
+  weight_map = {}
+  for i, names in enumerate(shards):
+    fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    save_file({n: tensors[n] for n in names}, os.path.join(out_dir, fname),
+              metadata={"format": "pt"})
+    weight_map.update({n: fname for n in names})
+  with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

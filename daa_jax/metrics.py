@@ -1,8 +1,9 @@
 """Metrics: `metrics.jsonl` (+ TensorBoard when installed) on process 0, a progress bar,
 and DPO-aware FLOP accounting for throughput and MFU.
 
-FLOPs (PaLM appendix B convention): a forward pass costs 2·N_matmul + 4·n_layers·D·T FLOPs per
-token (N_matmul = non-embedding matmul parameters + the output projection, T = sequence length);
+FLOPs (PaLM appendix B convention): a forward pass costs 2·N_matmul + 4·n_layers·H·K·T FLOPs per
+token (N_matmul = non-embedding matmul parameters + the output projection, from the real
+shapes: grouped-query k/v, gated MLPs; T = sequence length, or the window on sliding layers);
 a backward pass twice that. A DAA step with a live reference runs the policy forward+backward
 and the reference forward on both responses of every pair; with cached reference log-probs
 the reference term drops. Only real (non-pad) tokens are counted.
@@ -37,13 +38,20 @@ def peak_flops(device_kind: str) -> float | None:
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-  d, f = cfg.hidden_size, cfg.intermediate_size
-  per_layer = 4 * d * d + 2 * d * f
+  """Matmul weights a token passes through, from the real shapes: q/o over H heads and k/v
+  over G (grouped-query) heads of K dims, 2 or 3 (gated GLU) MLP matrices, the vocab head."""
+  d, f, k = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+  attn = 2 * d * cfg.num_attention_heads * k + 2 * d * cfg.kv_heads * k
+  per_layer = attn + cfg.family.mlp_matrices * d * f
   return cfg.num_hidden_layers * per_layer + d * cfg.vocab_size
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-  return 2.0 * matmul_params(cfg) + 4.0 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+  """2 N_matmul + 4 H K per key attended, summed over layers (a sliding-window layer
+  attends to at most `sliding_window` keys)."""
+  keys = sum(min(seq_len, cfg.sliding_window) if sliding else seq_len
+             for sliding in cfg.sliding_layers)
+  return 2.0 * matmul_params(cfg) + 4.0 * cfg.num_attention_heads * cfg.head_dim * keys
 
 
 def step_flops(cfg: ModelConfig, real_tokens: float, seq_len: int, kind: str,

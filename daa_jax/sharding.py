@@ -50,6 +50,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("embed", "fsdp"),
     ("qkv", "tensor"),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),  # grouped-query k/v projections: only where G divides
     ("mlp", "tensor"),
     ("norm", None),
     ("layers", None),
@@ -111,15 +112,19 @@ def activate(mesh: jax.sharding.Mesh) -> Iterator[None]:
     yield
 
 
-def _named(mesh, spec: Sequence[Any], shape: Sequence[int]) -> NamedSharding:
-  return NamedSharding(mesh, P(*model_lib.fit_spec_to_shape(spec, shape, dict(mesh.shape))))
+def _named(mesh, spec: Sequence[Any], shape: Sequence[int],
+           units: Sequence[int] | None = None) -> NamedSharding:
+  return NamedSharding(mesh, P(*model_lib.fit_spec_to_shape(spec, shape, dict(mesh.shape),
+                                                            units)))
 
 
 def param_shardings(config: ModelConfig, mesh: jax.sharding.Mesh):
   """NamedShardings of the params tree (unboxed structure), from the logical annotations.
 
   A mesh axis that does not divide a dimension is dropped for that dimension (replicated),
-  and logged: jit rejects uneven shardings.
+  and logged: jit rejects uneven shardings. A `kv_heads` dimension (G key/value heads of K
+  dims) is sharded only where G divides: splitting inside a head would make every device
+  gather the other half for each query head of the group.
   """
   boxed = model_lib.abstract_params(config, boxed=True)
   specs = nn.get_partition_spec(boxed)  # logical names per leaf
@@ -127,7 +132,8 @@ def param_shardings(config: ModelConfig, mesh: jax.sharding.Mesh):
 
   def one(path, logical, leaf):
     mesh_spec = tuple(nn.logical_to_mesh_axes(tuple(logical), LOGICAL_RULES))
-    sharding = _named(mesh, mesh_spec, leaf.shape)
+    units = [config.head_dim if name == "kv_heads" else 1 for name in tuple(logical)]
+    sharding = _named(mesh, mesh_spec, leaf.shape, units)
     if tuple(sharding.spec) != mesh_spec + (None,) * (leaf.ndim - len(mesh_spec)):
       logging.info("param %s %s: spec %s does not divide on mesh %s; using %s",
                    jax.tree_util.keystr(path), leaf.shape, mesh_spec, dict(mesh.shape),

@@ -54,6 +54,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.max_prompt_length = 21  # Prompts are cut to this only when an example does not fit.
   c.truncation_side = "keep_end"  # Of an over-long prompt keep the end (near "TL;DR:").
   c.overlong = "truncate"  # 'truncate' or 'drop' examples that do not fit max_length.
+  c.chat_template = ""  # "": off; 'tokenizer': the tokenizer's chat_template; or a .jinja
+  # file. Dialogue (HH) prompts become the template's user/model turns (daa_jax/data/chat.py).
   c.skip_invalid = False  # True: skip and count malformed rows instead of raising DataError.
   c.columns = ml_collections.ConfigDict(dict(readers.DEFAULT_COLUMNS))  # Generic formats.
   c.eval_source = ml_collections.config_dict.placeholder(str)  # Eval files; else a held-out
@@ -210,13 +212,19 @@ def _load(cfg, kind: str, split: str, workdir: Optional[str]):
   settings = truncation_settings(cfg)
   tokenizer = tokenize_lib.get_tokenizer(cfg.tokenizer)
   plan = _plan(cfg, kind, split, workdir)
-  key = json.dumps(dict(
+  template = None
+  if cfg.get("chat_template"):
+    from daa_jax.data import chat  # pylint: disable=g-import-not-at-top
+    template = chat.ChatTemplate.load(cfg.chat_template, cfg.tokenizer)
+  key = dict(
       version=dataset_lib.CACHE_VERSION, kind=kind, split=split, fmt=plan["fmt"],
       columns=plan["columns"], select=plan["select"],
       files=[file_digest(f) for f in plan["files"]], tokenizer=tokenizer.fingerprint,
       truncation=settings.__dict__, skip_invalid=bool(cfg.skip_invalid),
-      eval_split=cfg.eval_split, eval_fraction=cfg.eval_fraction), sort_keys=True)
-  fingerprint = hashlib.sha256(key.encode()).hexdigest()[:24]
+      eval_split=cfg.eval_split, eval_fraction=cfg.eval_fraction)
+  if template is not None:
+    key["chat_template"] = template.fingerprint
+  fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
   cls = dataset_lib.PairDataset if kind == "pairs" else dataset_lib.SFTDataset
   cache_path = os.path.join(_cache_root(cfg, workdir), f"{kind}-{split}-{fingerprint}.npz")
   cached = cls.load(cache_path, tokenizer)
@@ -242,6 +250,8 @@ def _load(cfg, kind: str, split: str, workdir: Optional[str]):
         unique.append(e)
     stats["duplicates_removed"] = len(examples) - len(unique)
     examples = unique
+  if template is not None:
+    examples = chat.apply(examples, template)
   built = cls.build(examples, tokenizer, settings, stats, fingerprint)
   built.save(cache_path)
   built.from_cache = False
