@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from daa_jax import model as model_lib
+from daa_jax import sharding
 from daa_jax.config_lib import ModelConfig
 from daa_jax.errors import CheckpointError
 
@@ -161,7 +162,8 @@ def hf_state_dict_from_params(config: ModelConfig, params, dtype=np.float32
                               ) -> dict[str, np.ndarray]:
   """daa_jax params (either layout) -> HF tensors named as on the hub (GPT-NeoX: `gpt_neox.`
   prefix and a top-level `embed_out.weight`, which every transformers version loads)."""
-  params = jax.device_get(params)
+  # Every process gets the whole tensors (an all-gather where the mesh spans processes).
+  params = sharding.global_to_host(params)
   if "layers" in params:
     params = model_lib.from_scan_layout(params, config.num_hidden_layers)
   flat = dict(_flatten(params))
@@ -312,8 +314,14 @@ def save_pretrained(config: ModelConfig, params, out_dir: str, dtype=np.float32,
     dtype: dtype of the stored tensors.
     max_shard_bytes: if set and the tensors are larger, write `model-0000i-of-0000n.safetensors`
       files of at most about this size plus `model.safetensors.index.json` (as HF does).
+
+  In a multi-process job every process calls it (the params are gathered collectively) and
+  process 0 writes the files.
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  tensors = hf_state_dict_from_params(config, params, dtype=dtype)
+  if jax.process_index() != 0:
+    return
   os.makedirs(out_dir, exist_ok=True)
   hf_config = config.to_hf()
   try:
@@ -326,7 +334,6 @@ def save_pretrained(config: ModelConfig, params, out_dir: str, dtype=np.float32,
                    torch_dtype=np.dtype(dtype).name, dtype=np.dtype(dtype).name)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(hf_config, f, indent=2, sort_keys=True)
-  tensors = hf_state_dict_from_params(config, params, dtype=dtype)
   total = sum(a.nbytes for a in tensors.values())
   if not max_shard_bytes or total <= max_shard_bytes:
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
