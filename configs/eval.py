@@ -52,7 +52,7 @@ def get_config(arg=None):
   c.judge.max_concurrency = 8
   c.judge.max_requests = config_dict.placeholder(int)  # a spending cap per checkpoint
   c.judge.cache_path = config_dict.placeholder(str)    # None: <workdir>/eval/llm_judge_cache.jsonl
-  # reward_model: a local GPTNeoXForSequenceClassification directory.
+  # reward_model: a local *ForSequenceClassification directory (any supported family).
   c.judge.reward_model = ""
   c.judge.tokenizer = ""          # "": the reward model's own, else the run's tokenizer
   c.judge.max_length = 512

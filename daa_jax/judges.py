@@ -12,7 +12,7 @@ job, `judge_once` asks a judge once (on process 0) and gives its answer to every
 * `llm_judge.LLMJudge` asks an OpenAI-compatible chat-completions endpoint (GPT-4 in the
   paper); it lives in `llm_judge.py`.
 * `RewardModelJudge` scores both responses with a learned reward model (a Hugging Face
-  `GPTNeoXForSequenceClassification`) run by daa_jax's own GPT-NeoX.
+  `*ForSequenceClassification` of any supported family) run by daa_jax's own model.
 
 Importing this module imports neither jax nor anything that touches devices; only building a
 `RewardModelJudge` does.
@@ -169,10 +169,11 @@ class GoldJudge:
 class RewardModelJudge:
   """Scores both responses with a learned reward model and compares like `GoldJudge`.
 
-  The reward model is a Hugging Face `GPTNeoXForSequenceClassification` with one label: the
-  GPT-NeoX trunk (`gpt_neox.*`, converted by `hf_convert`, so the trunk is exactly
-  `model.CausalLM`'s) and a bias-free `score.weight [1, D]`. The reward of a sequence is
-  `score · h`, with h the final (post `final_layer_norm`) hidden state at the pooled token.
+  The reward model is a Hugging Face `*ForSequenceClassification` (GPT-NeoX, Llama, Mistral,
+  Qwen2, Gemma-2) with one label: the trunk (`gpt_neox.*` / `model.*`, converted by
+  `hf_convert`, so the trunk is exactly `model.CausalLM`'s) and a bias-free
+  `score.weight [1, D]`. The reward of a sequence is `score · h`, with h the final (post
+  final norm) hidden state at the pooled token.
   Pooling follows transformers: the rightmost real token whose id is not the config's
   `pad_token_id` (so with pad = EOS, as in Pythia, a trailing EOS is skipped exactly as HF
   skips it); without a `pad_token_id`, the last real token.
@@ -222,7 +223,8 @@ class RewardModelJudge:
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
       raise CheckpointError(f"config.judge.reward_model={path!r}: no config.json there; give a "
-                            "local GPTNeoXForSequenceClassification directory.")
+                            "local *ForSequenceClassification directory (GPT-NeoX, Llama, "
+                            "Mistral, Qwen2 or Gemma-2).")
     with open(config_file, encoding="utf-8") as f:
       hf_config = json.load(f)
     self.config = ModelConfig.from_hf(hf_config, dtype=dtype)
@@ -233,26 +235,31 @@ class RewardModelJudge:
     if score_name is None:
       raise CheckpointError(
           f"{path}: no 'score.weight' tensor; a reward model must be a "
-          "GPTNeoXForSequenceClassification checkpoint (a trunk plus a [1, hidden] score head).")
+          "*ForSequenceClassification checkpoint (a trunk plus a [1, hidden] score head).")
     # pylint: disable-next=protected-access
     score = np.asarray(hf_convert._to_numpy(tensors.pop(score_name)), np.float32)
     if score.shape != (1, self.config.hidden_size):
       raise CheckpointError(
           f"{sources.get(score_name, path)}: 'score.weight' has shape {score.shape}; a reward "
           f"model needs one label, shape (1, {self.config.hidden_size}).")
-    # The classifier has no LM head; the converter checks the whole CausalLM tree, so give it
-    # a placeholder head and drop it after (hidden_states never reads embed_out).
-    v, d = self.config.vocab_size, self.config.hidden_size
-    tensors["embed_out.weight"] = np.zeros((v, d), np.float32)
+    # The classifier has no LM head. Read it as a tied model (the head is the embedding);
+    # a family that keeps a tied head as a copy (GPT-NeoX's embed_out) gets it dropped
+    # again: hidden_states never reads it.
+    self.config = self.config.replace(tie_word_embeddings=True)
+    family = self.config.family
+    copies = set(family.aliases(self.config))
+    head_keys = {path[0] for path, hub in family.hf_names(self.config).items() if hub in copies}
     params = hf_convert.params_from_hf_state_dict(self.config, tensors, source=sources)
-    params.pop("embed_out")
+    for key in head_keys:
+      params.pop(key)
     self.mesh = mesh
     self._dp = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
     if mesh is None:
       self.params = jax.device_put(params)
     else:
       shardings = sharding.param_shardings(self.config, mesh)
-      shardings.pop("embed_out")
+      for key in head_keys:
+        shardings.pop(key)
       self.params = sharding.place_params(params, shardings)
     self.score_weight = score[0]  # [D]
     if tokenizer is None or isinstance(tokenizer, str):

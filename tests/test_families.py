@@ -357,3 +357,30 @@ def test_gemma2_hh_recipe_configs_validate():
   assert module.get_config("stage=daa,chat=True").data.chat_template == "tokenizer"
   with pytest.raises(ConfigError, match="stage"):
     module.get_config("stage=rm")
+
+
+@pytest.mark.parametrize("cls,kw", [
+    (transformers.LlamaForSequenceClassification, dict(LLAMA, vocab_size=263)),
+    (transformers.Gemma2ForSequenceClassification, dict(GEMMA, vocab_size=263))])
+def test_reward_model_judge_of_other_families_matches_transformers(tmp_path, cls, kw):
+  from daa_jax import judges  # pylint: disable=g-import-not-at-top
+  from daa_jax.data import tokenize  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  hf_config = cls.config_class(**kw, num_labels=1, pad_token_id=257,
+                               attn_implementation="eager")
+  hf = cls(hf_config).eval()
+  with torch.no_grad():
+    for name, p in hf.named_parameters():
+      gemma_norm = "norm" in name and hf_config.model_type == "gemma2"
+      p.normal_(1.0 if "norm" in name and not gemma_norm else 0.0, 0.1)
+  hf.save_pretrained(tmp_path)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 257, (3, 10)).astype(np.int32)
+  mask = np.ones_like(tokens)
+  mask[1, 6:] = 0
+  tokens[mask == 0] = 257
+  with torch.no_grad():
+    expected = hf(torch.tensor(tokens, dtype=torch.long),
+                  attention_mask=torch.tensor(mask)).logits[:, 0].numpy()
+  rm = judges.RewardModelJudge(str(tmp_path), tokenizer=tokenize.ByteTokenizer(), batch_size=3)
+  assert np.abs(rm.reward_tokens(tokens, mask) - expected).max() <= 1e-4
