@@ -42,7 +42,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   scan_layers: bool = False
   remat_policy: str = "none"  # none | full | dots | dots_with_no_batch_dims
-  attention_impl: str = "xla"  # xla | cudnn | None (let jax choose)
+  attention_impl: str = "xla"  # xla | blockwise (attention.py) | cudnn | None (jax's choice)
 
   @property
   def head_dim(self) -> int:

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from daa_jax import attention as attention_lib
 from daa_jax.config_lib import ModelConfig
 
 Array = jax.Array
@@ -215,7 +216,7 @@ class Attention(nn.Module):
     # to jax.nn.dot_product_attention in [B,T,H,K]; its logits and softmax are float32 for
     # bf16 inputs too. The boolean mask (causal + padding + segments) is general; 'cudnn' turns
     # it into a dense additive bias, so it is correct there but does not skip masked blocks.
-    heads_first = kv is not None or impl == "xla"
+    heads_first = kv is not None or impl in ("xla", "blockwise")
     if heads_first:
       qkv = qkv.transpose(0, 2, 1, 3)  # [B,H,T,3K]
       cos, sin = cos[:, None], sin[:, None]  # [B,1,T,R]
@@ -235,7 +236,10 @@ class Attention(nn.Module):
         kv = {"k": jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), start),
               "v": jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), start)}
         k, v = kv["k"].astype(q.dtype), kv["v"].astype(q.dtype)  # [B,H,S,K]
-      out = _attend(q, k, v, mask)  # [B,H,T,K]
+      # 'blockwise' (daa_jax/attention.py): the same function one key block at a time,
+      # without the [B,H,T,S] float32 logits; used without a cache (decoding is one query).
+      attend = attention_lib.attend if impl == "blockwise" and kv is None else _attend
+      out = attend(q, k, v, mask)  # [B,H,T,K]
       out = _constrain(out, act).transpose(0, 2, 1, 3)  # [B,T,H,K]
     out = out.reshape(b, t, d)
     out = _dense(d, ("heads", "embed"), cfg.attention_bias, cfg, "dense")(out)
