@@ -96,8 +96,13 @@ def tpu_devices(topology: str):
   # Other jax processes on this machine (which load libtpu too, as a plugin) hold its lock
   # file; compiling for a described topology needs no exclusive access to a chip.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  # v4 and v5p chips run as one device of two TensorCores ("megacore"), as jax sees them on
+  # the VM: a v4-32 (v4:2x2x4) is 16 devices.
+  megacore = topology.split(":")[0].lower() in ("v4", "v5p")
   try:
-    return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+    return topologies.get_topology_desc(
+        platform="tpu", topology_name=topology,
+        **({"chip_config_name": "megacore"} if megacore else {})).devices
   except Exception as e:  # libtpu raises various errors for names it does not know
     raise ConfigError(f"--topology={topology!r} is not a TPU topology libtpu knows ({e}); "
                       "write GENERATION:CHIPS, e.g. v5e:4x4 (v5e-16), v4:2x2x4 (v4-32), "
@@ -111,9 +116,16 @@ def make_mesh(shape, platform: str, topology: str | None):
     raise ConfigError(f"--mesh={','.join(map(str, shape))} must be 3 positive sizes "
                       "data,fsdp,tensor (one may be -1 with --platform tpu).")
   if platform == "tpu":
-    if not topology:
-      raise ConfigError("--platform tpu needs --topology, e.g. --topology v5e:4x4.")
-    devices = tpu_devices(topology)
+    if topology:
+      devices = tpu_devices(topology)
+    elif jax.default_backend() == "tpu":  # on a TPU VM: its own chips (the first ones)
+      devices = jax.devices()
+      if -1 not in shape and math.prod(shape) < len(devices):
+        devices = devices[:math.prod(shape)]
+      topology = f"local {len(devices)} x {devices[0].device_kind}"
+    else:
+      raise ConfigError("--platform tpu needs --topology here (no TPU attached), e.g. "
+                        "--topology v5e:4x4.")
     n, known = len(devices), math.prod(s for s in shape if s != -1)
     if (-1 in shape and n % known) or (-1 not in shape and known != n):
       raise ConfigError(f"--mesh={','.join(map(str, shape))} needs {known} devices but "
@@ -509,11 +521,18 @@ def plan(config, mesh_shape, platform: str, topology: str | None = None,
                         default=0)
   slope, fixed_total = None, None
   if fit and platform == "tpu":
-    log(f"{primary}: compiling at {dp} and {2 * dp} rows per micro-batch to fit memory ...")
-    one, two = (lower_one(s, primary, m, platform) for m in (dp, 2 * dp))
-    if one["compiled"] and two["compiled"]:
-      slope = two["per_device_bytes"]["total"] - one["per_device_bytes"]["total"]
-      fixed_total = one["per_device_bytes"]["total"] - slope
+    # Memory is linear in the micro-batch: the configured one (compiled above) and one more.
+    other = 2 * micro if main["compiled"] else dp
+    log(f"{primary}: compiling at {other} rows per micro-batch to fit memory ...")
+    points = [(micro, main)] if main["compiled"] else []
+    points.append((other, lower_one(s, primary, other, platform)))
+    if other == dp and points[-1][1]["compiled"]:
+      points.append((2 * dp, lower_one(s, primary, 2 * dp, platform)))
+    if len(points) == 2 and all(p["compiled"] for _, p in points):
+      (m1, p1), (m2, p2) = points
+      t1, t2 = p1["per_device_bytes"]["total"], p2["per_device_bytes"]["total"]
+      slope = (t2 - t1) * dp / (m2 - m1)  # bytes per dp rows
+      fixed_total = t1 - slope * m1 / dp
   elif fit:
     row_len, vocab_rows = _program_shapes(s, primary)
     act = lambda m: activation_bytes(s.model_cfg, dict(mesh.shape), primary, m, row_len,  # noqa: E731
@@ -527,7 +546,7 @@ def plan(config, mesh_shape, platform: str, topology: str | None = None,
     mem["activations"] = max(mem["total"] - sum(
         mem[k] for k in ("params", "grads", "opt_state", "reference", "batch", "kv_cache")), 0)
   max_micro = 0
-  if slope:
+  if slope and slope > 0:
     max_micro = max(int((device_memory - fixed_total) // slope), 0) * dp
   fits = bool(mem["total"] <= device_memory and main["lowered"] and not main.get("oom")
               and (platform != "tpu" or main["compiled"]))
