@@ -34,40 +34,28 @@ Packed rows are planned at their largest size: a `--prompt_len` prompt (default
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
 import json
 import math
 import os
 import re
 import sys
 import time
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from daa_jax import config_lib
-from daa_jax import model as model_lib
-from daa_jax import optim
-from daa_jax import packing as packing_lib
-from daa_jax import sampling
+from daa_jax import programs as programs_lib
 from daa_jax import sharding
-from daa_jax import step as step_lib
-from daa_jax import train
 from daa_jax.errors import ConfigError
 
-PROGRAMS = ("daa_live_packed", "daa_live_tworow", "daa_cached_packed", "daa_cached_tworow",
-            "sft", "ref_logps", "sample_prefill", "sample_decode")
+PROGRAMS = programs_lib.PROGRAMS
 # HBM per chip of the TPU generations (device_kind substring -> bytes).
 TPU_HBM = {"v5 lite": 16 * 2**30, "v5e": 16 * 2**30, "v6 lite": 32 * 2**30,
            "v5p": 95 * 2**30, "v5": 95 * 2**30, "v4": 32 * 2**30, "v3": 16 * 2**30}
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10,
           "mib": 2**20, "gib": 2**30, "tib": 2**40}
-PAD_ID = 1
 
 
 def parse_bytes(text: str) -> int:
@@ -153,186 +141,6 @@ def _activate(mesh):
       yield
 
 
-def _abstract(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
-
-
-def shard_bytes(tree) -> int:
-  """Bytes of one device's shard of every array in a tree of sharded ShapeDtypeStructs."""
-  return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
-             for x in jax.tree.leaves(tree))
-
-
-# --- Batches (host-side, as the data pipeline and packing.pack_pairs make them) ------------
-
-
-def pair_batch(pairs: int, prompt_len: int, response_len: int, cached_ref: bool) -> dict:
-  """A two-row preference batch (data contract) of full-length pairs, numpy."""
-  length = prompt_len + response_len
-  t = np.arange(length)
-  tokens = np.full((pairs, 2, length), 5, np.int32)
-  mask = np.ones((pairs, 2, length), np.int32)
-  loss = ((t >= prompt_len - 1) & (t < length - 1)).astype(np.int32)
-  batch = dict(tokens=tokens, loss_mask=np.broadcast_to(loss, tokens.shape).copy(),
-               attention_mask=mask, positions=np.broadcast_to(t, tokens.shape).astype(np.int32),
-               lengths=np.full((pairs, 2), response_len, np.int32),
-               prompt_lengths=np.full((pairs,), prompt_len, np.int32))
-  if cached_ref:
-    batch["ref_logps"] = np.zeros((pairs, 2), np.float32)
-  return batch
-
-
-def _global_batch(host: dict, mesh) -> dict:
-  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh, v.ndim))
-          for k, v in host.items()}
-
-
-# --- The programs --------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Setup:
-  """What every program of one plan shares."""
-  config: Any
-  mesh: Any
-  model_cfg: config_lib.ModelConfig
-  model: model_lib.CausalLM
-  tx: Any
-  lr_fn: Any
-  params: Any            # sharded ShapeDtypeStructs
-  state: Any             # TrainState of those
-  state_shardings: Any
-  ref_params: Any        # reference dtype, sharded like params
-  prompt_len: int
-  response_len: int
-  sample_batch: int
-  new_tokens: int
-
-
-def make_setup(config, mesh, prompt_len=None, response_len=None, sample_batch=None,
-               new_tokens=None) -> Setup:
-  """Model, optimizer, abstract params/state/reference with the trainer's shardings."""
-  model_cfg = train.model_config(config)
-  tx, lr_fn = optim.make(config.optim, 1000)
-  param_shardings = sharding.param_shardings(model_cfg, mesh)
-  abstract_params = jax.eval_shape(functools.partial(model_lib.init_params, model_cfg),
-                                   jax.random.key(0))
-  replicated = NamedSharding(mesh, P())
-  state_shardings = step_lib.TrainState(
-      step=replicated, params=param_shardings,
-      opt_state=train.opt_state_shardings(tx, abstract_params, param_shardings, mesh))
-  state = _abstract(jax.eval_shape(functools.partial(step_lib.init_state, tx=tx),
-                                   abstract_params), state_shardings)
-  ref_dtype = jnp.dtype(config.objective.get("ref_dtype", "float32"))
-  ref = _abstract(jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, ref_dtype),
-                               abstract_params), param_shardings)
-  d = config.data
-  prompt_len = int(prompt_len or d.get("max_prompt_length") or d.max_length // 2)
-  response_len = int(response_len or d.max_length - prompt_len)
-  if prompt_len < 1 or response_len < 1:
-    raise ConfigError(f"prompt_len={prompt_len}, response_len={response_len}: both must be "
-                      ">= 1 (config.data.max_length, config.data.max_prompt_length or "
-                      "--prompt_len/--response_len).")
-  micro = config.train.batch_size // config.train.grad_accum
-  return Setup(config, mesh, model_cfg, model_lib.CausalLM(model_cfg), tx, lr_fn,
-               state.params, state, state_shardings, ref, prompt_len, response_len,
-               int(sample_batch or micro), int(new_tokens or response_len))
-
-
-def _hparams(config, mesh):
-  h = {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
-       for k in step_lib.hparams_from_config(config.objective)}
-  h["debug_nan_step"] = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
-  return h
-
-
-def train_program(s: Setup, kind: str, cached_ref: bool, packing: bool, micro: int):
-  """The trainer's jitted step (as `train.run` builds it) and its abstract arguments."""
-  c, t = s.config, s.config.train
-  grad_accum = int(t.grad_accum)
-  global_batch = micro * grad_accum
-  if kind == "daa":
-    host = pair_batch(global_batch, s.prompt_len, s.response_len, cached_ref)
-    if packing:
-      host = packing_lib.pack_pairs(host, pad_id=PAD_ID)
-  else:
-    host = {k: v[:, 0] for k, v in pair_batch(global_batch, s.prompt_len, s.response_len,
-                                              False).items() if v.ndim >= 2}
-    host["prompt_lengths"] = np.full((global_batch,), s.prompt_len, np.int32)
-  scfg = step_lib.StepConfig(
-      kind=kind, objective=c.objective.name if kind == "daa" else "dpo",
-      normalize=c.objective.normalize if kind == "daa" else "sum", grad_accum=grad_accum,
-      cached_ref=cached_ref, logps_chunk=int(t.logps_chunk), packing=packing)
-  replicated = NamedSharding(s.mesh, P())
-  live = kind == "daa" and not cached_ref
-  fn = jax.jit(functools.partial(step_lib.train_step, model=s.model, tx=s.tx, cfg=scfg,
-                                 lr_fn=s.lr_fn),
-               in_shardings=(s.state_shardings,
-                             jax.tree.map(lambda x: x.sharding, s.ref_params) if live else None,
-                             None, replicated),
-               out_shardings=(s.state_shardings, replicated), donate_argnums=(0,))
-  args = (s.state, s.ref_params if live else None, _global_batch(host, s.mesh),
-          _hparams(c, s.mesh))
-  return fn, args
-
-
-def ref_logps_program(s: Setup, micro: int):
-  """`train.compute_pair_logps`'s jitted pass (packed as the trainer's default)."""
-  packing = bool(s.config.train.get("packing", True))
-  host = pair_batch(micro, s.prompt_len, s.response_len, False)
-  host.pop("prompt_lengths")
-  if packing:
-    host = packing_lib.pack_pairs(host, pad_id=PAD_ID)
-  fn = jax.jit(functools.partial(step_lib.pair_logps, s.model,
-                                 logps_chunk=int(s.config.train.logps_chunk), packing=packing),
-               out_shardings=NamedSharding(s.mesh, P()))
-  return fn, (s.ref_params, _global_batch(host, s.mesh))
-
-
-def _sampling_cfg(s: Setup):
-  return sampling.SamplingConfig(max_new_tokens=s.new_tokens, eos_id=0, pad_id=PAD_ID)
-
-
-def prefill_program(s: Setup):
-  b, p = s.sample_batch, s.prompt_len
-  fn = jax.jit(functools.partial(sampling.prefill, s.model, max_new_tokens=s.new_tokens,
-                                 mesh=s.mesh))
-  prompts = _global_batch({"t": np.zeros((b, p), np.int32), "m": np.ones((b, p), np.int32)},
-                          s.mesh)
-  return fn, (s.params, prompts["t"], prompts["m"])
-
-
-def decode_program(s: Setup):
-  b = s.sample_batch
-  cache = jax.eval_shape(lambda: model_lib.init_cache(s.model_cfg, b, s.prompt_len +
-                                                      s.new_tokens))
-  cache = _abstract(cache, sharding.cache_shardings(s.mesh, cache))
-  fn = jax.jit(functools.partial(sampling.decode_step, s.model, cfg=_sampling_cfg(s),
-                                 mesh=s.mesh), donate_argnums=(1,))
-  rows = _global_batch({"logits": np.zeros((b, s.model_cfg.vocab_size), s.model_cfg.dtype),
-                        "done": np.zeros((b,), bool), "pos": np.zeros((b,), np.int32)}, s.mesh)
-  replicated = NamedSharding(s.mesh, P())
-  rng = jax.eval_shape(lambda: jax.random.key(0))
-  return fn, (s.params, cache, rows["logits"], rows["done"], rows["pos"],
-              jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-              jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated))
-
-
-def build(s: Setup, name: str, micro: int):
-  if name.startswith("daa_"):
-    return train_program(s, "daa", "cached" in name, name.endswith("packed"), micro)
-  if name == "sft":
-    return train_program(s, "sft", False, False, micro)
-  if name == "ref_logps":
-    return ref_logps_program(s, micro)
-  if name == "sample_prefill":
-    return prefill_program(s)
-  if name == "sample_decode":
-    return decode_program(s)
-  raise ConfigError(f"--programs: {name!r} is unknown; choose from {', '.join(PROGRAMS)}.")
-
-
 # --- Memory --------------------------------------------------------------------------------
 
 
@@ -376,7 +184,7 @@ def activation_bytes(cfg: config_lib.ModelConfig, mesh_shape: dict, name: str, m
   return int(layers + logits + 2 * c * d * tokens + gathered)
 
 
-def _program_shapes(s: Setup, name: str) -> tuple[int, int]:
+def _program_shapes(s: programs_lib.Setup, name: str) -> tuple[int, int]:
   """(row length, vocab-projected positions per row) of a program."""
   p, r = s.prompt_len, s.response_len
   packed = bool(s.config.train.get("packing", True))
@@ -389,9 +197,9 @@ def _program_shapes(s: Setup, name: str) -> tuple[int, int]:
   return p + r, p + r
 
 
-def lower_one(s: Setup, name: str, micro: int, platform: str) -> dict:
+def lower_one(s: programs_lib.Setup, name: str, micro: int, platform: str) -> dict:
   """Lowers (and on TPU compiles) one program; its per-device memory, exact where it can be."""
-  fn, args = build(s, name, micro)
+  fn, args = programs_lib.build(s, name, micro)
   state, ref, batch, cache = None, None, None, None
   if name.startswith("daa_") or name == "sft":
     state, ref, batch = args[0], args[1], args[2]
@@ -401,17 +209,17 @@ def lower_one(s: Setup, name: str, micro: int, platform: str) -> dict:
     ref, batch = args
   else:
     cache = args[1] if name == "sample_decode" else None
-  params = shard_bytes(s.params) if name != "ref_logps" else 0
+  params = programs_lib.shard_bytes(s.params) if name != "ref_logps" else 0
   grads = 0
   if state is not None:
     elems = sum(math.prod(x.sharding.shard_shape(x.shape)) for x in jax.tree.leaves(s.params))
     grad_size = 4 if s.config.train.grad_accum > 1 else jnp.dtype(s.model_cfg.param_dtype).itemsize
     grads = elems * grad_size
   mem = {"params": params, "grads": grads,
-         "opt_state": shard_bytes(state.opt_state) if state is not None else 0,
-         "reference": shard_bytes(ref) if ref is not None else 0,
-         "batch": shard_bytes(batch) if batch is not None else 0,
-         "kv_cache": shard_bytes(cache) if cache is not None else 0}
+         "opt_state": programs_lib.shard_bytes(state.opt_state) if state is not None else 0,
+         "reference": programs_lib.shard_bytes(ref) if ref is not None else 0,
+         "batch": programs_lib.shard_bytes(batch) if batch is not None else 0,
+         "kv_cache": programs_lib.shard_bytes(cache) if cache is not None else 0}
   out = {"program": name, "micro_batch": micro, "lowered": False, "compiled": False}
   t0 = time.time()
   try:
@@ -500,16 +308,16 @@ def plan(config, mesh_shape, platform: str, topology: str | None = None,
     device_memory = hbm[0]
   device_memory = parse_bytes(device_memory) if isinstance(device_memory, str) else int(
       device_memory)
-  names = list(programs or (PROGRAMS if config.job == "daa" else
+  names = list(programs or (programs_lib.PROGRAMS if config.job == "daa" else
                             ("sft", "sample_prefill", "sample_decode")))
   for name in names:
-    if name not in PROGRAMS:
-      raise ConfigError(f"--programs: {name!r} is unknown; choose from {', '.join(PROGRAMS)}.")
+    if name not in programs_lib.PROGRAMS:
+      raise ConfigError(f"--programs: {name!r} is unknown; choose from {', '.join(programs_lib.PROGRAMS)}.")
   primary = primary_program(config)
   if primary not in names:
     names.insert(0, primary)
   micro = config.train.batch_size // config.train.grad_accum
-  s = make_setup(config, mesh, prompt_len, response_len, sample_batch, new_tokens)
+  s = programs_lib.make_setup(config, mesh, prompt_len, response_len, sample_batch, new_tokens)
   results = {}
   for name in names:
     log(f"{name}: lowering for {platform} ...")
@@ -519,7 +327,7 @@ def plan(config, mesh_shape, platform: str, topology: str | None = None,
   mem = dict(main["per_device_bytes"])
   mem["kv_cache"] = max((r["per_device_bytes"]["kv_cache"] for r in results.values()),
                         default=0)
-  slope, fixed_total = None, None
+  slope, fixed_total, source = None, None, None
   if fit and platform == "tpu":
     # Memory is linear in the micro-batch: the configured one (compiled above) and one more.
     other = 2 * micro if main["compiled"] else dp
@@ -533,13 +341,16 @@ def plan(config, mesh_shape, platform: str, topology: str | None = None,
       t1, t2 = p1["per_device_bytes"]["total"], p2["per_device_bytes"]["total"]
       slope = (t2 - t1) * dp / (m2 - m1)  # bytes per dp rows
       fixed_total = t1 - slope * m1 / dp
-  elif fit:
+      source = f"TPU compiler at {m1} and {m2} rows"
+  if slope is None and main["lowered"] and (platform != "tpu" or main["compiled"]):
+    # CUDA, or TPU without the extra compile (--nofit): the formula's slope from the total
+    # at the configured micro-batch (the compiled one on TPU).
     row_len, vocab_rows = _program_shapes(s, primary)
     act = lambda m: activation_bytes(s.model_cfg, dict(mesh.shape), primary, m, row_len,  # noqa: E731
                                      vocab_rows)
     slope = act(2 * dp) - act(dp)
-    fixed_total = (main["per_device_bytes"]["total"] - main["per_device_bytes"]["activations"]
-                   + act(dp) - slope)
+    fixed_total = main["per_device_bytes"]["total"] - slope * micro / dp
+    source = "activation formula's slope from the configured micro-batch's total"
   if not main.get("compiled") and platform == "tpu" and slope is not None:
     # The configured micro-batch did not compile (e.g. out of memory): the linear fit's total.
     mem["total"] = int(fixed_total + slope * micro / dp)
@@ -564,6 +375,7 @@ def plan(config, mesh_shape, platform: str, topology: str | None = None,
       "lowered": all(r["lowered"] for r in results.values()),
       "compiled": platform == "tpu" and all(r["compiled"] for r in results.values()),
       "per_device_bytes": mem, "fits": fits, "max_micro_batch": max_micro,
+      "max_micro_batch_from": source,
       "programs": results}
 
 
@@ -599,7 +411,7 @@ def cli(argv=None) -> int:
   platform_flag = flags.DEFINE_enum("platform", "tpu", ["tpu", "cuda"], "Target platform.")
   topology_flag = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:4x4.")
   memory_flag = flags.DEFINE_string("device_memory", None, "Usable bytes per device.")
-  programs_flag = flags.DEFINE_list("programs", None, f"Subset of {', '.join(PROGRAMS)}.")
+  programs_flag = flags.DEFINE_list("programs", None, f"Subset of {', '.join(programs_lib.PROGRAMS)}.")
   micro_flag = flags.DEFINE_integer("micro_batch", None, "Rows per micro-batch.")
   fit_flag = flags.DEFINE_bool("fit", True, "Find the largest micro-batch that fits.")
   prompt_flag = flags.DEFINE_integer("prompt_len", None, "Prompt tokens.")
