@@ -34,7 +34,10 @@ setuptools.setup(
         # torch (CPU) is for parity tests against transformers only; install torch==2.13.0
         # (CPU build) first, as the README says, or pip pulls a multi-GB CUDA build.
         "test": ["pytest>=7", "pytest-xdist>=3", "torch"],
-        "tpu": ["jax[tpu]", "gcsfs"],  # gcsfs: gs:// workdirs through etils.epath
+        # jax[tpu] pins the libtpu of the installed jax version (it also lets
+        # `python -m daa_jax.plan --platform tpu` compile for TPU topologies on any machine);
+        # gcsfs: gs:// workdirs through etils.epath.
+        "tpu": ["jax[tpu]>=0.6", "gcsfs"],
         "cuda": ["jax[cuda12]"],
         "bench": ["torch", "trl", "datasets"],
         # format='tfds': the TL;DR comparisons as array_record, read without TensorFlow.

@@ -9,6 +9,18 @@ the epoch, starting from an SFT run (`--config.init_from=SFT_RUN_DIR`) or HF wei
       --config.init_from=runs/sft_1b --config.data.source=comparisons/ \
       --config.data.format=tldr --config.data.tokenizer=EleutherAI/pythia-1b --workdir runs/ipo
 
+Precision (`precision=fp32|bf16|bf16_state`, config_lib.PRECISIONS): fp32 everywhere is the
+default (CPU, exact); `bf16` computes in bfloat16 with a bfloat16 reference and float32
+weights, gradients and RMSprop state. What fits where (python -m daa_jax.plan shows it):
+Pythia-6.9B with RMSprop on one 141 GB H200 (bf16, full remat, scanned layers):
+
+  python -m daa_jax.main --config configs/daa.py:size=6.9b,precision=bf16 \
+      --config.model.remat_policy=full --config.model.scan_layers=True --config.mesh='(1,1,1)' ...
+
+Pythia-1B on one v5e-8 host (8 x 16 GB, FSDP over the 8 chips):
+
+  python -m daa_jax.main --config configs/daa.py:size=1b,precision=bf16 --config.mesh='(1,-1,1)' ...
+
 Offline on the built-in synthetic task, shrunk for a laptop:
 
   python -m daa_jax.main --config configs/daa.py:size=tiny,objective=dpo,beta=0.1,runlocal=True \
@@ -22,7 +34,8 @@ from daa_jax import data
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, size="1b", objective="dpo", beta=0.1, runlocal=False)
+  a = config_lib.parse_arg(arg, size="1b", objective="dpo", beta=0.1, precision="fp32",
+                           runlocal=False)
   c = config_dict.ConfigDict()
   c.job = "daa"
   c.seed = 0
@@ -37,6 +50,7 @@ def get_config(arg=None):
   c.optim = config_lib.optim_fields("paper")
   c.checkpoint = config_lib.checkpoint_fields()
   c.mesh = (-1, 1, 1)
+  config_lib.apply_precision(c, a.precision)
   if a.runlocal:
     config_lib.shrink_for_local(c)
   return c.lock()

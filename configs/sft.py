@@ -16,7 +16,7 @@ from daa_jax import data
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, size="1b", runlocal=False)
+  a = config_lib.parse_arg(arg, size="1b", precision="fp32", runlocal=False)
   c = config_dict.ConfigDict()
   c.job = "sft"
   c.seed = 0
@@ -34,6 +34,7 @@ def get_config(arg=None):
   c.checkpoint = config_lib.checkpoint_fields()
   c.checkpoint.epoch_fractions = (1.0,)
   c.mesh = (-1, 1, 1)
+  config_lib.apply_precision(c, a.precision)
   if a.runlocal:
     config_lib.shrink_for_local(c)
     c.optim.lr = 1e-3

@@ -56,7 +56,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   scan_layers: bool = False
   remat_policy: str = "none"  # none | full | dots | dots_with_no_batch_dims
-  attention_impl: str = "xla"  # xla | cudnn | None (let jax choose)
+  attention_impl: str = "xla"  # xla | blockwise (attention.py) | cudnn | None (jax's choice)
 
   @property
   def head_dim(self) -> int:
@@ -332,17 +332,51 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 def model_fields(size: str = "tiny") -> ml_collections.ConfigDict:
   """`config.model`: a size-table entry (`SIZES`: Pythia, Gemma-2, Llama-3.x, Qwen2.5, Mistral)
-  plus execution options (see `ModelConfig`); `config.hf_model` takes its shape instead."""
+  plus execution options (see `ModelConfig`); `config.hf_model` takes its shape instead.
+
+  `dtype` is the compute dtype (matmul inputs, activations), `param_dtype` the stored
+  weights'; with `optim.state_dtype` and `objective.ref_dtype` they make the precision policy
+  (`PRECISIONS`). Log-softmax, log-probs and losses are float32 whatever it says.
+  """
   return ml_collections.ConfigDict(dict(
-      size=size, dtype="float32", scan_layers=False, remat_policy="none",
-      attention_impl="xla", vocab_size=0))  # vocab_size 0: the size table's (tiny: >= tokenizer)
+      size=size, dtype="float32", param_dtype="float32", scan_layers=False,
+      remat_policy="none", attention_impl="xla",
+      vocab_size=0))  # vocab_size 0: the size table's (tiny: >= tokenizer)
+
+
+# Precision policies: (param, compute, optimizer state, reference) dtypes. Log-softmax,
+# log-probs and losses are float32 in every one. `fp32` is the CPU default and the exact
+# one; `bf16` computes in bfloat16 and keeps the reference in bfloat16 but the weights,
+# gradients and optimizer state in float32 (RMSprop's lr 5e-7 updates are below bfloat16's
+# resolution of a weight); `bf16_state` also stores the optimizer state in bfloat16 (it is
+# upcast to float32 for each update).
+PRECISIONS = {
+    "fp32": dict(param="float32", compute="float32", state="float32", reference="float32"),
+    "bf16": dict(param="float32", compute="bfloat16", state="float32", reference="bfloat16"),
+    "bf16_state": dict(param="float32", compute="bfloat16", state="bfloat16",
+                       reference="bfloat16"),
+}
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def apply_precision(config, name: str) -> None:
+  """Sets `config.model.{param_dtype,dtype}`, `config.optim.state_dtype` and
+  `config.objective.ref_dtype` from a `PRECISIONS` entry."""
+  if name not in PRECISIONS:
+    raise ConfigError(f"precision={name!r} is unknown; use one of {', '.join(PRECISIONS)}.")
+  p = PRECISIONS[name]
+  config.model.param_dtype = p["param"]
+  config.model.dtype = p["compute"]
+  config.optim.state_dtype = p["state"]
+  config.objective.ref_dtype = p["reference"]
 
 
 def optim_fields(recipe: str = "paper") -> ml_collections.ConfigDict:
   """`config.optim`. recipe 'paper' = RMSprop 5e-7, 150 warmup, constant, clip 10."""
   c = ml_collections.ConfigDict(dict(
       name="rmsprop", lr=5e-7, warmup_steps=150, schedule="constant", final_lr_frac=0.0,
-      grad_clip=10.0, rms_decay=0.99, eps=1e-8, b1=0.9, b2=0.999, weight_decay=0.0))
+      grad_clip=10.0, rms_decay=0.99, eps=1e-8, b1=0.9, b2=0.999, weight_decay=0.0,
+      state_dtype="float32"))  # optimizer state (RMSprop's nu, Adam's moments) as stored
   if recipe == "adamw":
     c.update(name="adamw", lr=1e-4, warmup_steps=100, schedule="cosine", final_lr_frac=0.1,
              grad_clip=1.0, eps=1e-8, weight_decay=0.01)
@@ -389,6 +423,12 @@ def validate(config, num_devices: int | None = None) -> None:
   if job not in ("sft", "daa", "eval", "tree_mdp", "sweep", "quickstart"):
     raise ConfigError(f"config.job={job!r}; use sft, daa, eval, sweep, quickstart or tree_mdp.")
   if job in ("sft", "daa"):
+    for field, value in (("model.dtype", config.model.get("dtype", "float32")),
+                         ("model.param_dtype", config.model.get("param_dtype", "float32")),
+                         ("optim.state_dtype", config.optim.get("state_dtype", "float32")),
+                         ("objective.ref_dtype", config.objective.get("ref_dtype", "float32"))):
+      if value not in DTYPES:
+        raise ConfigError(f"config.{field}={value!r}; use one of {', '.join(DTYPES)}.")
     size = config.model.size
     if not config.get("hf_model") and _size_key(size) not in SIZES:
       raise ConfigError(f"config.model.size={size!r} is not a known size; choose one of "

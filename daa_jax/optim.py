@@ -11,6 +11,8 @@ Two recipes:
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from daa_jax.errors import ConfigError
@@ -64,4 +66,34 @@ def make(optim_config, total_steps: int) -> tuple[optax.GradientTransformation, 
   if optim_config.grad_clip and float(optim_config.grad_clip) > 0:
     parts.append(optax.clip_by_global_norm(float(optim_config.grad_clip)))
   parts.append(core)
-  return optax.chain(*parts), lr_fn
+  tx = optax.chain(*parts)
+  state_dtype = optim_config.get("state_dtype", "float32")
+  if jnp.dtype(state_dtype) != jnp.float32:
+    tx = with_state_dtype(tx, state_dtype)
+  return tx, lr_fn
+
+
+def with_state_dtype(tx: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+  """`tx` whose floating-point state arrays are stored in `dtype` (e.g. bfloat16).
+
+  Each update upcasts the state to float32, runs `tx`, and rounds the new state back, so
+  the arithmetic is float32 and only storage is narrow. Scalars (step counts) are kept.
+  """
+  dtype = jnp.dtype(dtype)
+
+  def cast(tree, to):
+    def one(x):
+      dt = getattr(x, "dtype", None)  # optax.tree_map_params passes placeholders too
+      if dt is None or not jnp.issubdtype(dt, jnp.floating) or not getattr(x, "ndim", 0):
+        return x
+      return x.astype(to)
+    return jax.tree.map(one, tree)
+
+  def init(params):
+    return cast(tx.init(params), dtype)
+
+  def update(updates, state, params=None):
+    updates, state = tx.update(updates, cast(state, jnp.float32), params)
+    return updates, cast(state, dtype)
+
+  return optax.GradientTransformation(init, update)

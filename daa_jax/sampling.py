@@ -1,7 +1,8 @@
 """Jitted autoregressive sampling with the KV cache, on the training mesh.
 
-`sample` prefills the (left-padded) prompts once, then decodes `max_new_tokens` steps in a
-`lax.scan` with fixed shapes, so one (batch, prompt length) shape compiles once. It returns
+`sample` prefills the (left-padded) prompts once (`prefill`), then decodes one token per
+`decode_step` in a `lax.while_loop` with fixed shapes that stops after `max_new_tokens` steps
+or as soon as every row has ended, so one (batch, prompt length) shape compiles once. It returns
 the tokens, their count up to and including EOS, and two per-token log-probs:
 
   * `logps`:        log π(y_t | x, y_<t) under the model itself (temperature 1, no
@@ -150,10 +151,65 @@ def _prompt_positions(prompt_mask: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)
 
 
+def prefill(model: model_lib.CausalLM, params, prompt_tokens: jax.Array,
+            prompt_mask: jax.Array, max_new_tokens: int,
+            mesh: jax.sharding.Mesh | None = None):
+  """Runs the prompts through the model once, filling a KV cache of `P + max_new_tokens` slots.
+
+  Args:
+    model, params: as for `sample`.
+    prompt_tokens, prompt_mask: `[B,P]`, LEFT-padded.
+    max_new_tokens: T, the cache slots kept free for decoding.
+    mesh: as for `sample`.
+
+  Returns:
+    `(cache, last_logits [B,V], next_pos [B])`: the cache after the prompt, the logits of
+    the last prompt position and the rotary position of the first new token.
+  """
+  batch, prompt_len = prompt_tokens.shape
+  variables = {"params": params}
+  prompt_mask = prompt_mask.astype(jnp.int32)
+  cache = _constrain_cache(
+      model_lib.init_cache(model.config, batch, prompt_len + max_new_tokens), mesh)
+  hidden, cache = model.apply(variables, prompt_tokens, attention_mask=prompt_mask,
+                              positions=_prompt_positions(prompt_mask), cache=cache,
+                              method=model_lib.CausalLM.hidden_states)  # [B,P,D]
+  # Only the last prompt position's logits are needed: [B,P,V] would be large for Pythia.
+  last_logits = model.apply(variables, hidden[:, -1:],
+                            method=model_lib.CausalLM.logits_from_hidden)[:, 0]  # [B,V]
+  return cache, last_logits, jnp.sum(prompt_mask, axis=-1)
+
+
+def decode_step(model: model_lib.CausalLM, params, cache, last_logits: jax.Array,
+                done: jax.Array, next_pos: jax.Array, t: jax.Array, rng: jax.Array,
+                cfg: SamplingConfig, mesh: jax.sharding.Mesh | None = None):
+  """Chooses token t of every row from `last_logits [B,V]` and feeds it through the model.
+
+  Rows already `done` [B] get `pad_id`, log-probs 0 and attention mask 0 (their cache slots
+  stay invisible). Returns `(cache, logits [B,V], done, (tok, logp, sample_logp, alive))`,
+  each of the last four `[B]`.
+  """
+  tok, logp, slogp = _choose(last_logits, jax.random.fold_in(rng, t), cfg)
+  alive = ~done
+  tok = jnp.where(alive, tok, cfg.pad_id).astype(jnp.int32)
+  logp = jnp.where(alive, logp, 0.0)
+  slogp = jnp.where(alive, slogp, 0.0)
+  done = done | (alive & (tok == cfg.eos_id))
+  logits, cache = model.apply(
+      {"params": params}, tok[:, None], attention_mask=alive[:, None].astype(jnp.int32),
+      positions=(next_pos + t)[:, None], cache=cache)
+  return _constrain_cache(cache, mesh), logits[:, -1], done, (tok, logp, slogp, alive)
+
+
 def sample(model: model_lib.CausalLM, params, prompt_tokens: jax.Array,
            prompt_mask: jax.Array, rng: jax.Array, cfg: SamplingConfig,
-           mesh: jax.sharding.Mesh | None = None) -> dict[str, jax.Array]:
-  """Samples continuations of left-padded prompts.
+           mesh: jax.sharding.Mesh | None = None,
+           return_steps: bool = False) -> dict[str, jax.Array]:
+  """Samples continuations of left-padded prompts; stops once every row has produced EOS.
+
+  Decoding is a `lax.while_loop` that ends after `cfg.max_new_tokens` steps or as soon as
+  every row is finished, whichever comes first; the outputs are the same as running all
+  steps (the columns after the end hold pad, log-prob 0).
 
   Args:
     model: the `CausalLM`.
@@ -165,45 +221,40 @@ def sample(model: model_lib.CausalLM, params, prompt_tokens: jax.Array,
     cfg: `SamplingConfig` (static).
     mesh: when given, the KV cache is constrained to `sharding.cache_shardings` (batch over
       data x fsdp, heads over tensor); trace under `sharding.activate(mesh)`.
+    return_steps: also return `steps`, the int32 number of decoding steps run (<= T).
 
   Returns:
     dict with `tokens [B,T]` int32 (pad after EOS), `lengths [B]` int32 (tokens up to and
     including EOS; T if no EOS), `finished [B]` bool (EOS produced), `logps [B,T]` and
     `sample_logps [B,T]` float32 (0 after the end); T = cfg.max_new_tokens.
   """
-  batch, prompt_len = prompt_tokens.shape
+  batch = prompt_tokens.shape[0]
   steps = cfg.max_new_tokens
-  variables = {"params": params}
-  prompt_mask = prompt_mask.astype(jnp.int32)
-  cache = _constrain_cache(model_lib.init_cache(model.config, batch, prompt_len + steps), mesh)
-  hidden, cache = model.apply(variables, prompt_tokens, attention_mask=prompt_mask,
-                              positions=_prompt_positions(prompt_mask), cache=cache,
-                              method=model_lib.CausalLM.hidden_states)  # [B,P,D]
-  # Only the last prompt position's logits are needed: [B,P,V] would be large for Pythia.
-  last_logits = model.apply(variables, hidden[:, -1:],
-                            method=model_lib.CausalLM.logits_from_hidden)[:, 0]  # [B,V]
-  next_pos = jnp.sum(prompt_mask, axis=-1)  # [B] position of the first new token
+  cache, last_logits, next_pos = prefill(model, params, prompt_tokens, prompt_mask, steps,
+                                         mesh)
+  out = (jnp.full((batch, steps), cfg.pad_id, jnp.int32), jnp.zeros((batch, steps)),
+         jnp.zeros((batch, steps)), jnp.zeros((batch, steps), bool))  # tok, logp, slogp, alive
 
-  def body(carry, t):
-    cache, last_logits, done = carry
-    tok, logp, slogp = _choose(last_logits, jax.random.fold_in(rng, t), cfg)
-    alive = ~done
-    tok = jnp.where(alive, tok, cfg.pad_id).astype(jnp.int32)
-    logp = jnp.where(alive, logp, 0.0)
-    slogp = jnp.where(alive, slogp, 0.0)
-    done = done | (alive & (tok == cfg.eos_id))
-    # Finished rows feed pad with mask 0: their cache slots stay invisible.
-    logits, cache = model.apply(
-        variables, tok[:, None], attention_mask=alive[:, None].astype(jnp.int32),
-        positions=(next_pos + t)[:, None], cache=cache)
-    return (_constrain_cache(cache, mesh), logits[:, -1], done), (tok, logp, slogp, alive)
+  def cond(carry):
+    t, _, _, done, _ = carry
+    return (t < steps) & ~jnp.all(done)
 
-  init = (cache, last_logits, jnp.zeros((batch,), bool))
-  (_, _, done), (toks, logps, slogps, alive) = jax.lax.scan(body, init, jnp.arange(steps))
-  toks, logps, slogps, alive = (x.T for x in (toks, logps, slogps, alive))  # [B,T]
-  return {"tokens": toks, "lengths": jnp.sum(alive, axis=-1).astype(jnp.int32),
-          "finished": done, "logps": logps.astype(jnp.float32),
-          "sample_logps": slogps.astype(jnp.float32)}
+  def body(carry):
+    t, cache, last_logits, done, out = carry
+    cache, logits, done, new = decode_step(model, params, cache, last_logits, done, next_pos,
+                                           t, rng, cfg, mesh)
+    out = tuple(jax.lax.dynamic_update_slice(o, n.astype(o.dtype)[:, None], (0, t))
+                for o, n in zip(out, new))
+    return t + 1, cache, logits, done, out
+
+  init = (jnp.zeros((), jnp.int32), cache, last_logits, jnp.zeros((batch,), bool), out)
+  t, _, _, done, (toks, logps, slogps, alive) = jax.lax.while_loop(cond, body, init)
+  result = {"tokens": toks, "lengths": jnp.sum(alive, axis=-1).astype(jnp.int32),
+            "finished": done, "logps": logps.astype(jnp.float32),
+            "sample_logps": slogps.astype(jnp.float32)}
+  if return_steps:
+    result["steps"] = t
+  return result
 
 
 def make_sampler(model: model_lib.CausalLM, cfg: SamplingConfig,

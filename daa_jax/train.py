@@ -70,7 +70,8 @@ def _counted(fn, name):
 def model_config(config, vocab_size: int | None = None) -> config_lib.ModelConfig:
   """The `ModelConfig` of a run: HF checkpoint's if `config.hf_model`, else the size table's."""
   m = config.model
-  exec_opts = dict(dtype=m.dtype, scan_layers=m.scan_layers, remat_policy=m.remat_policy,
+  exec_opts = dict(dtype=m.dtype, param_dtype=m.get("param_dtype", "float32"),
+                   scan_layers=m.scan_layers, remat_policy=m.remat_policy,
                    attention_impl=m.attention_impl)
   if config.get("hf_model"):
     cfg = hf_convert.load_config(config.hf_model).replace(**exec_opts)
@@ -108,8 +109,9 @@ def initial_params(config, model_cfg, mesh, param_shardings) -> PyTree:
     return params
   if config.get("hf_model"):
     _, host_params = hf_convert.load_pretrained(
-        config.hf_model, config_overrides=dict(
-            dtype=model_cfg.dtype, scan_layers=model_cfg.scan_layers,
+        config.hf_model, dtype=jnp.dtype(model_cfg.param_dtype), config_overrides=dict(
+            dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype,
+            scan_layers=model_cfg.scan_layers,
             remat_policy=model_cfg.remat_policy, attention_impl=model_cfg.attention_impl))
     logging.info("init: params from HF %s", config.hf_model)
     return sharding.place_params(host_params, param_shardings)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark grid on one GPU in under 8 minutes: Pythia-1B and 2.8B DAA steps in bf16 with
-# cuDNN attention at batch sizes that fill an 80 GB card, and sampling throughput.
+# cuDNN attention at micro-batches from the memory planner (python -m daa_jax.plan, the card's
+# memory), and sampling throughput. One JSON line per item (tokens/s, MFU, peak memory).
 #
 #   bash launch/bench_gpu.sh            # JSON lines to stdout and to $OUT/bench_gpu.jsonl
 #   OUT=/tmp/b BUDGET_S=420 bash launch/bench_gpu.sh
@@ -13,6 +14,8 @@
 # Needs a CUDA build of jax in the active environment (pip install -U "jax[cuda12]").
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
+# shellcheck source=launch/common.sh
+. launch/common.sh
 
 OUT="${OUT:-/tmp/daa_bench_gpu}"
 BUDGET_S="${BUDGET_S:-450}"   # wall-clock budget for the whole grid (< 8 min)
@@ -78,16 +81,27 @@ B() { echo $(( $1 / SCALE > 0 ? $1 / SCALE : 1 )); }
 COMMON=(--dtype bfloat16 --ref_dtype bfloat16 --attention_impl "$ATTN" --optimizer rmsprop)
 TLDR=(--prompt_len 384 --response_len 48)
 
+# Micro-batches from the planner for this card (the formula for CUDA; 92% of the card, as
+# XLA_PYTHON_CLIENT_MEM_FRACTION above). SMOKE: the fixed small ones.
+PLAN=(--platform cuda --device_memory "$(( GPU_MIB * 92 / 100 ))MiB")
+if [[ "${SMOKE:-0}" == 1 ]]; then
+  P1=4; P2=2; P3=1
+else
+  P1=$(planned_pairs "$M1" 64 "${PLAN[@]}")
+  P2=$(planned_pairs "$M2" 32 "${PLAN[@]}" --config.model.remat_policy=full --config.model.scan_layers=True)
+  P3=$(planned_pairs "$M3" 8 "${PLAN[@]}" --config.model.remat_policy=full --config.model.scan_layers=True)
+fi
+
 # Most important first: items past the budget are skipped.
 # Pythia-1B and 2.8B DPO steps, TL;DR shape (384 + 48 tokens), prompt-shared packing.
-run_item 1b_train_packed_tldr       90 --model $M1 --what train --packing --pairs "$(B 64)" "${TLDR[@]}" "${COMMON[@]}" --pack_multiple 64
+run_item 1b_train_packed_tldr       90 --model $M1 --what train --packing --pairs "$P1" "${TLDR[@]}" "${COMMON[@]}" --pack_multiple 64
 # 2.8B: remat keeps 32 layers of activations within the card next to ~40 GB of state; the
 # scanned layers compile in a fraction of the unrolled time.
-run_item 2.8b_train_packed_tldr    120 --model $M2 --what train --packing --pairs "$(B 32)" "${TLDR[@]}" "${COMMON[@]}" --remat_policy full --scan_layers --pack_multiple 64
+run_item 2.8b_train_packed_tldr    120 --model $M2 --what train --packing --pairs "$P2" "${TLDR[@]}" "${COMMON[@]}" --remat_policy full --scan_layers --pack_multiple 64
 # Pythia-6.9B with the paper's optimizer: float32 params, RMSprop state and gradients (~83 GB)
 # plus the bfloat16 reference (~14 GB) need an H200-class card; full remat, scanned layers.
 if (( GPU_MIB > 100000 )); then
-  run_item 6.9b_train_fits         150 --model $M3 --what train --pairs "$(B 8)" "${TLDR[@]}" "${COMMON[@]}" --remat_policy full --scan_layers --pack_multiple 64 --steps 3
+  run_item 6.9b_train_fits         150 --model $M3 --what train --pairs "$P3" "${TLDR[@]}" "${COMMON[@]}" --remat_policy full --scan_layers --pack_multiple 64 --steps 3
 else
   echo "{\"item\": \"6.9b_train_fits\", \"error\": \"skipped: ${GPU_MIB} MiB card; needs > 100 GB (H200)\"}" | tee -a "$RESULTS"
 fi

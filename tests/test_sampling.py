@@ -236,3 +236,40 @@ def test_draw_inverts_the_cdf_and_never_picks_a_zero_probability_token():
   point = jnp.full((4, 64), -jnp.inf).at[jnp.arange(4), jnp.array([0, 1, 40, 63])].set(0.0)
   np.testing.assert_array_equal(np.asarray(sampling.draw(jax.random.key(0), point)),
                                 [0, 1, 40, 63])
+
+
+def test_decoding_stops_when_every_row_has_ended_with_the_same_outputs(params):
+  """EOS made likely (~1/3 per step): all rows end before T = 16; the while loop stops right
+  after the last EOS and its outputs equal running all T decode steps."""
+  boosted = jax.tree.map(lambda x: x, params)
+  kernel = boosted["embed_out"]["kernel"]
+  # The final LayerNorm's output h is ~ its bias b plus a bounded part; a kernel column of
+  # 1.0 * b for EOS adds |b|^2 to EOS's logit.
+  bias = boosted["final_layer_norm"]["bias"] = jnp.full_like(
+      boosted["final_layer_norm"]["bias"], 0.35)
+  boosted["embed_out"]["kernel"] = kernel.at[:, EOS].set(bias)
+  tokens, mask = prompts(batch=8, seed=2)
+  cfg = sampling.SamplingConfig(max_new_tokens=16, eos_id=EOS, pad_id=PAD)
+  rng = jax.random.key(5)
+  out = jax.device_get(jax.jit(functools.partial(
+      sampling.sample, MODEL, cfg=cfg, return_steps=True))(boosted, tokens, mask, rng))
+  check_structure(out)
+  assert out["finished"].all() and out["lengths"].max() < 16
+  assert int(out["steps"]) == out["lengths"].max()  # stopped right after the last EOS
+
+  @jax.jit
+  def all_steps(p):
+    cache, logits, next_pos = sampling.prefill(MODEL, p, tokens, mask, 16)
+    def body(carry, t):
+      cache, logits, done = carry
+      cache, logits, done, new = sampling.decode_step(MODEL, p, cache, logits, done,
+                                                      next_pos, t, rng, cfg)
+      return (cache, logits, done), new
+    _, (tok, logp, slogp, alive) = jax.lax.scan(
+        body, (cache, logits, jnp.zeros((8,), bool)), jnp.arange(16))
+    return tok.T, logp.T, alive.T
+
+  tok, logp, alive = jax.device_get(all_steps(boosted))
+  np.testing.assert_array_equal(out["tokens"], tok)
+  np.testing.assert_array_equal(out["logps"], logp)
+  np.testing.assert_array_equal(out["lengths"], alive.sum(-1))

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from daa_jax import attention as attention_lib
 from daa_jax.config_lib import ModelConfig
 
 Array = jax.Array
@@ -248,7 +249,7 @@ def heads_first_layout(config: ModelConfig, kv) -> bool:
   turns it into a dense additive bias, so it is correct there but does not skip masked
   blocks.
   """
-  return (kv is not None or config.attention_impl == "xla"
+  return (kv is not None or config.attention_impl in ("xla", "blockwise")
           or config.attn_logit_softcapping > 0)
 
 
@@ -279,7 +280,10 @@ def attention_core(config: ModelConfig, q: Array, k: Array, v: Array, mask: Arra
       kv = {"k": jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), start),
             "v": jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), start)}
       k, v = kv["k"].astype(q.dtype), kv["v"].astype(q.dtype)  # [B,G,S,K]
-    out = attend(q, k, v, mask, scale, config.attn_logit_softcapping)  # [B,H,T,K]
+    # 'blockwise' (daa_jax/attention.py): the same function one key block at a time, without
+    # the [B,H,T,S] float32 logits; used without a cache (decoding is one query).
+    fn = attention_lib.attend if config.attention_impl == "blockwise" and kv is None else attend
+    out = fn(q, k, v, mask, scale, config.attn_logit_softcapping)  # [B,H,T,K]
     out = constrain(out, act).transpose(0, 2, 1, 3)  # [B,T,H,K]
   else:
     act = ("act_batch", "act_len", "act_heads", "act_kv")
