@@ -236,17 +236,26 @@ def heldout_metrics(eval_fn, params, ref_params, hparams, dataset, mesh, batch_s
 # --- the run -----------------------------------------------------------------------------
 
 def _write_config(config, workdir):
+  """Writes `config.json`; a resumed run must keep the job, model and objective it started
+  with. Fields that a later daa_jax version added (absent from the old file) are accepted."""
   path = epath.Path(workdir) / "config.json"  # local or gs://
   text = config.to_json_best_effort(indent=2, sort_keys=True)
   if path.exists():
-    old = json.loads(path.read_text())
+    old, new = json.loads(path.read_text()), json.loads(text)
     for field in ("job", "model", "objective"):
-      if field in old and json.dumps(old[field], sort_keys=True) != json.dumps(
-          json.loads(text).get(field), sort_keys=True):
+      if field not in old:
+        continue
+      before, now = old[field], new.get(field)
+      if isinstance(before, dict) and isinstance(now, dict):
+        changed = sorted(k for k in before if json.dumps(before[k]) != json.dumps(now.get(k)))
+      else:
+        changed = [] if json.dumps(before) == json.dumps(now) else [""]
+      if changed:
+        what = ", ".join(f"config.{field}{'.' + k if k else ''}: {before.get(k) if k else before!r}"
+                         f" then, {now.get(k) if k else now!r} now" for k in changed)
         raise ConfigError(
-            f"{path} was written by a run with a different config.{field} "
-            f"({json.dumps(old[field], sort_keys=True)}); resume with the same config or use a "
-            "fresh --workdir.")
+            f"{path} was written by a run with a different config ({what}); resume with the "
+            "same config or use a fresh --workdir.")
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write aside and rename: the other processes read this file while process 0 writes it.

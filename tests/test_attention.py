@@ -77,3 +77,21 @@ def test_no_dense_logits_in_the_forward_or_backward():
   assert f"{b}x{h}x{length}x{length}xf32" not in hlo  # never all of them
   dense = jax.jit(jax.grad(lambda q: jnp.sum(layers.attend(q, q, q, mask)))).lower(q)
   assert f"{b}x{h}x{length}x{length}xf32" in dense.as_text()  # what the check would catch
+
+
+def test_blockwise_equals_dense_with_grouped_heads_scale_and_softcap():
+  """The families' attention: 6 query heads over 2 key/value heads, a custom scale and
+  Gemma-2's soft-capping, causal with padding — blockwise equals `layers.attend`."""
+  rng = np.random.default_rng(5)
+  b, h, g, t, kd = 2, 6, 2, 37, 8
+  q = jnp.asarray(rng.normal(size=(b, h, t, kd)) * 3, jnp.float32)
+  k = jnp.asarray(rng.normal(size=(b, g, t, kd)) * 3, jnp.float32)
+  v = jnp.asarray(rng.normal(size=(b, g, t, kd)), jnp.float32)
+  valid = np.ones((b, t), bool)
+  valid[0, :5] = False
+  mask, _ = model_lib._self_mask(jnp.asarray(valid), None, None)
+  for scale, cap in ((None, 0.0), (0.3, 50.0), (0.3, 2.0)):
+    want = layers.attend(q, k, v, mask, scale, cap)
+    got = attention.attend(q, k, v, mask, scale, cap, block=16)
+    np.testing.assert_allclose(np.asarray(got)[:, :, 5:], np.asarray(want)[:, :, 5:],
+                               atol=1e-5, rtol=1e-5)

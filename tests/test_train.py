@@ -324,3 +324,16 @@ def test_init_from_hf_weights_and_from_an_sft_run(tmp_path):
   assert step == 2
   for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(exported)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_resume_accepts_fields_added_later_and_names_a_changed_one(tmp_path):
+  c = tiny()
+  train._write_config(c, str(tmp_path))
+  path = tmp_path / "config.json"
+  old = json.loads(path.read_text())
+  del old["model"]["param_dtype"]  # a config.json written before the field existed
+  path.write_text(json.dumps(old))
+  train._write_config(c, str(tmp_path))  # resumes
+  changed = tiny(**{"objective.beta": 0.5})
+  with pytest.raises(ConfigError, match=r"config.objective.beta: 0.1 then, 0.5 now"):
+    train._write_config(changed, str(tmp_path))
