@@ -22,7 +22,7 @@ from daa_jax import data
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, size="1b", objective="dpo", beta=0.1, runlocal=False)
+  a = config_lib.parse_arg(arg, size="auto", objective="dpo", beta=0.1, runlocal=False)
   c = config_dict.ConfigDict()
   c.job = "daa"
   c.seed = 0

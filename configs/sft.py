@@ -16,7 +16,7 @@ from daa_jax import data
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, size="1b", runlocal=False)
+  a = config_lib.parse_arg(arg, size="auto", runlocal=False)
   c = config_dict.ConfigDict()
   c.job = "sft"
   c.seed = 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import optax
 
 from daa_jax.errors import ConfigError
+from daa_jax.errors import warn_misfit
 
 
 def schedule(optim_config, total_steps: int) -> optax.Schedule:
@@ -44,6 +45,15 @@ def make(optim_config, total_steps: int) -> tuple[optax.GradientTransformation, 
   optimizer) are the pre-clip norms, as PyTorch's `clip_grad_norm_` reports them.
   """
   lr_fn = schedule(optim_config, total_steps)
+  warmup = int(optim_config.warmup_steps)
+  if warmup >= total_steps > 0:
+    peak = float(lr_fn(total_steps - 1))
+    warn_misfit(
+        f"config.optim.warmup_steps={warmup} is not below the run's {total_steps} steps: the "
+        f"learning rate never reaches config.optim.lr={float(optim_config.lr):g} (it peaks at "
+        f"{peak:.3g}) and the loss will barely move. Set --config.optim.warmup_steps="
+        f"{max(total_steps // 10, 0)} (about 10% of the run), or train longer "
+        "(config.train.num_epochs).")
   name = optim_config.name
   if name == "rmsprop":
     core = optax.rmsprop(lr_fn, decay=float(optim_config.rms_decay), eps=float(optim_config.eps),

@@ -391,7 +391,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     json.dump(results, f, indent=2)
   report = os.path.join(workdir, "report.md")
   scaling.write_report(rows, fits, figures, report, extra_lines=_check_lines(results))
-  message = (f"daa_jax: {len(runs)} runs, {len(rows)} evaluated checkpoints.\n"
+  # Counted as report.md counts them: DAA runs and their checkpoints; the SFT runs and their
+  # step-0 reference rows (the fits' R0) on the side.
+  daa_runs = sum(r["kind"] == "daa" for r in runs)
+  sft_rows = sum(r.get("objective") == "sft" for r in rows)
+  message = (f"daa_jax: {daa_runs} DAA runs, {len(rows) - sft_rows} checkpoints evaluated "
+             f"(+ {len(runs) - daa_runs} SFT runs, {sft_rows} reference points at KL 0).\n"
              f"  report:  {report}\n  figures: {os.path.join(workdir, 'figures')}\n"
              f"  table:   {os.path.join(workdir, 'summary.csv')}")
   return {"message": message, "rows": len(rows), "checks": results, "report": report}
