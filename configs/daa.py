@@ -13,6 +13,10 @@ Offline on the built-in synthetic task, shrunk for a laptop:
 
   python -m daa_jax.main --config configs/daa.py:size=tiny,objective=dpo,beta=0.1,runlocal=True \
       --workdir /tmp/dpo
+
+`size=auto` (the default) takes the size of `init_from`'s run or `hf_model`'s architecture
+(else a tiny model from scratch); the data lengths (`data.max_length`, 0) are fitted to the
+data.
 """
 
 from ml_collections import config_dict

@@ -7,6 +7,10 @@
 Offline on the built-in synthetic task (its demonstrations):
 
   python -m daa_jax.main --config configs/sft.py:size=tiny,runlocal=True --workdir /tmp/sft
+
+`size=auto` (the default) takes the size of `init_from`'s run or `hf_model`'s architecture
+(else a tiny model from scratch); the data lengths (`data.max_length`, 0) are fitted to the
+data.
 """
 
 from ml_collections import config_dict

@@ -37,7 +37,8 @@ from daa_jax import sharding
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--config=configs/tiny.py:job=daa", "--config.checkpoint.every_steps=2",
          "--config.mesh=(-1,1,1)", "--config.train.eval_every=2",
-         "--config.train.eval_batches=1"]
+         "--config.train.eval_batches=1",
+         "--alsologtostderr"]  # the INFO lines asserted below (else only in daa_jax.log)
 # Every logged metric, absolute. Measured: losses ~1e-7 apart, summed log-probs (|logp| ~ 30)
 # ~4e-6 apart: float32 sums in another reduction order (gloo all-reduce vs one process).
 ATOL = 1e-5
