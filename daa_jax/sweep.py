@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from daa_jax import report as report_lib
 from daa_jax import scaling
 
 SUMMARY_COLUMNS = ("objective", "size", "beta", "step", "epoch_fraction", "kl", "kl_stderr",
@@ -385,12 +386,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   rows = collect(runs, workdir)
   fits = scaling.fit_all(rows, r0=config.get("fit_r0", "sft"))
   scaling.write_fits(fits, os.path.join(workdir, "fits.json"))
-  figures = scaling.make_figures(rows, fits, os.path.join(workdir, "figures"))
+  figures = report_lib.make_figures(rows, fits, os.path.join(workdir, "figures"))
   results = checks(rows, fits)
   with open(os.path.join(workdir, "checks.json"), "w", encoding="utf-8") as f:
     json.dump(results, f, indent=2)
   report = os.path.join(workdir, "report.md")
-  scaling.write_report(rows, fits, figures, report, extra_lines=_check_lines(results))
+  report_lib.write_report(rows, fits, figures, report, extra_lines=_check_lines(results))
   # Counted as report.md counts them: DAA runs and their checkpoints; the SFT runs and their
   # step-0 reference rows (the fits' R0) on the side.
   daa_runs = sum(r["kind"] == "daa" for r in runs)
