@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from daa_jax.errors import DaaError
-from daa_jax.scaling import (FORMS, by_group, final_rows, fit_all, is_reference, load_summary,
+from daa_jax.scaling import (by_group, final_rows, fit_all, is_reference, load_summary,
                              predict, run_id, size_key, write_fits)
 
 # --- Figures --------------------------------------------------------------------------------
@@ -41,12 +41,26 @@ def _finite(rows, *cols):
   return [r for r in rows if all(math.isfinite(r.get(c, math.nan)) for c in cols)]
 
 
-def _new_figure(nrows: int, ncols: int, width: float = 3.8, height: float = 3.0):
+def _new_figure(nrows: int, ncols: int, width: float = 3.8, height: float = 3.0,
+                sharey: bool | str = False):
   # matplotlib is imported here, not at module level: reading and fitting need none of it, and
   # a bare Figure (no pyplot) renders through Agg without touching the global backend.
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
-  return fig, fig.subplots(nrows, ncols, squeeze=False)
+  return fig, fig.subplots(nrows, ncols, squeeze=False, sharey=sharey)
+
+
+def _win_rate_errors(rows, y_col: str = "win_rate"):
+  """[2, N] asymmetric error bars from the 95% interval columns (0 where missing)."""
+  y = np.array([r[y_col] for r in rows])
+  lo = np.array([r.get("win_rate_lo", math.nan) for r in rows], np.float64)
+  hi = np.array([r.get("win_rate_hi", math.nan) for r in rows], np.float64)
+  return np.stack([np.nan_to_num(y - lo), np.nan_to_num(hi - y)]).clip(min=0.0)
+
+
+def _beta_markers(rows) -> dict[float, str]:
+  betas = sorted({r["beta"] for r in rows if not is_reference(r) and math.isfinite(r["beta"])})
+  return {b: _MARKERS[i % len(_MARKERS)] for i, b in enumerate(betas)}
 
 
 def _save(fig, out_dir: str, name: str) -> list[str]:
@@ -68,8 +82,11 @@ def _frontier_figure(rows, fit_groups, x_col: str, xlabel: str):
   groups = by_group(rows)
   objectives = sorted({o for o, _ in groups}, key=_objective_key)
   sizes, color = _sizes_and_colors(rows)
+  marker = _beta_markers(rows)
+  references = {r["size"]: r for r in _finite([r for r in rows if is_reference(r)], "win_rate")}
   fits = {(g["objective"], g["size"], g["set"]): g for g in fit_groups}
-  fig, axes = _new_figure(2, len(objectives))
+  # One y-axis per row: objectives side by side are read against the same win-rate scale.
+  fig, axes = _new_figure(2, len(objectives), sharey="row")
   for j, objective in enumerate(objectives):
     for i, set_name in enumerate(("final", "all")):
       ax = axes[i][j]
@@ -81,26 +98,39 @@ def _frontier_figure(rows, fit_groups, x_col: str, xlabel: str):
         if not subset:
           continue
         x = np.array([_x(r, x_col) for r in subset])
-        y = np.array([r["win_rate"] for r in subset])
-        ax.scatter(x, y, s=16, color=color[size], label=size, zorder=3)
-        bars = _finite(subset, "win_rate_lo", "win_rate_hi")
-        if bars:
-          by = np.array([r["win_rate"] for r in bars])
-          ax.errorbar([_x(r, x_col) for r in bars], by, fmt="none", ecolor=color[size],
-                      alpha=0.35, lw=0.8,
-                      yerr=[by - [r["win_rate_lo"] for r in bars],
-                            np.array([r["win_rate_hi"] for r in bars]) - by])
+        for beta, m in marker.items():  # color: size; marker: the objective's β
+          pts = [r for r in subset if r["beta"] == beta]
+          if pts:
+            ax.errorbar([_x(r, x_col) for r in pts], [r["win_rate"] for r in pts],
+                        yerr=_win_rate_errors(pts), fmt=m, ms=4, color=color[size],
+                        ecolor=color[size], elinewidth=0.7, alpha=0.85, zorder=3)
+        ref = references.get(size)
+        if ref is not None:  # the SFT policy itself: d = 0
+          ax.errorbar([0.0], [ref["win_rate"]], yerr=_win_rate_errors([ref]), fmt="*", ms=9,
+                      color="k", elinewidth=0.7, zorder=4)
         fit = fits.get((objective, size, set_name))
         if fit and not fit["skipped"]:
           grid = np.linspace(0.0, 1.05 * x.max(), 200)
           ax.plot(grid, predict("log", fit["log"]["coef"], grid), ":", color=color[size], lw=1.5)
       ax.set_title(f"{objective.upper()}, {set_name} checkpoints", fontsize=10)
       ax.set_xlabel(xlabel)
-      ax.set_ylabel("win rate")
+      if j == 0:  # the row shares its y-axis
+        ax.set_ylabel("win rate (95% interval)")
       ax.grid(alpha=0.3)
-      if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, title="size", title_fontsize=7)
+  _frontier_legend(axes[0][-1], sizes, color, marker, bool(references))
   return fig
+
+
+def _frontier_legend(ax, sizes, color, marker, with_reference: bool) -> None:
+  """One legend: color = model size, marker = β, star = the SFT reference, dotted = the fit."""
+  from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top
+  handles = [Line2D([], [], color=color[s], marker="o", ls="", label=f"size {s}") for s in sizes]
+  handles += [Line2D([], [], color="0.4", marker=m, ls="", label=f"β={b:g}")
+              for b, m in marker.items()]
+  if with_reference:
+    handles.append(Line2D([], [], color="k", marker="*", ms=9, ls="", label="SFT (d = 0)"))
+  handles.append(Line2D([], [], color="0.4", ls=":", label="log-form fit"))
+  ax.legend(handles=handles, fontsize=7, loc="best")
 
 
 def _epoch_figure(rows, size: str):
@@ -108,7 +138,7 @@ def _epoch_figure(rows, size: str):
   groups = {o: g for (o, s), g in by_group(rows).items() if s == size}
   objectives = sorted(groups, key=_objective_key)
   from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
-  fig, axes = _new_figure(2, len(objectives))
+  fig, axes = _new_figure(2, len(objectives), sharey="row")
   for j, objective in enumerate(objectives):
     runs: dict[tuple, list] = {}
     for r in _finite(groups[objective], "epoch_fraction"):
@@ -119,39 +149,69 @@ def _epoch_figure(rows, size: str):
       run = sorted(runs[key], key=lambda r: r["epoch_fraction"])
       shade = colormaps["viridis"](k / max(len(order) - 1, 1))
       label = f"β={run[0]['beta']:g}" + (f" ({run[0]['run']})" if run[0].get("run") else "")
-      for i, col in enumerate(("win_rate", "kl")):
-        pts = _finite(run, col)
-        axes[i][j].plot([r["epoch_fraction"] for r in pts], [r[col] for r in pts], "o-", ms=3,
-                        color=shade, label=label)
-    for i, label in enumerate(("win rate", "KL(πθ‖π_ref)")):
+      pts = _finite(run, "win_rate")
+      handle = axes[0][j].errorbar(
+          [r["epoch_fraction"] for r in pts], [r["win_rate"] for r in pts],
+          yerr=_win_rate_errors(pts), fmt="o-", ms=3, color=shade, elinewidth=0.7,
+          capsize=2, label=label)
+      for bar in handle[2]:
+        bar.set_alpha(0.4)  # β lines share checkpoints: overlapping bars stay see-through
+      pts = _finite(run, "kl")
+      axes[1][j].plot([r["epoch_fraction"] for r in pts], [r["kl"] for r in pts], "o-", ms=3,
+                      color=shade, label=label)
+    epochs = [r["epoch_fraction"] for r in _finite(groups[objective], "epoch_fraction")
+              if r["epoch_fraction"] > 0]
+    for i, label in enumerate(("win rate (95% interval)", "KL(πθ‖π_ref)")):
       axes[i][j].set_title(f"{objective.upper()} {size}", fontsize=10)
-      axes[i][j].set_xlabel("epoch fraction")
       axes[i][j].set_ylabel(label)
       axes[i][j].grid(alpha=0.3)
+      # Schedule checkpoints cluster early (0.25, 0.5, 1, 2, ... epochs): a log axis spreads them.
+      if epochs and max(epochs) / min(epochs) >= 8:
+        ticks = sorted(set(epochs))
+        axes[i][j].set_xscale("log")
+        axes[i][j].set_xticks(ticks, [f"{t:.3g}" for t in ticks], fontsize=7)
+        axes[i][j].minorticks_off()
+        axes[i][j].set_xlabel("epochs (log scale; ticks at checkpoints)")
+      else:
+        axes[i][j].set_xlabel("epochs")
     if runs:
       axes[0][j].legend(fontsize=7)
   return fig
 
 
-def _scatter_figure(rows, panels):
+def _scatter_figure(rows, panels, width: float = 3.8):
   """One panel per (x column, y column, x label, y label); a color per size, a marker per
-  objective."""
+  objective, win-rate intervals as bars, Spearman ρ per size in the panel's title."""
   sizes, color = _sizes_and_colors(rows)
   groups = by_group(rows)
   objectives = sorted({o for o, _ in groups}, key=_objective_key)
-  fig, axes = _new_figure(1, len(panels))
+  fig, axes = _new_figure(1, len(panels), width=width)
   for ax, (x_col, y_col, xlabel, ylabel) in zip(axes[0], panels):
+    xs: dict[str, list] = {}
+    ys: dict[str, list] = {}
     for (objective, size), group_rows in groups.items():
       pts = _finite(group_rows, x_col, y_col)
-      if pts:
-        ax.scatter([r[x_col] for r in pts], [r[y_col] for r in pts], s=16, color=color[size],
-                   marker=_MARKERS[objectives.index(objective) % len(_MARKERS)],
-                   label=f"{objective} {size}")
+      if not pts:
+        continue
+      err = {"xerr" if x_col == "win_rate" else "yerr": _win_rate_errors(pts, "win_rate")} if (
+          "win_rate" in (x_col, y_col)) else {}
+      handle = ax.errorbar([r[x_col] for r in pts], [r[y_col] for r in pts], fmt=_MARKERS[
+          objectives.index(objective) % len(_MARKERS)], ms=4, color=color[size],
+                           elinewidth=0.6, label=f"{objective} {size}", **err)
+      for bar in handle[2]:
+        bar.set_alpha(0.3)  # the intervals are wide: keep the points readable
+      xs.setdefault(size, []).extend(r[x_col] for r in pts)
+      ys.setdefault(size, []).extend(r[y_col] for r in pts)
+    # The rank correlations the report quotes (within each size), on the panel itself.
+    text = [f"ρ = {_fmt(_spearman(xs[k], ys[k]), 2)} ({k}, n={len(xs[k])})"
+            for k in sorted(xs, key=size_key)]
+    if text:
+      ax.set_title("Spearman " + ", ".join(text), fontsize=9)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-      ax.legend(fontsize=7)
+      ax.legend(fontsize=7, loc="lower right")
   return fig, axes
 
 
@@ -160,14 +220,15 @@ def _has(rows, *cols) -> bool:
 
 
 def make_figures(rows: Sequence[Mapping[str, Any]], fits: Mapping[str, Any],
-                 out_dir: str) -> dict[str, list[str]]:
+                 out_dir: str, pairs_on_policy: bool = False) -> dict[str, list[str]]:
   """Writes the sweep's figures as PNG and PDF into out_dir.
 
   Figures (each only when its columns hold data): 'frontier' (Fig. 1: win rate vs √KL, points
   and dotted log-form fits), 'epoch_<size>' (win rate and KL over the epoch, a line per β),
   'proxy_metrics' (implicit-reward accuracy and held-out loss vs win rate), 'length_r2' (length
   R² vs KL), 'forward_kl' (win rate vs √forward KL with the same fits), 'likelihood_drift'
-  (chosen log-prob change vs forward KL).
+  (chosen log-prob change vs forward KL; `pairs_on_policy`: the preference pairs are samples
+  of the reference policy, which the figure's title says).
 
   Returns:
     {figure name: [png path, pdf path]}.
@@ -195,10 +256,15 @@ def make_figures(rows: Sequence[Mapping[str, Any]], fits: Mapping[str, Any],
                          "√KL(π_ref‖πθ)"), out_dir, "forward_kl")
   if _has(rows, "forward_kl", "chosen_logp_drift"):
     fig, axes = _scatter_figure(
-        rows, [("forward_kl", "chosen_logp_drift", "KL(π_ref‖πθ)", "Δ log π(y_chosen|x)")])
+        rows, [("forward_kl", "chosen_logp_drift", "KL(π_ref‖πθ)", "Δ log π(y_chosen|x)")],
+        width=5.0)
     top = max(r["forward_kl"] for r in _finite(rows, "forward_kl"))
     axes[0][0].plot([0, top], [0, -top], "k--", lw=0.8, label="−KL(π_ref‖πθ)")
-    axes[0][0].legend(fontsize=7)
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    axes[0][0].set_title(
+        ("chosen responses are samples of π_ref: the dashed line\nholds by identity; "
+         if pairs_on_policy else "chosen responses' log-likelihood change; ")
+        + axes[0][0].get_title(), fontsize=9)
     figures["likelihood_drift"] = _save(fig, out_dir, "likelihood_drift")
   return figures
 
@@ -322,9 +388,29 @@ def figure_readings(rows, fits) -> dict[str, str]:
   return out
 
 
+# The fitted laws as the report writes them. Their coefficients are a and b, not the α and β
+# of the scaling-law literature: β here is always the objective's KL coefficient.
+_LAWS = {
+    "log": "R(d) = R0 + d·(a − b·ln d)",
+    "bon": "R(d) = R0 + d·(a − b·d)",
+    "quadratic": "R(d) = R0 + c1·d² + c2·d⁴ (d² = KL)",
+}
+_COLUMNS = (
+    "Columns: **set** = each run's final checkpoint only, or all its checkpoints; **n** = "
+    "checkpoints fitted; **R0** = win rate at d = 0; **a**, **b** = the log-form law's "
+    "coefficients; **RMSE** = root-mean-square error of the log-form law; **best-of-n RMSE** "
+    f"= that of {_LAWS['bon']} (the best-of-n law's shape, same number of coefficients); "
+    f"**quadratic RMSE** = that of {_LAWS['quadratic']}; **RMSE ratio** = log-form RMSE / "
+    "quadratic RMSE (< 1: the log form fits better); **d\\*** = exp(a/b − 1), where the "
+    "log-form law peaks; **peak win rate** = its value there.")
+
+
 def _fit_table(groups) -> list[str]:
-  lines = ["| objective | size | set | n | R0 | α | β | RMSE | best-of-n RMSE | quadratic RMSE "
-           "| RMSE ratio | d* | peak win rate | note |",
+  if all(g["skipped"] for g in groups):
+    reasons = sorted({g["skipped"] for g in groups})
+    return [f"No fit: every objective × size was skipped ({'; '.join(reasons)})."]
+  lines = ["| objective | size | set | n | R0 | a | b | RMSE | best-of-n RMSE | quadratic RMSE "
+           "| RMSE ratio | d\\* | peak win rate | note |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for g in groups:
     head = f"| {g['objective']} | {g['size']} | {g['set']} | {g['n']} |"
@@ -343,38 +429,89 @@ def _fit_table(groups) -> list[str]:
   return lines
 
 
+# What each figure shows, above the line read off the data.
+_CAPTIONS = {
+    "frontier": "Win rate against √KL(πθ‖π_ref): a column per objective; top row each run's "
+                "final checkpoint, bottom row all checkpoints. Color = model size, marker = the "
+                "objective's β, bars = 95% intervals, star = the SFT policy (d = 0), dotted = "
+                "the log-form fit.",
+    "epoch": "Win rate (95% intervals) and KL over training, a line per β.",
+    "proxy_metrics": "Win rate against the proxies a run logs without a judge: implicit-reward "
+                     "accuracy and loss on held-out preference pairs; Spearman ρ within each "
+                     "size on the panels.",
+    "length_r2": "How much of the implicit reward's variation the sample length explains "
+                 "(R²), against KL.",
+    "forward_kl": "As the frontier, on √KL(π_ref‖πθ) (forward KL, from reference samples).",
+    "likelihood_drift": "Change of the chosen responses' log-likelihood from the reference, "
+                        "against forward KL; dashed: −KL(π_ref‖πθ).",
+}
+_ON_POLICY = (" Here the preference pairs are samples of the reference (SFT) policy, so the "
+              "mean change over chosen responses estimates E_{y∼π_ref}[log πθ − log π_ref] = "
+              "−KL(π_ref‖πθ): points on the dashed line are that identity, not a finding; "
+              "points below it mean the chosen responses lost more likelihood than a typical "
+              "reference sample.")
+
+
 def write_report(rows, fits, figures: Mapping[str, Sequence[str]], out_path: str,
-                 extra_lines: Sequence[str] | None = None) -> str:
-  """Writes report.md: the fit tables and each figure with one line read off the data."""
+                 extra_lines: Sequence[str] | None = None, win_rate_against: str = "",
+                 pairs_on_policy: bool = False) -> str:
+  """Writes report.md: the fit tables and each figure with one line read off the data.
+
+  Args:
+    rows, fits, figures: as from `load_summary` / `fit_all` / `make_figures`.
+    out_path: the report's path.
+    extra_lines: markdown appended as is (a section with its own heading).
+    win_rate_against: one sentence saying what the win rate compares (the judge and the
+      responses it compares against); a generic sentence when empty.
+    pairs_on_policy: the preference pairs are samples of the reference policy (the
+      likelihood-drift figure then reads as an identity).
+  """
   base = os.path.dirname(os.path.abspath(out_path))
   policy_rows = [r for r in rows if not is_reference(r)]
   runs = {run_id(r) for r in policy_rows}
+  references = [r for r in rows if is_reference(r)]
+  against = win_rate_against or (
+      "Win rate: the share of held-out prompts on which the judge prefers the policy's sample "
+      "to the reference response (ties count half), with a 95% Wilson interval.")
   lines = [
       "# Over-optimization: win rate against KL", "",
-      f"{len(policy_rows)} checkpoints from {len(runs)} runs. d = √KL(πθ‖π_ref); the law "
-      f"{FORMS['log']} is fitted by least squares per objective × size, on each run's final "
-      f"checkpoint and on all checkpoints, next to {FORMS['bon']} and {FORMS['quadratic']}. "
-      f"R0 (the win rate at d = 0): {fits.get('r0_mode') or 'fit'}. RMSE ratio = log-form RMSE "
-      "/ quadratic RMSE (same number of coefficients); d* = exp(α/β − 1) is the predicted peak.",
+      f"{len(policy_rows)} DAA checkpoints from {len(runs)} runs"
+      + (f", plus {len(references)} SFT reference point(s) at KL 0" if references else "")
+      + f". {against}", "",
+      f"d = √KL(πθ‖π_ref). The law {_LAWS['log']} is fitted by least squares per objective × "
+      f"size, on each run's final checkpoint and on all checkpoints, next to {_LAWS['bon']} "
+      f"and {_LAWS['quadratic']}. R0 (the win rate at d = 0): "
+      f"{_R0_TEXT.get(fits.get('r0_mode') or 'fit', fits.get('r0_mode'))}. The fits' "
+      "coefficients are a and b; β always means the objective's β.", "", _COLUMNS,
       "", "## Fits on √KL(πθ‖π_ref)", ""] + _fit_table(fits["groups"])
   if fits.get("forward_kl_groups"):
     lines += ["", "## Fits on √KL(π_ref‖πθ) (forward KL)", ""] + _fit_table(
         fits["forward_kl_groups"])
   readings = figure_readings(rows, fits)
-  lines += ["", "## Figures"]
+  if figures:
+    lines += ["", "## Figures"]
   for name, paths in figures.items():
     png = next((p for p in paths if p.endswith(".png")), paths[0])
     pdf = next((p for p in paths if p.endswith(".pdf")), None)
-    lines += ["", f"### {name}", "", f"![{name}]({os.path.relpath(png, base)})", ""]
-    lines.append(readings.get(name) or "(no reading: too few points)")
+    caption = _CAPTIONS.get(name.split("_")[0] if name.startswith("epoch_") else name, "")
+    if name == "likelihood_drift" and pairs_on_policy:
+      caption += _ON_POLICY
+    lines += ["", f"### {name}", "", f"![{name}]({os.path.relpath(png, base)})", "", caption]
+    if readings.get(name):
+      lines += ["", readings[name]]
     if pdf:
       lines += ["", f"[PDF]({os.path.relpath(pdf, base)})"]
   if extra_lines:
-    lines += ["", "## Notes", ""] + list(extra_lines)
+    extra = list(extra_lines)
+    lines += [""] + ([] if extra and extra[0].startswith("#") else ["## Notes", ""]) + extra
   os.makedirs(base, exist_ok=True)
   with open(out_path, "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
   return out_path
+
+
+_R0_TEXT = {"fit": "fitted with the other coefficients",
+            "sft": "the SFT policy's own win rate (its evaluation at step 0)"}
 
 
 # --- Command line ---------------------------------------------------------------------------

@@ -291,9 +291,9 @@ def fit_all(rows: Sequence[Mapping[str, Any]], r0=None) -> dict[str, Any]:
         entry = {"objective": objective, "size": size, "set": set_name,
                  "x": "sqrt_kl" if x_col == "sqrt_kl" else "sqrt_forward_kl",
                  "r0_source": source, **result}
-        if entry["skipped"]:
-          logging.warning("scaling fit %s/%s/%s/%s skipped: %s", objective, size, set_name,
-                          entry["x"], entry["skipped"])
+        if entry["skipped"]:  # info, not a warning: the report's fit table lists it
+          logging.info("scaling fit %s/%s/%s/%s skipped: %s", objective, size, set_name,
+                       entry["x"], entry["skipped"])
         out[key].append(entry)
   return _jsonable(out)
 
