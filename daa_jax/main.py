@@ -4,6 +4,10 @@ The job comes from `config.job`: `sft`, `daa` (training), `eval` (evaluate a run
 checkpoints), `sweep` / `quickstart` (a grid of runs, evaluation, fits and figures) or
 `tree_mdp` (the paper's toy). Any field can be overridden with `--config.a.b=value`.
 
+`daa-jax --help` (or no arguments) lists the jobs and configs and exits 0; `--print_config`
+prints every field of the resolved config and exits. The console shows progress bars,
+warnings and a short summary; INFO logs go to `<workdir>/daa_jax.log` (`console.py`).
+
 This is the only module with process-level side effects: flags, `jax.distributed`
 initialization for multi-process jobs, and jax config updates. A user error (bad config
 value, malformed data, incompatible checkpoint) ends with a one-paragraph message and exit

@@ -476,7 +476,8 @@ def write_report(rows, fits, figures: Mapping[str, Sequence[str]], out_path: str
   lines = [
       "# Over-optimization: win rate against KL", "",
       f"{len(policy_rows)} DAA checkpoints from {len(runs)} runs"
-      + (f", plus {len(references)} SFT reference point(s) at KL 0" if references else "")
+      + (f", plus {len(references)} SFT reference point{'s' * (len(references) != 1)} at KL 0"
+         if references else "")
       + f". {against}", "",
       f"d = √KL(πθ‖π_ref). The law {_LAWS['log']} is fitted by least squares per objective × "
       f"size, on each run's final checkpoint and on all checkpoints, next to {_LAWS['bon']} "

@@ -420,8 +420,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # step-0 reference rows (the fits' R0) on the side.
   daa_runs = sum(r["kind"] == "daa" for r in runs)
   sft_rows = sum(r.get("objective") == "sft" for r in rows)
+  sft_runs = len(runs) - daa_runs
   message = (f"daa_jax: {daa_runs} DAA runs, {len(rows) - sft_rows} checkpoints evaluated "
-             f"(+ {len(runs) - daa_runs} SFT runs, {sft_rows} reference points at KL 0).\n"
+             f"(+ {sft_runs} SFT run{'s' * (sft_runs != 1)}, {sft_rows} reference "
+             f"point{'s' * (sft_rows != 1)} at KL 0).\n"
              f"  report:  {report}\n  figures: {os.path.join(workdir, 'figures')}\n"
              f"  table:   {os.path.join(workdir, 'summary.csv')}")
   return {"message": message, "rows": len(rows), "checks": results, "report": report}
