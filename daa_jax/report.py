@@ -439,8 +439,9 @@ _CAPTIONS = {
     "proxy_metrics": "Win rate against the proxies a run logs without a judge: implicit-reward "
                      "accuracy and loss on held-out preference pairs; Spearman ρ within each "
                      "size on the panels.",
-    "length_r2": "How much of the implicit reward's variation the sample length explains "
-                 "(R²), against KL.",
+    "length_r2": "R² of a line fitting the implicit reward β·log(πθ/π_ref) of the held-out "
+                 "responses on their length, against KL: how much of what a run learned is "
+                 "response length.",
     "forward_kl": "As the frontier, on √KL(π_ref‖πθ) (forward KL, from reference samples).",
     "likelihood_drift": "Change of the chosen responses' log-likelihood from the reference, "
                         "against forward KL; dashed: −KL(π_ref‖πθ).",
