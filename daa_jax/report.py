@@ -262,7 +262,8 @@ def make_figures(rows: Sequence[Mapping[str, Any]], fits: Mapping[str, Any],
     axes[0][0].plot([0, top], [0, -top], "k--", lw=0.8, label="−KL(π_ref‖πθ)")
     axes[0][0].legend(fontsize=7, loc="lower left")
     axes[0][0].set_title(
-        ("chosen responses are samples of π_ref: the dashed line\nholds by identity; "
+        ("pairs sampled from π_ref: their mean over both responses\nlies on the dashed line "
+         "by identity; "
          if pairs_on_policy else "chosen responses' log-likelihood change; ")
         + axes[0][0].get_title(), fontsize=9)
     figures["likelihood_drift"] = _save(fig, out_dir, "likelihood_drift")
@@ -446,11 +447,12 @@ _CAPTIONS = {
     "likelihood_drift": "Change of the chosen responses' log-likelihood from the reference, "
                         "against forward KL; dashed: −KL(π_ref‖πθ).",
 }
-_ON_POLICY = (" Here the preference pairs are samples of the reference (SFT) policy, so the "
-              "mean change over chosen responses estimates E_{y∼π_ref}[log πθ − log π_ref] = "
-              "−KL(π_ref‖πθ): points on the dashed line are that identity, not a finding; "
-              "points below it mean the chosen responses lost more likelihood than a typical "
-              "reference sample.")
+_ON_POLICY = (" Here both responses of every pair are samples of the reference (SFT) policy, so "
+              "the mean change over chosen and rejected together estimates "
+              "E_{y∼π_ref}[log πθ − log π_ref] = −KL(π_ref‖πθ) exactly: the dashed line is that "
+              "identity, not a finding. The chosen half is selected by the labeler, so chosen "
+              "points below the line lost more likelihood than a typical reference sample, and "
+              "points above it less.")
 
 
 def write_report(rows, fits, figures: Mapping[str, Sequence[str]], out_path: str,

@@ -30,7 +30,7 @@ def test_report_defines_what_it_measured(tmp_path):
   assert "R(d) = R0 + d·(a − b·ln d)" in text and "alpha" not in text
   assert "## Notes" not in text  # the checks bring their own heading: no empty section
   assert "## Checks of the paper's findings" in text
-  assert "−KL(π_ref‖πθ): points on the dashed line are that identity" in text
+  assert "= −KL(π_ref‖πθ) exactly: the dashed line is that identity, not a finding" in text
   assert "(no reading" not in text
   # Every figure has a caption saying what it shows.
   for name in figures:
