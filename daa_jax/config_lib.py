@@ -334,22 +334,22 @@ def _get_path(config, path: str):
 _MISSING = object()
 
 
-def check_choice(field: str, value, allowed, hint: str = "") -> None:
+def check_choice(field: str, value, allowed, noun: str = "value") -> None:
   """Raises `ConfigError` when `value` is not in `allowed`, suggesting the closest name.
 
   Args:
     field: the dotted field name as the user writes it (`config.objective.name`).
     value: the configured value.
     allowed: the permitted values.
-    hint: appended to the message (e.g. how to set the field from the command line).
+    noun: what the field holds, for the message ("size": "is not a known size").
   """
   if value in allowed:
     return
   names = [str(a) for a in allowed]
   close = difflib.get_close_matches(str(value), names, n=1, cutoff=0.6)
-  guess = f" Did you mean {close[0]!r}?" if close else ""
-  fix = hint or f" Set --{field}={close[0] if close else names[0]} (or another allowed value)."
-  raise ConfigError(f"{field}={value!r} is not one of: {', '.join(names)}.{guess}{fix}")
+  fix = f" Did you mean {close[0]!r}? Set --{field}={close[0]}." if close else ""
+  raise ConfigError(f"{field}={value!r} is not a known {noun}; choose one of: "
+                    f"{', '.join(names)}.{fix}")
 
 
 def _check_choices(config, prefix: str) -> None:
@@ -360,14 +360,18 @@ def _check_choices(config, prefix: str) -> None:
     if value is _MISSING:
       continue
     values = value if isinstance(value, (tuple, list)) and path == "objectives" else (value,)
+    noun = path.split(".")[-1].replace("_", " ")
+    noun = {"name": {"optim": "optimizer"}.get(path.split(".")[0], path.split(".")[0]),
+            "objectives": "objective", "job": "job"}.get(noun, noun)
     for v in values:
-      check_choice(f"{prefix}{path}", v, allowed)
+      check_choice(f"{prefix}{path}", v, allowed, noun)
   size = _get_path(config, "model.size")
   if size is not _MISSING:
     check_choice(f"{prefix}model.size", str(size).lower().removeprefix("pythia-"),
-                 ("auto",) + tuple(PYTHIA_SIZES))
+                 ("auto",) + tuple(PYTHIA_SIZES), "size")
   for s in (config.get("sizes") or ()) if job in ("sweep", "quickstart") else ():
-    check_choice(f"{prefix}sizes", str(s).lower().removeprefix("pythia-"), tuple(PYTHIA_SIZES))
+    check_choice(f"{prefix}sizes", str(s).lower().removeprefix("pythia-"), tuple(PYTHIA_SIZES),
+                 "size")
 
 
 def validate(config, num_devices: int | None = None, prefix: str = "config.") -> None:
@@ -378,7 +382,7 @@ def validate(config, num_devices: int | None = None, prefix: str = "config.") ->
   `sft` and `daa` sub-configs are checked as their own jobs.
   """
   job = config.get("job")
-  check_choice(f"{prefix}job", job, JOBS)
+  check_choice(f"{prefix}job", job, JOBS, "job")
   _check_choices(config, prefix)
   if job in ("sweep", "quickstart"):
     for sub in ("sft", "daa"):
