@@ -1,14 +1,25 @@
 """Checkpoints through orbax — the only module that talks to orbax.
 
-Layout under a run's workdir:
-  checkpoints/<step>/{state, meta}   full TrainState (+ data-iterator state and seed as JSON);
-                                     schedule steps are kept forever, periodic ones rotate
-                                     under `max_to_keep`.
-  params/<step>/params               params-only export of each schedule checkpoint (what
-                                     evaluation and `config.init_from` read).
+Layout under a run's workdir: one orbax CheckpointManager, one directory per saved step.
 
-Saves are asynchronous (orbax writes in the background while training continues); a save is
-committed atomically, so a run killed mid-save still has its previous checkpoint.
+  checkpoints/<step>/state    full TrainState (params, optimizer state, step)
+  checkpoints/<step>/meta     data-iterator state and seed (JSON)
+  checkpoints/<step>/params   params-only export, on schedule steps (what evaluation, the
+                              sweep and `config.init_from` read)
+
+The three items of a step are written by one `save` and committed together (orbax renames
+the step's temporary directory, or writes `commit_success.txt` on object stores), so a step
+either has all of them or does not exist: "state committed, export missing" cannot happen,
+and only one save (one set of orbax barriers) is in flight at a time. Schedule steps are
+kept forever; other steps (`every_steps`, a preemption save) rotate under `max_to_keep`.
+
+Run directories written before this layout kept the exports in a second manager,
+`params/<step>/params`; they still load (`exported_steps` and `load_params` read both), and a
+resumed run writes an export that a schedule step lacks (`Checkpointer.missing_exports`) into
+that directory.
+
+Saves are asynchronous (orbax writes in the background while training continues) and
+collective: every process calls `save` for the same step.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from etils import epath
 from daa_jax.errors import CheckpointError
 
 PyTree = Any
+_EXPORTS = "params"  # the export's item name, and the directory of repaired/legacy exports
 
 
 def _preservation(max_to_keep: int, keep_steps: Iterable[int]):
@@ -33,8 +45,31 @@ def _preservation(max_to_keep: int, keep_steps: Iterable[int]):
   return cm.AnyPreservationPolicy([cm.LatestN(n=max_to_keep), cm.CustomSteps(keep)])
 
 
+def _finalized(path: epath.Path) -> bool:
+  """`path` is a directory orbax finished writing (not a temporary, half-written one)."""
+  return path.is_dir() and ocp.path.step.is_path_finalized(path)
+
+
+def _export_path(run_dir: str, step: int) -> epath.Path | None:
+  """Where `step`'s committed params export lives, in this layout or the earlier one.
+
+  `checkpoints/<step>` is committed as a whole; in `params/<step>/params` either the step
+  directory (the earlier layout's manager) or the item itself (`write_export`) carries the
+  commit.
+  """
+  run = epath.Path(run_dir)
+  managed = run / "checkpoints" / str(step)
+  if (managed / _EXPORTS).exists() and _finalized(managed):
+    return managed / _EXPORTS
+  separate = run / _EXPORTS / str(step)
+  if (separate / _EXPORTS).exists() and (
+      _finalized(separate / _EXPORTS) or _finalized(separate)):
+    return separate / _EXPORTS
+  return None
+
+
 class Checkpointer:
-  """Full-state checkpoints plus params-only exports for one run."""
+  """Full-state checkpoints with params-only exports on schedule steps, for one run."""
 
   def __init__(self, workdir: str, ckpt_config, schedule_steps: Iterable[int]):
     self.workdir = epath.Path(workdir)
@@ -46,11 +81,7 @@ class Checkpointer:
         enable_async_checkpointing=bool(ckpt_config.async_save),
         create=True)
     self._mngr = ocp.CheckpointManager(
-        self.workdir / "checkpoints", options=opts, item_names=("state", "meta"))
-    export_opts = ocp.CheckpointManagerOptions(
-        enable_async_checkpointing=bool(ckpt_config.async_save), create=True)
-    self._exports = ocp.CheckpointManager(
-        self.workdir / "params", options=export_opts, item_names=("params",))
+        self.workdir / "checkpoints", options=opts, item_names=("state", "meta", _EXPORTS))
 
   # --- schedule -------------------------------------------------------------------------
   def should_save(self, step: int, final: bool = False) -> bool:
@@ -65,16 +96,17 @@ class Checkpointer:
 
   # --- save / restore -------------------------------------------------------------------
   def save(self, step: int, state: PyTree, meta: dict, export: bool | None = None) -> None:
-    """Saves `state` (sharded jax arrays) and JSON `meta` at `step`, asynchronously."""
+    """Saves `state` (sharded jax arrays), JSON `meta` and, on schedule steps (or `export`),
+    the params export at `step`: one asynchronous, atomic commit. Every process calls it."""
     if step in self._mngr.all_steps():
       return
-    self._mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
     if export is None:
       export = step in self.schedule_steps
-    if export and self.export_params and step not in self._exports.all_steps():
-      self._exports.save(step, args=ocp.args.Composite(
-          params=ocp.args.StandardSave(state.params)), force=True)
+    export = bool(export and self.export_params)
+    items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    if export:
+      items[_EXPORTS] = ocp.args.StandardSave(state.params)
+    self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
     logging.info("checkpoint: saving step %d%s", step, " (+ params export)" if export else "")
 
   def restore(self, step: int, abstract_state: PyTree) -> tuple[PyTree, dict]:
@@ -89,26 +121,38 @@ class Checkpointer:
           "started with (saved as config.json in the workdir).") from e
     return out.state, dict(out.meta)
 
+  def missing_exports(self) -> list[int]:
+    """Schedule steps with a full-state checkpoint but no params export anywhere (a run
+    directory of the earlier two-manager layout, killed between its two commits)."""
+    if not self.export_params:
+      return []
+    exported = set(exported_steps(str(self.workdir)))
+    return [s for s in self.all_steps() if s in self.schedule_steps and s not in exported]
+
+  def write_export(self, step: int, params: PyTree) -> None:
+    """Writes a params export for an already-committed `step` (see `missing_exports`) into
+    `params/<step>/params`, synchronously; every process calls it."""
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(self.workdir / _EXPORTS / str(step) / _EXPORTS, params, force=True)
+    ckptr.wait_until_finished()
+    ckptr.close()
+    logging.info("checkpoint: wrote the missing params export of step %d", step)
+
   def wait(self) -> None:
     self._mngr.wait_until_finished()
-    self._exports.wait_until_finished()
 
   def close(self) -> None:
     self.wait()
     self._mngr.close()
-    self._exports.close()
 
 
 def exported_steps(run_dir: str) -> list[int]:
-  """Steps that have a params-only export under `run_dir/params` (committed ones only)."""
-  path = epath.Path(run_dir) / "params"
-  if not path.exists():
-    return []
-  steps = []
-  for child in path.iterdir():
-    if re.fullmatch(r"\d+", child.name) and (child / "params").exists():
-      steps.append(int(child.name))
-  return sorted(steps)
+  """Steps of `run_dir` with a committed params export (either layout), ascending."""
+  steps = set()
+  for parent in (epath.Path(run_dir) / "checkpoints", epath.Path(run_dir) / _EXPORTS):
+    if parent.exists():
+      steps.update(int(c.name) for c in parent.iterdir() if re.fullmatch(r"\d+", c.name))
+  return sorted(s for s in steps if _export_path(run_dir, s) is not None)
 
 
 def load_params(spec: str, abstract_params: PyTree) -> tuple[PyTree, int]:
@@ -121,13 +165,14 @@ def load_params(spec: str, abstract_params: PyTree) -> tuple[PyTree, int]:
   steps = exported_steps(run_dir)
   if not steps:
     raise CheckpointError(
-        f"config.init_from={spec!r}: no params exports under {os.path.join(run_dir, 'params')}. "
-        "Point it at the workdir of a finished daa_jax run (e.g. the SFT run).")
+        f"config.init_from={spec!r}: no params exports under "
+        f"{os.path.join(run_dir, 'checkpoints')}. Point it at the workdir of a daa_jax run that "
+        "reached a schedule checkpoint (e.g. the finished SFT run).")
   step = int(step_text) if step_text else steps[-1]
   if step not in steps:
     raise CheckpointError(f"config.init_from={spec!r}: step {step} was not exported; "
                           f"exported steps are {steps}.")
-  path = epath.Path(run_dir) / "params" / str(step) / "params"
+  path = _export_path(run_dir, step)
   ckptr = ocp.StandardCheckpointer()
   try:
     params = ckptr.restore(path, abstract_params)

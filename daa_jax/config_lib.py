@@ -268,9 +268,6 @@ def train_fields() -> ml_collections.ConfigDict:
       logps_chunk=0,      # > 0: log-softmax over the vocabulary in chunks of this many tokens
       packing=True,       # DAA: one [prompt|chosen|rejected] row per pair (daa_jax/packing.py);
                           # same values as two rows (<= 1e-5), prompt computed once
-      debug_nan_step=-1,  # tests: inject a NaN loss at this step
-      debug_kill_after_checkpoint=-1,  # tests: SIGKILL right after this step's save starts
-      debug_sigterm_at_step=-1,        # tests: send ourselves SIGTERM after this step
       progress=True))
 
 

@@ -259,17 +259,16 @@ def _row_batches(num_rows: int, batch_size: int) -> list[np.ndarray]:
 
 
 def _to_mesh(host: dict, mesh) -> dict:
-  """A global batch (identical on every process) -> global arrays; each process sends its rows."""
-  pc, pi = jax.process_count(), jax.process_index()
-  local = {k: np.split(v, pc)[pi] for k, v in host.items()}
-  return sharding.host_to_global(local, mesh)
+  """A global batch (identical on every process) -> global arrays; each device takes its rows.
+
+  Whole, not split per process: which rows a process's devices hold depends on the mesh (with
+  tensor spanning processes, both hold every row; with fsdp spanning them, half each).
+  """
+  return sharding.host_to_global(host, mesh, whole=True)
 
 
 def _fetch(tree):
-  if jax.process_count() == 1:
-    return jax.device_get(tree)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return multihost_utils.process_allgather(tree, tiled=True)
+  return sharding.global_to_host(tree)
 
 
 @dataclasses.dataclass
@@ -463,7 +462,7 @@ def evaluate_params(setup: _Setup, params, step: int, spe: float | None = None,
   if setup.judge is not None:
     judged = ([(t, bool(f)) for t, f in zip(texts, samples["finished"])]
               if setup.judge_name == "gold" else texts)
-    outcomes, info = setup.judge.judge(prompts, judged, refs)
+    outcomes, info = judges.judge_once(setup.judge, prompts, judged, refs)
     wr = judges.win_rate(outcomes)
     summary.update(win_rate=wr["win_rate"], win_rate_ci=[wr["lo"], wr["hi"]],
                    win_rate_lo=wr["lo"], win_rate_hi=wr["hi"], wins=wr["wins"],
@@ -545,6 +544,22 @@ def _fmt(value, digits: int = 4) -> str:
   return "n/a" if value is None else f"{float(value):.{digits}f}"
 
 
+def _plan(config, run_dir: str, workdir: str):
+  """([(step, is_reference)] to evaluate, steps already evaluated)."""
+  exported = ckpt_lib.exported_steps(run_dir)
+  wanted = list(config.eval.steps) if config.eval.get("steps") else exported
+  missing = sorted(set(wanted) - set(exported) - {0})
+  if missing:
+    raise ConfigError(f"config.eval.steps: {missing} were not exported by {run_dir} "
+                      f"(exported: {exported}).")
+  # Step 0 without an export is the reference policy (the run's initial params).
+  todo = [(s, s == 0 and 0 not in exported) for s in wanted]
+  if config.eval.include_reference:
+    todo = [(0, True)] + [t for t in todo if t[0] != 0]
+  skipped = [s for s, _ in todo if _done(workdir, s)]
+  return [(s, ref) for s, ref in todo if s not in skipped], skipped
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Evaluates a run's exported checkpoints not yet evaluated (job 'eval').
 
@@ -560,18 +575,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_lib.validate(config, jax.device_count())
   run_dir = config.get("run") or workdir
   rcfg = load_run_config(run_dir, config)
-  exported = ckpt_lib.exported_steps(run_dir)
-  wanted = list(config.eval.steps) if config.eval.get("steps") else exported
-  missing = sorted(set(wanted) - set(exported) - {0})
-  if missing:
-    raise ConfigError(f"config.eval.steps: {missing} were not exported by {run_dir} "
-                      f"(exported: {exported}).")
-  # Step 0 without an export is the reference policy (the run's initial params).
-  todo = [(s, s == 0 and 0 not in exported) for s in wanted]
-  if config.eval.include_reference:
-    todo = [(0, True)] + [t for t in todo if t[0] != 0]
-  skipped = [s for s, _ in todo if _done(workdir, s)]
-  todo = [(s, ref) for s, ref in todo if s not in skipped]
+  # Process 0 reads which steps are exported and done; every process evaluates that list (a
+  # run still training may commit an export between two processes' directory listings).
+  todo, skipped = sharding.share_from_process_0(
+      lambda: _plan(config, run_dir, workdir))
+  todo = [(int(s), bool(ref)) for s, ref in todo]
   result = {"evaluated": [], "skipped": skipped, "summaries": {}, "compiles": {}}
   if not todo:
     why = (f"evaluated: {skipped}" if skipped else

@@ -5,7 +5,8 @@ Every judge has the same contract:
   judge.judge(prompts, samples, references) -> (outcomes [N] float64, info dict)
 
 with outcome 1 when the policy sample wins, 0 when the reference wins and 0.5 on a tie.
-`win_rate(outcomes)` turns outcomes into a win rate with a 95% interval.
+`win_rate(outcomes)` turns outcomes into a win rate with a 95% interval. In a multi-process
+job, `judge_once` asks a judge once (on process 0) and gives its answer to every process.
 
 * `GoldJudge` compares a programmatic gold reward (the synthetic task's).
 * `llm_judge.LLMJudge` asks an OpenAI-compatible chat-completions endpoint (GPT-4 in the
@@ -98,11 +99,33 @@ def win_rate(outcomes: Sequence[float], method: str = "wilson", confidence: floa
 
 
 class Judge(Protocol):
-  """What the evaluation loop needs from a judge."""
+  """What the evaluation loop needs from a judge.
+
+  In a multi-process job, evaluation calls a judge on process 0 alone and shares its result,
+  unless the judge has `collective = True` (it runs jax computations on a mesh spanning the
+  processes, so every process must call it).
+  """
 
   def judge(self, prompts: Sequence[Any], samples: Sequence[Any],
             references: Sequence[Any]) -> tuple[np.ndarray, dict[str, Any]]:
     ...
+
+
+def judge_once(judge: Judge, prompts: Sequence[Any], samples: Sequence[Any],
+               references: Sequence[Any]) -> tuple[np.ndarray, dict[str, Any]]:
+  """`judge.judge(...)`, judged once per job: the same (outcomes, info) on every process.
+
+  A collective judge (`RewardModelJudge`: a forward pass on a mesh spanning the processes)
+  runs on every process. Any other judge runs on process 0 alone and its answer is broadcast,
+  so an LLM judge is asked once per job and only process 0 writes its cache. Single-process,
+  this is `judge.judge(...)`.
+  """
+  if getattr(judge, "collective", False):
+    return judge.judge(prompts, samples, references)
+  from daa_jax import sharding  # pylint: disable=g-import-not-at-top
+  outcomes, info = sharding.share_from_process_0(
+      lambda: list(judge.judge(prompts, samples, references)))
+  return np.asarray(outcomes, np.float64), info
 
 
 def check_lengths(prompts, samples, references):
@@ -159,7 +182,12 @@ class RewardModelJudge:
 
   jax, the model and the converter are imported when a judge is built, so importing this
   module never touches devices.
+
+  With a mesh that spans processes, `judge` is a collective: every process calls it with the
+  same inputs (`collective`) and gets the same rewards.
   """
+
+  collective = True  # evaluation calls it on every process (other judges: process 0 only)
 
   def __init__(self, path: str, tokenizer: Any = None, max_length: int = 512,
                batch_size: int = 8, tie_tol: float = 0.0, append_eos: bool = True,
@@ -268,17 +296,12 @@ class RewardModelJudge:
       if self.mesh is None:
         got = self._jax.device_get(self._fn(self.params, self.score_weight, t, m))
       else:
-        # Every process holds the whole batch and sends its slice of rows.
-        jax, pc, pi = self._jax, self._jax.process_count(), self._jax.process_index()
+        # Every process holds the whole batch; each device takes its rows, and the rewards
+        # come back whole on every process (an all-gather when the mesh spans processes).
         with self._sharding.activate(self.mesh):
-          batch = self._sharding.host_to_global(
-              {"t": np.split(t, pc)[pi], "m": np.split(m, pc)[pi]}, self.mesh)
+          batch = self._sharding.host_to_global({"t": t, "m": m}, self.mesh, whole=True)
           r = self._fn(self.params, self.score_weight, batch["t"], batch["m"])
-        if pc == 1:
-          got = jax.device_get(r)
-        else:
-          from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-          got = multihost_utils.process_allgather(r, tiled=True)
+        got = self._sharding.global_to_host(r)
       got = np.asarray(got, np.float64)
       keep = min(self.batch_size, n - start)
       out[start:start + keep] = got[:keep]

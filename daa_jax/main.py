@@ -11,7 +11,8 @@ warnings and a short summary; INFO logs go to `<workdir>/daa_jax.log` (`console.
 This is the only module with process-level side effects: flags, `jax.distributed`
 initialization for multi-process jobs, and jax config updates. A user error (bad config
 value, malformed data, incompatible checkpoint) ends with a one-paragraph message and exit
-code 2; a SIGTERM during training checkpoints and exits 0.
+code 2. A SIGTERM to any process of a job stops all of them at an agreed point (during
+training: every process saves the same step) and exits 0 with one line saying what was saved.
 """
 
 from __future__ import annotations
@@ -90,6 +91,15 @@ def _maybe_initialize_distributed() -> str:
 def dispatch(config, workdir: str):
   """Runs `config.job` in `workdir` and returns its summary."""
   job = config.job
+  from daa_jax import preemption  # pylint: disable=g-import-not-at-top
+  preemption.set_phase(f"the {job} job", {
+      "eval": f"every step with {workdir}/eval/<step>/summary.json is complete; the others "
+              "are evaluated when you rerun",
+      "sweep": "finished runs and evaluations are kept; the run in progress resumes from its "
+               "last checkpoint",
+      "quickstart": "finished runs and evaluations are kept; the run in progress resumes from "
+                    "its last checkpoint",
+  }.get(job, "nothing was saved"))
   if job in ("sft", "daa"):
     from daa_jax import train  # pylint: disable=g-import-not-at-top
     return train.run(config, workdir)
@@ -122,12 +132,15 @@ def main(argv) -> None:
   if _CONFIG.value is None or (_WORKDIR.value is None and not _PRINT_CONFIG.value):
     raise app.UsageError("--config and --workdir are required (see daa-jax --help).")
   console.quiet_console()
+  from daa_jax import preemption  # pylint: disable=g-import-not-at-top
   try:
     if _PRINT_CONFIG.value:
       _validate(_CONFIG.value)
       console.print_config(_CONFIG.value)
       return
     topology = _maybe_initialize_distributed()
+    # After jax.distributed: its own SIGTERM notifier must not take the signal from us.
+    preemption.install()
     log_path = console.log_to_file(_WORKDIR.value)
     console.status(f"{topology}; log: {log_path}")
     _validate(_CONFIG.value)
@@ -135,11 +148,14 @@ def main(argv) -> None:
   except DaaError as e:
     sys.stderr.write(f"daa_jax: error: {e}\n")
     sys.exit(2)
+  except preemption.Preempted as e:
+    print(f"daa_jax: {e}")
+    sys.exit(0)
   print(console.summary_text(_CONFIG.value, _WORKDIR.value, summary))
 
 
 def _validate(config) -> None:
-  """Every closed-set field and range of the config, before jax.distributed or any data."""
+  """Every closed-set field and range of the config, before any data is read."""
   from daa_jax import config_lib  # pylint: disable=g-import-not-at-top
   config_lib.validate(config)
 

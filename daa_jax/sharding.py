@@ -1,4 +1,4 @@
-"""The device mesh, the one logical-axis rules table, and host -> global arrays.
+"""The device mesh, the one logical-axis rules table, and host <-> global arrays.
 
 Mesh axes are ('data', 'fsdp', 'tensor'): the batch is split over data x fsdp, weights are
 split over fsdp (ZeRO-3 style, gathered per layer by XLA) and over tensor (Megatron-style:
@@ -24,6 +24,7 @@ and are no-ops outside it.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from typing import Any, Iterator, Sequence
 
@@ -35,7 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from daa_jax import model as model_lib
 from daa_jax.config_lib import ModelConfig
-from daa_jax.errors import ConfigError
+from daa_jax.errors import CheckpointError, ConfigError, DataError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -169,6 +170,75 @@ def host_to_global(batch, mesh: jax.sharding.Mesh, whole: bool = False):
       lambda x: jax.make_array_from_process_local_data(
           batch_sharding(mesh, np.ndim(x)), np.asarray(x),
           np.shape(x) if whole else None), batch)
+
+
+def global_to_host(tree):
+  """Global arrays -> numpy with the whole global value, on every process.
+
+  The inverse of `host_to_global(..., whole=True)`. An array whose shards are not all
+  addressable here (the mesh spans processes) is all-gathered first: a collective, so every
+  process must call this with the same tree. Other leaves are fetched with `device_get`.
+  """
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+  return jax.tree_util.tree_map(one, tree)
+
+
+def share_from_process_0(fn):
+  """`fn()` on process 0 only; its result, or its error, reaches every process.
+
+  For work done once per job whose result every process needs: a decision read from files
+  (which steps are left to do) or an LLM judge's answers. Single-process, `fn()`. The result
+  (numpy arrays, scalars, lists, dicts) travels as JSON text, so floats arrive exactly. An
+  error on process 0 is raised on every process (the same class for the project's errors,
+  else RuntimeError), so no process waits for a result that never comes.
+  """
+  if jax.process_count() == 1:
+    return fn()
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  error, payload = None, b""
+  if jax.process_index() == 0:
+    try:
+      payload = json.dumps({"result": _to_json(fn())}).encode()
+    except Exception as e:  # pylint: disable=broad-except
+      error = e
+      payload = json.dumps({"error": type(e).__name__, "message": str(e)}).encode()
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(len(payload))))
+  data = np.zeros(size, np.int32)  # int32: the broadcast is a sum over processes
+  if jax.process_index() == 0:
+    data[:] = np.frombuffer(payload, np.uint8)
+  data = multihost_utils.broadcast_one_to_all(data)
+  message = json.loads(np.asarray(data, np.uint8).tobytes())
+  if error is not None:
+    raise error
+  if "error" in message:
+    known = {c.__name__: c for c in (ConfigError, DataError, CheckpointError)}
+    raise known.get(message["error"], RuntimeError)(f"(on process 0) {message['message']}")
+  return _from_json(message["result"])
+
+
+def _to_json(x):
+  if isinstance(x, np.ndarray):
+    return {"__array__": x.tolist(), "dtype": x.dtype.str}
+  if isinstance(x, dict):
+    return {k: _to_json(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_to_json(v) for v in x]
+  return x.item() if isinstance(x, np.generic) else x
+
+
+def _from_json(x):
+  if isinstance(x, dict):
+    if "__array__" in x:
+      return np.asarray(x["__array__"], np.dtype(x["dtype"]))
+    return {k: _from_json(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return [_from_json(v) for v in x]
+  return x
 
 
 def cache_shardings(mesh: jax.sharding.Mesh, cache):

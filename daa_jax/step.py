@@ -182,11 +182,6 @@ def train_step(state: TrainState, ref_params: PyTree, batch: dict, hparams: dict
   `train/nonfinite` = 1, so the loop can stop naming this step with earlier checkpoints intact.
   """
   loss, m, grads = _loss_and_grads(state.params, ref_params, batch, hparams, model, cfg)
-  # Tests inject a NaN at a chosen step (hparams['debug_nan_step'], -1 = never) to exercise
-  # the stop path; a runtime value, so it costs no recompilation.
-  inject = state.step == hparams.get("debug_nan_step", -1)
-  loss = jnp.where(inject, jnp.nan, loss)
-  grads = jax.tree.map(lambda g: jnp.where(inject, jnp.nan, g), grads)
   grad_norm = _global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)

@@ -14,6 +14,11 @@ evaluated twice. With `config.mode = 'commands'` it writes `commands.sh` instead
 
 Runs of one size and objective share one compiled train step (`train._STEP_CACHE`): β is a
 runtime argument.
+
+As a multi-process job (one process per host) every process runs the training, sampling and
+evaluation collectives; process 0 alone reads the DONE/TRAINED markers and writes every file
+of the sweep, and the others continue with its decisions once its files are written
+(`sharding.share_from_process_0`). The result equals the 1-process run's.
 """
 
 from __future__ import annotations
@@ -123,8 +128,9 @@ def policy_pairs(config, size: str, workdir: str) -> str:
   from daa_jax import sampling  # pylint: disable=g-import-not-at-top
   from daa_jax import train  # pylint: disable=g-import-not-at-top
 
+  from daa_jax import sharding  # pylint: disable=g-import-not-at-top
   out_dir = os.path.join(workdir, f"pairs_{size}")
-  if os.path.exists(os.path.join(out_dir, "DONE")):
+  if _exists(os.path.join(out_dir, "DONE")):
     return out_dir
   sft_dir = os.path.join(workdir, f"sft_{size}")
   c = daa_config(config, size, config.objectives[0], config.betas[0], workdir)
@@ -132,7 +138,6 @@ def policy_pairs(config, size: str, workdir: str) -> str:
   tokenizer = data_lib.get_tokenizer(c.data.tokenizer)
   model_cfg = train.model_config(c, tokenizer.vocab_size)
   mesh = train.run_mesh(c)
-  from daa_jax import sharding  # pylint: disable=g-import-not-at-top
   abstract = ckpt_lib.abstract_with_shardings(
       jax.eval_shape(lambda: model_lib.init_params(model_cfg, jax.random.key(0))),
       sharding.param_shardings(model_cfg, mesh))
@@ -141,7 +146,7 @@ def policy_pairs(config, size: str, workdir: str) -> str:
   pp = config.policy_pairs
   sampler = sampling.make_sampler(model, sampling.SamplingConfig(
       max_new_tokens=int(c.data.synthetic.max_response_length) + 1, temperature=1.0,
-      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id))
+      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id), mesh)
 
   eval_prompts = data_lib.load_sft(c.data, "eval", workdir=sft_dir).prompt_texts
   held_out = set(eval_prompts)
@@ -163,11 +168,12 @@ def policy_pairs(config, size: str, workdir: str) -> str:
       for i, r in enumerate(rows):
         tokens[i, width - len(r):] = r  # left padding
         mask[i, width - len(r):] = 1
-      glob = sharding.host_to_global({"t": tokens, "m": mask}, mesh)
+      # Every process holds the whole batch and gets the whole samples back (the mesh may
+      # span processes: each device takes its rows, and the outputs are all-gathered).
+      glob = sharding.host_to_global({"t": tokens, "m": mask}, mesh, whole=True)
       for k in range(2):
         rng = jax.random.fold_in(jax.random.key(pp.seed), stream * 1_000_003 + start * 2 + k)
-        with sharding.activate(mesh):
-          out = jax.device_get(sampler(params, glob["t"], glob["m"], rng))
+        out = sharding.global_to_host(sampler(params, glob["t"], glob["m"], rng))
         for i in range(n):
           length = int(out["lengths"][i])
           ids = [int(x) for x in out["tokens"][i, :length]]
@@ -178,8 +184,8 @@ def policy_pairs(config, size: str, workdir: str) -> str:
           eos[k].append(finished)
     return texts, eos
 
-  def write(name, prompts, stream, limit):
-    (a, b), (ea, eb) = sample_twice(prompts, stream)
+  def write(name, prompts, samples, stream, limit):
+    (a, b), (ea, eb) = samples
     keep = [i for i in range(len(prompts)) if ea[i] and eb[i] and a[i] and b[i]]
     labeled = task.label_pairs([prompts[i] for i in keep], [a[i] for i in keep],
                                [b[i] for i in keep], seed=[pp.seed, stream])
@@ -193,14 +199,28 @@ def policy_pairs(config, size: str, workdir: str) -> str:
                 label_agrees_with_gold=float(np.mean(gaps > 0)),
                 gold_ties=float(np.mean(gaps == 0)))
 
-  os.makedirs(out_dir, exist_ok=True)
-  stats = {"train": write("pairs", train_prompts, 1, int(pp.num_pairs)),
-           "eval": write("eval_pairs", eval_prompts, 2, int(pp.num_eval_pairs))}
-  with open(os.path.join(out_dir, "stats.json"), "w", encoding="utf-8") as f:
-    json.dump(stats, f, indent=2)
-  open(os.path.join(out_dir, "DONE"), "w").close()
-  logging.info("policy pairs for %s: %s", size, stats)
+  def write_all():
+    os.makedirs(out_dir, exist_ok=True)
+    stats = {"train": write("pairs", train_prompts, train_samples, 1, int(pp.num_pairs)),
+             "eval": write("eval_pairs", eval_prompts, eval_samples, 2,
+                           int(pp.num_eval_pairs))}
+    with open(os.path.join(out_dir, "stats.json"), "w", encoding="utf-8") as f:
+      json.dump(stats, f, indent=2)
+    open(os.path.join(out_dir, "DONE"), "w").close()
+    logging.info("policy pairs for %s: %s", size, stats)
+
+  # Sampling is collective (every process); labeling and writing happen on process 0 alone,
+  # and the others continue once its files are written (or raise its error).
+  train_samples = sample_twice(train_prompts, 1)
+  eval_samples = sample_twice(eval_prompts, 2)
+  sharding.share_from_process_0(write_all)
   return out_dir
+
+
+def _exists(path: str) -> bool:
+  """Whether `path` exists, as process 0 sees it (every process takes the same branch)."""
+  from daa_jax import sharding  # pylint: disable=g-import-not-at-top
+  return bool(sharding.share_from_process_0(lambda: os.path.exists(path)))
 
 
 # --- collection --------------------------------------------------------------------------
@@ -385,25 +405,42 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.mode == "commands":
     path = write_commands(config, workdir, runs)
     return {"message": f"wrote {len(runs)} runs to {path}", "commands": path}
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "sweep_config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  from daa_jax import sharding  # pylint: disable=g-import-not-at-top
+  # Multi-process (a pod: one process per host), every process runs every collective step
+  # (training, sampling, evaluation); process 0 alone writes the sweep's files, and the
+  # others continue once they are written.
+  sharding.share_from_process_0(lambda: _write_config(config, workdir))
   for i, r in enumerate(runs):
     logging.info("sweep: run %d/%d %s", i + 1, len(runs), r["name"])
     if r["kind"] == "daa" and config.pairs == "policy_samples":
       policy_pairs(config, r["size"], workdir)
-    if not os.path.exists(_done_marker(r["dir"])):
+    if not _exists(_done_marker(r["dir"])):
       summary = train.run(r["config"], r["dir"])
       if summary.get("status") != "finished":
         return {"message": f"sweep stopped in {r['dir']} ({summary.get('status')}); rerun the "
                            "same command to resume.", "status": summary.get("status")}
-      with open(_done_marker(r["dir"]), "w", encoding="utf-8") as f:
-        f.write(json.dumps({"step": summary.get("step")}))
+      sharding.share_from_process_0(lambda: _write_marker(r["dir"], summary.get("step")))
     if r["kind"] == "daa":
       # The first DAA run of a size also evaluates its reference (the SFT policy, KL 0) as
       # step 0: the intercept R0 of the fits.
       first = r is next(x for x in runs if x["kind"] == "daa" and x["size"] == r["size"])
       evaluate.run(eval_config(config, r["dir"], include_reference=first), r["dir"])
+  return sharding.share_from_process_0(lambda: _report(config, runs, workdir))
+
+
+def _write_config(config, workdir: str) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "sweep_config.json"), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def _write_marker(run_dir: str, step) -> None:
+  with open(_done_marker(run_dir), "w", encoding="utf-8") as f:
+    f.write(json.dumps({"step": step}))
+
+
+def _report(config, runs: list[dict], workdir: str) -> dict:
+  """summary.csv, fits.json, figures, checks.json and report.md; the job's summary."""
   rows = collect(runs, workdir)
   fits = scaling.fit_all(rows, r0=config.get("fit_r0", "sft"))
   scaling.write_fits(fits, os.path.join(workdir, "fits.json"))

@@ -9,6 +9,11 @@
      or reference log-probs precomputed once and cached on disk;
   6. the jitted step with explicit shardings and donation, then an ordinary `for` loop with
      logging, schedule checkpoints, SIGTERM handling and a non-finite guard.
+
+A SIGTERM to any process stops every process at the same point (`preemption`): inside the
+loop they all save the same step and return with status 'preempted'; before it they all
+raise `preemption.Preempted` (nothing half-written: checkpoints commit atomically, the
+reference cache is written aside and renamed).
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ import hashlib
 import json
 import math
 import os
-import signal
 import time
 from typing import Any
 
@@ -39,6 +43,7 @@ from daa_jax import metrics as metrics_lib
 from daa_jax import model as model_lib
 from daa_jax import optim
 from daa_jax import packing as packing_lib
+from daa_jax import preemption
 from daa_jax import sharding
 from daa_jax import step as step_lib
 from daa_jax import errors
@@ -136,11 +141,11 @@ def _ref_cache_path(config, workdir, dataset, split: str) -> str:
 
 
 def compute_pair_logps(model, params, dataset, mesh, batch_size: int,
-                       logps_chunk: int = 0, pack=None) -> np.ndarray:
+                       logps_chunk: int = 0, pack=None, between_batches=None) -> np.ndarray:
   """Log-probs `[N,2]` of every pair of `dataset` under `params` (one pass, eval order).
 
   `pack`: None, or `packing.packer(dataset)` to run prompt-shared packed rows (same values,
-  fewer FLOPs).
+  fewer FLOPs). `between_batches`: called before each batch (the preemption agreement point).
   """
   loader = data_lib.Loader(dataset, batch_size=batch_size, seed=0, shuffle=False,
                            drop_remainder=False)
@@ -151,6 +156,8 @@ def compute_pair_logps(model, params, dataset, mesh, batch_size: int,
                                  packing=pack is not None), out_shardings=replicated)
   out = np.zeros((len(dataset), 2), np.float32)
   for batch in loader:
+    if between_batches is not None:
+      between_batches()
     valid = batch.pop("valid").astype(bool)
     index = batch.pop("index")
     batch = {k: v for k, v in batch.items() if k != "ref_logps"}
@@ -162,10 +169,12 @@ def compute_pair_logps(model, params, dataset, mesh, batch_size: int,
   return out
 
 
-def attach_reference(config, workdir, model, ref_params_fn, dataset, mesh, split, pack=None):
+def attach_reference(config, workdir, model, ref_params_fn, dataset, mesh, split, pack=None,
+                     between_batches=None):
   """Returns the dataset with a `ref_logps` column, from the on-disk cache when present.
 
-  `pack`: as for `compute_pair_logps`.
+  `pack`, `between_batches`: as for `compute_pair_logps`. The cache file is written whole
+  (aside, then renamed), so an interrupted pass leaves no cache and the next start recomputes.
   """
   path = epath.Path(_ref_cache_path(config, workdir, dataset, split))  # local or gs://
   if path.exists():
@@ -176,7 +185,8 @@ def attach_reference(config, workdir, model, ref_params_fn, dataset, mesh, split
     logging.info("reference log-probs: computing over %d %s pairs", len(dataset), split)
     ref = compute_pair_logps(model, ref_params_fn(), dataset, mesh,
                              batch_size=_eval_batch_size(config, mesh),
-                             logps_chunk=config.train.logps_chunk, pack=pack)
+                             logps_chunk=config.train.logps_chunk, pack=pack,
+                             between_batches=between_batches)
     if jax.process_index() == 0:
       path.parent.mkdir(parents=True, exist_ok=True)
       tmp = path.parent / (path.name + ".tmp")
@@ -223,30 +233,6 @@ def heldout_metrics(eval_fn, params, ref_params, hparams, dataset, mesh, batch_s
 
 
 # --- the run -----------------------------------------------------------------------------
-
-class _Preemption:
-  """SIGTERM -> save at the next step boundary and exit 0."""
-
-  def __init__(self):
-    self.requested = False
-    self._old = None
-
-  def __enter__(self):
-    try:
-      self._old = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread (e.g. inside a test runner thread)
-      self._old = None
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM: checkpointing at the next step boundary, then exiting.")
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
-
 
 def _write_config(config, workdir):
   path = epath.Path(workdir) / "config.json"  # local or gs://
@@ -342,18 +328,42 @@ def resolve_auto(config: ml_collections.ConfigDict, workdir: str) -> ml_collecti
   return config
 
 
+def _saved_so_far(workdir: str):
+  """What a run directory holds, for the message of a SIGTERM before the loop."""
+  def describe() -> str:
+    steps = [int(p.name) for p in (epath.Path(workdir) / "checkpoints").glob("*")
+             if p.name.isdigit()]
+    if steps:
+      return (f"nothing new was saved; {workdir} keeps its checkpoints up to step "
+              f"{max(steps)}")
+    return f"nothing was saved yet (no checkpoint in {workdir}; the run starts over)"
+  return describe
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains per `config.job` ('sft' or 'daa'); returns a summary dict (also logged)."""
+  """Trains per `config.job` ('sft' or 'daa'); returns a summary dict (also logged).
+
+  Raises `preemption.Preempted` on every process when any was signalled before the loop.
+  """
+  with preemption.deferred():
+    return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_lib.validate(config, jax.device_count())
   config = resolve_auto(config, workdir)
   kind = config.job
+  saved = _saved_so_far(workdir)
+  preemption.set_phase("start-up", saved)
   _write_config(config, workdir)
   mesh = run_mesh(config)
+  agreement = preemption.Agreement(mesh)
   is_main = jax.process_index() == 0
   logging.info("run: job=%s workdir=%s mesh=%s processes=%d devices=%d", kind, workdir,
                dict(mesh.shape), jax.process_count(), jax.device_count())
 
   # 2. Data first: every malformed row fails here, before any compilation.
+  preemption.set_phase("data preparation", saved)
   if kind == "daa":
     train_ds = data_lib.load_pairs(config.data, "train", workdir=workdir)
     eval_ds = data_lib.load_pairs(config.data, "eval", workdir=workdir) if (
@@ -378,6 +388,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if t.max_steps and t.max_steps > 0:
     total_steps = min(total_steps, int(t.max_steps))
   tx, lr_fn = optim.make(config.optim, total_steps)
+  agreement.stop_here()  # a SIGTERM during data preparation: every process leaves here
 
   # 3. Shapes and shardings.
   param_shardings = sharding.param_shardings(model_cfg, mesh)
@@ -413,21 +424,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pack = packing_lib.packer(train_ds) if packing else None
   eval_pack = packing_lib.packer(eval_ds) if packing and eval_ds is not None else None
   if cached_ref:
+    preemption.set_phase("the reference log-prob pass", lambda: (
+        saved() + "; the reference log-prob cache is written only when complete"))
     train_ds = attach_reference(config, workdir, model, reference, train_ds, mesh, "train",
-                                pack)
+                                pack, agreement.stop_here)
     loader = data_lib.Loader(train_ds, batch_size=global_batch, seed=config.seed,
                              shuffle=True, drop_remainder=True,
                              process_index=jax.process_index(),
                              process_count=jax.process_count())
     if eval_ds is not None:
       eval_ds = attach_reference(config, workdir, model, reference, eval_ds, mesh, "eval",
-                                 eval_pack)
+                                 eval_pack, agreement.stop_here)
+  preemption.set_phase("initialization", saved)
 
   latest = checkpointer.latest_step()
   if latest is not None:
     state, meta = checkpointer.restore(latest, abstract_state)
     loader.restore(meta["data"])
     logging.info("resume: step %d from %s", latest, workdir)
+    for missing in checkpointer.missing_exports():  # a run dir of the earlier layout
+      old = state if missing == latest else checkpointer.restore(missing, abstract_state)[0]
+      checkpointer.write_export(missing, old.params)
   else:
     init_fn = jax.jit(functools.partial(step_lib.init_state, tx=tx),
                       out_shardings=state_shardings)
@@ -446,9 +463,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       normalize=config.objective.normalize if kind == "daa" else "sum",
       grad_accum=int(t.grad_accum), cached_ref=cached_ref, logps_chunk=int(t.logps_chunk),
       packing=packing)
-  hparams = step_lib.hparams_from_config(config.objective)
-  hparams["debug_nan_step"] = jnp.asarray(int(t.debug_nan_step), jnp.int32)
-  hparams = jax.device_put(hparams, replicated)
+  hparams = jax.device_put(step_lib.hparams_from_config(config.objective), replicated)
   ref_shardings = None if ref_params is None else param_shardings
   key = (kind, model_cfg, scfg, config.optim.to_json(sort_keys=True), total_steps,
          tuple(mesh.shape.items()), tuple(d.id for d in mesh.devices.flat),
@@ -506,8 +521,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     pending.clear()
     window_start, window_tokens = time.time(), 0.0
 
-  with _Preemption() as preempt, sharding.activate(mesh):
+  agreement.stop_here()  # before the first step (and its compilation)
+  preemption.set_phase("training", saved)
+  with sharding.activate(mesh):
     try:
+      stop = None  # the agreement dispatched at the previous step boundary
       for step in range(start, total_steps):
         host_batch = next(loader)
         host_batch.pop("index", None)
@@ -531,20 +549,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if due_ckpt:
           checkpointer.save(done, _saveable(state), {
               "data": loader.state(), "seed": int(config.seed), "step": done})
-          if done == t.debug_kill_after_checkpoint:  # tests: die mid-save, like a lost VM
-            os.kill(os.getpid(), signal.SIGKILL)
-        if done == t.debug_sigterm_at_step:  # tests: a real SIGTERM through the handler
-          os.kill(os.getpid(), signal.SIGTERM)
-        if preempt.requested:  # the step boundary after a SIGTERM: save and leave
+        # Every process reads the same agreed flag here (dispatched one step ago, so the host
+        # never waits on the step in flight): all save this step and leave together.
+        if stop is not None and agreement.read(stop):
           flush(done)
           checkpointer.save(done, _saveable(state), {
               "data": loader.state(), "seed": int(config.seed), "step": done}, export=False)
           summary["status"] = "preempted"
           break
+        stop = agreement.dispatch()
     finally:
       progress.close()
       checkpointer.close()
       writer.close()
   summary["step"] = int(jax.device_get(state.step))
+  if summary["status"] == "preempted":
+    summary["message"] = (f"SIGTERM: every process saved step {summary['step']} in "
+                          f"{workdir}/checkpoints and stopped; run the same command again to "
+                          "continue.")
   logging.info("run: %s at step %d", summary["status"], summary["step"])
   return summary

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -174,9 +175,17 @@ def test_beta_sweep_compiles_the_step_once(tmp_path):
   assert train.TRACE_COUNTS["train_step"] == 1
 
 
-def test_nonfinite_loss_stops_naming_the_step_and_keeps_checkpoints(tmp_path):
-  c = tiny(**{"train.max_steps": 6, "train.debug_nan_step": 3,
-              "checkpoint.every_steps": 1, "checkpoint.max_to_keep": 10})
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_checkpoints(tmp_path, monkeypatch):
+  # A NaN β at step 3 (a runtime hyperparameter: same compiled step) makes that step's loss
+  # and gradient NaN, as a bad batch or an overflow would.
+  train_step = step_lib.train_step
+
+  def poisoned(state, ref_params, batch, hparams, **kwargs):
+    hparams = {**hparams, "beta": jnp.where(state.step == 3, jnp.nan, hparams["beta"])}
+    return train_step(state, ref_params, batch, hparams, **kwargs)
+  monkeypatch.setattr(step_lib, "train_step", poisoned)
+  monkeypatch.setattr(train, "_STEP_CACHE", {})
+  c = tiny(**{"train.max_steps": 6, "checkpoint.every_steps": 1, "checkpoint.max_to_keep": 10})
   with pytest.raises(TrainingDiverged, match=r"non-finite loss or gradient at step 3.*last "
                      r"good checkpoint is 3"):
     train.run(c, str(tmp_path))
@@ -184,12 +193,17 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_checkpoints(tmp_path):
   assert mngr_steps == [1, 2, 3]  # state after 3 good updates; nothing after the bad step
 
 
-def _cli(args, env_extra=None, check=True):
+def _cli(args, env_extra=None, check=True, faults=None):
+  """`python -m daa_jax.main ARGS`, or with `faults` (tests/faults.py) injected."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
   env["JAX_PLATFORMS"] = "cpu"
   env.update(env_extra or {})
-  proc = subprocess.run([sys.executable, "-m", "daa_jax.main"] + args, cwd=REPO, env=env,
+  cmd = [sys.executable, "-m", "daa_jax.main"]
+  if faults:
+    cmd = [sys.executable, os.path.join(REPO, "tests", "faults.py")]
+    env["DAA_TEST_FAULTS"] = json.dumps(faults)
+  proc = subprocess.run(cmd + args, cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=600)
   if check and proc.returncode not in (0,):
     raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
@@ -203,8 +217,7 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
   straight = str(tmp_path / "straight")
   _cli(flags + [f"--workdir={straight}"])
   killed = str(tmp_path / "killed")
-  proc = _cli(flags + [f"--workdir={killed}", "--config.train.debug_kill_after_checkpoint=6"],
-              check=False)
+  proc = _cli(flags + [f"--workdir={killed}"], check=False, faults={"sigkill_mid_save": 6})
   assert proc.returncode == -9, proc.stderr[-2000:]
   _cli(flags + [f"--workdir={killed}"])
   a, b = final_params(straight, 8), final_params(killed, 8)
@@ -212,15 +225,41 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_sigkill_after_a_schedule_commit_keeps_its_export_and_repairs_an_old_layout(tmp_path):
+  flags = ["--config=configs/tiny.py:job=daa", "--config.train.max_steps=8",
+           "--config.checkpoint.async_save=True", "--config.checkpoint.epoch_fractions=(0.5,)"]
+  straight = str(tmp_path / "straight")
+  _cli(flags + [f"--workdir={straight}"])
+  assert ckpt_lib.exported_steps(straight) == [4, 8]  # 8 steps per epoch: 0.5 epoch and the end
+  killed = str(tmp_path / "killed")
+  proc = _cli(flags + [f"--workdir={killed}"], check=False, faults={"sigkill_after_commit": 4})
+  assert proc.returncode == -9, proc.stderr[-2000:]
+  # The state and the export of step 4 were one commit: both are there.
+  assert ckpt_lib.exported_steps(killed) == [4]
+  # A run directory of the earlier layout, killed between its two commits, had the state of
+  # step 4 without its export; the resumed run writes the export.
+  shutil.rmtree(os.path.join(killed, "checkpoints", "4", "params"))
+  assert ckpt_lib.exported_steps(killed) == []
+  proc = _cli(flags + [f"--workdir={killed}"])
+  assert "wrote the missing params export of step 4" in proc.stderr
+  assert ckpt_lib.exported_steps(killed) == [4, 8]
+  for step in (4, 8):
+    for x, y in zip(jax.tree.leaves(final_params(straight, step)),
+                    jax.tree.leaves(final_params(killed, step))):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_sigterm_checkpoints_and_exits_zero_then_resumes(tmp_path):
   workdir = str(tmp_path)
   flags = ["--config=configs/tiny.py:job=daa", "--config.train.max_steps=8",
            f"--workdir={workdir}"]
-  proc = _cli(flags + ["--config.train.debug_sigterm_at_step=3"])
+  proc = _cli(flags, faults={"sigterm_at_batch": 3})
   assert proc.returncode == 0
-  # Saved at the step boundary after the signal (step 3), then the process left cleanly.
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
-  assert [m["step"] for m in metrics(workdir)][-1] == 3
+  # Signalled during step 3: the flag agreed at that boundary is read one boundary later, so
+  # step 4 is saved; then the process left cleanly, saying so.
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4"]
+  assert [m["step"] for m in metrics(workdir)][-1] == 4
+  assert "every process saved step 4" in proc.stdout, proc.stdout
   _cli(flags)
   steps = [m["step"] for m in metrics(workdir)]
   assert steps[-1] == 8 and steps.count(8) == 1
