@@ -10,6 +10,7 @@ job); `--alsologtostderr` (absl's flag) shows them on the terminal as well.
 from __future__ import annotations
 
 import ast
+import contextlib
 import logging as py_logging
 import os
 import sys
@@ -124,6 +125,50 @@ def quiet_console() -> None:
   handler = logging.get_absl_handler()
   handler.setLevel(py_logging.WARNING)
   handler.setFormatter(_ConsoleFormatter())
+
+
+@contextlib.contextmanager
+def native_stderr_captured():
+  """Holds what native code writes to stderr (fd 2) meanwhile; yields a `flush(path)` that
+  appends it to the log.
+
+  Backend start-up prints from C++ (libtpu installed on a machine without TPUs: "could not
+  determine TPU accelerator type", InitGoogle notices) straight to the terminal, past any
+  Python logging. Wrapped around `jax.distributed` and backend initialization, that text goes
+  to the job's log instead; if start-up raises, it is shown on the terminal with the error.
+  With --alsologtostderr nothing is captured.
+  """
+  if _wants_verbose():
+    yield lambda path: None
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  held = tempfile.TemporaryFile()
+  os.dup2(held.fileno(), 2)
+  restored = []
+
+  def restore():
+    if not restored:
+      os.dup2(saved, 2)
+      os.close(saved)
+      restored.append(True)
+
+  def flush(path: str) -> None:
+    held.seek(0)
+    text = held.read().decode("utf-8", errors="replace")
+    if text.strip():
+      with open(path, "a", encoding="utf-8") as f:
+        f.write("native stderr during start-up:\n" + text)
+
+  try:
+    yield flush
+  except BaseException:
+    restore()
+    held.seek(0)
+    sys.stderr.write(held.read().decode("utf-8", errors="replace"))
+    raise
+  finally:
+    restore()
 
 
 def log_to_file(workdir: str) -> str:

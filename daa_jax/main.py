@@ -138,10 +138,12 @@ def main(argv) -> None:
       _validate(_CONFIG.value)
       console.print_config(_CONFIG.value)
       return
-    topology = _maybe_initialize_distributed()
+    with console.native_stderr_captured() as flush_start_up:
+      topology = _maybe_initialize_distributed()
     # After jax.distributed: its own SIGTERM notifier must not take the signal from us.
     preemption.install()
     log_path = console.log_to_file(_WORKDIR.value)
+    flush_start_up(log_path)
     console.status(f"{topology}; log: {log_path}")
     _validate(_CONFIG.value)
     summary = dispatch(_CONFIG.value, _WORKDIR.value)
