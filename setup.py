@@ -42,6 +42,8 @@ setuptools.setup(
         "bench": ["torch", "trl", "datasets"],
         # format='tfds': the TL;DR comparisons as array_record, read without TensorFlow.
         "tfds": ["tensorflow-datasets>=4.9", "array_record>=0.5"],
+        # format='hf': preference data from the `datasets` library (save_to_disk, hub ids).
+        "hf": ["datasets>=2.14"],
     },
     entry_points={"console_scripts": ["daa-jax=daa_jax.main:cli"]},
 )

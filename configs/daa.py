@@ -25,6 +25,10 @@ Offline on the built-in synthetic task, shrunk for a laptop:
 
   python -m daa_jax.main --config configs/daa.py:size=tiny,objective=dpo,beta=0.1,runlocal=True \
       --workdir /tmp/dpo
+
+`size=auto` (the default) takes the size of `init_from`'s run or `hf_model`'s architecture
+(else a tiny model from scratch); the data lengths (`data.max_length`, 0) are fitted to the
+data.
 """
 
 from ml_collections import config_dict
@@ -34,7 +38,7 @@ from daa_jax import data
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, size="1b", objective="dpo", beta=0.1, precision="fp32",
+  a = config_lib.parse_arg(arg, size="auto", objective="dpo", beta=0.1, precision="fp32",
                            runlocal=False)
   c = config_dict.ConfigDict()
   c.job = "daa"

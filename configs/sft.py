@@ -7,6 +7,10 @@
 Offline on the built-in synthetic task (its demonstrations):
 
   python -m daa_jax.main --config configs/sft.py:size=tiny,runlocal=True --workdir /tmp/sft
+
+`size=auto` (the default) takes the size of `init_from`'s run or `hf_model`'s architecture
+(else a tiny model from scratch); the data lengths (`data.max_length`, 0) are fitted to the
+data.
 """
 
 from ml_collections import config_dict
@@ -16,7 +20,7 @@ from daa_jax import data
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, size="1b", precision="fp32", runlocal=False)
+  a = config_lib.parse_arg(arg, size="auto", precision="fp32", runlocal=False)
   c = config_dict.ConfigDict()
   c.job = "sft"
   c.seed = 0

@@ -8,10 +8,10 @@ model's vocabulary, else random ids of the same lengths):
       --response_len 128 --steps 10          # --no-packing: the two-row layout
   python -m daa_jax.bench --model 70m --what sample --pairs 8 --prompt_len 128 --new_tokens 128
 
-It warms up, times `--steps` steps (each synchronized), and prints one line
-`RESULT_JSON {...}` (also appended to `--out` when given) with `step_s_median`, `pairs_per_s`,
+It warms up, times `--steps` steps (each synchronized), and prints one bare JSON line on
+stdout (also appended to `--out` when given; logs go to stderr) with `step_s_median`, `pairs_per_s`,
 `tokens_per_s`, `model_flops`, `mfu`, `peak_mem_bytes`, `compile_s`, the settings and the
-device. Definitions, chosen to match /work/shared/bench's PyTorch baselines:
+device. Definitions, chosen to match the PyTorch baselines' (`--baselines_dir`):
 
   * tokens/s, DAA: 2·pairs·(prompt_len + response_len) / step (chosen and rejected sequence
     tokens, whatever the layout; packing computes fewer but counts the same). SFT:
@@ -305,12 +305,16 @@ def run(w: Workload) -> dict[str, Any]:
   result = bench_sample(w) if w.what == "sample" else bench_train(w)
   device = jax.devices()[0]
   peak = w.peak_tflops * 1e12 if w.peak_tflops else metrics.peak_flops(device.device_kind)
+  peak_source = ("--peak_tflops" if w.peak_tflops else "device table" if peak else
+                 f"unknown for {device.device_kind!r}: pass --peak_tflops for an MFU")
   achieved = result["model_flops"] / result["step_s_median"]
   mem, mem_kind = peak_memory_bytes()
   result.update(
       bench="daa_jax", **{k: v for k, v in dataclasses.asdict(w).items()
-                          if k != "baselines_dir"},
-      model_tflops_per_s=achieved / 1e12, peak_flops=peak,
+                          if k not in ("baselines_dir", "peak_tflops")},
+      # One peak: the one used for MFU (TFLOP/s per device), null when unknown, and whence.
+      model_tflops_per_s=achieved / 1e12, peak_tflops=peak / 1e12 if peak else None,
+      peak_source=peak_source,
       mfu=achieved / peak if peak else None,
       mfu_executed=result["executed_flops"] / result["step_s_median"] / peak if peak else None,
       peak_mem_bytes=mem, peak_mem_kind=mem_kind, device_kind=device.device_kind,
@@ -322,8 +326,9 @@ def run(w: Workload) -> dict[str, Any]:
 
 
 def emit(result: dict, out: str | None = None) -> None:
+  """Prints the result as one bare JSON line on stdout (logs go to stderr)."""
   line = json.dumps(result, sort_keys=True)
-  print("RESULT_JSON " + line, flush=True)
+  print(line, flush=True)
   if out:
     with open(out, "a", encoding="utf-8") as f:
       f.write(line + "\n")
@@ -335,8 +340,16 @@ TORCH_SHAPES = {"70m": "pythia-70m", "160m": "pythia-160m", "410m": "pythia-410m
 
 
 def _parse_result(stdout: str) -> dict | None:
-  lines = [l for l in stdout.splitlines() if l.startswith("RESULT_JSON ")]
-  return json.loads(lines[-1][len("RESULT_JSON "):]) if lines else None
+  """The last JSON object line of a child's stdout: ours are bare, the PyTorch baselines'
+  carry a `RESULT_JSON ` prefix."""
+  for line in reversed(stdout.splitlines()):
+    line = line.strip().removeprefix("RESULT_JSON ").strip()
+    if line.startswith("{"):
+      try:
+        return json.loads(line)
+      except json.JSONDecodeError:
+        continue
+  return None
 
 
 def _run_child(name: str, argv: list[str], timeout_s: int) -> dict:

@@ -8,6 +8,7 @@ Llama-3.x, Qwen2.5, Mistral); the `tiny*` sizes are for tests and the synthetic 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from typing import Any, Mapping
 
 from daa_jax.errors import ConfigError
@@ -417,45 +418,131 @@ def checkpoint_fields() -> ml_collections.ConfigDict:
       export_params=True))  # params-only copy per schedule checkpoint, for evaluation
 
 
-def validate(config, num_devices: int | None = None) -> None:
-  """Checks a training config before any expensive work; raises `ConfigError` with the fix."""
+JOBS = ("sft", "daa", "eval", "sweep", "quickstart", "tree_mdp")
+# Names defined in modules to the right of this one (config_lib imports none of them);
+# tests/test_config.py checks that these tuples equal the modules' own.
+OBJECTIVE_NAMES = ("dpo", "ipo", "ipo_azar", "slic", "rdpo", "cdpo", "robust")
+DATA_FORMATS = ("tldr", "tldr_sft", "hh", "jsonl", "parquet", "tfds", "hf")
+_DTYPES = ("float32", "bfloat16", "float16")
+
+# Every field with a closed set of values, by dotted path (checked where the config has it).
+# A tuple-valued field (`objectives`) is checked element by element.
+CHOICES: dict[str, tuple] = {
+    "job": JOBS,
+    "model.dtype": _DTYPES,
+    "model.param_dtype": _DTYPES,
+    "optim.state_dtype": _DTYPES,
+    "model.remat_policy": ("none", "full", "dots", "dots_with_no_batch_dims"),
+    "model.attention_impl": ("xla", "blockwise", "cudnn", None),
+    "objective.name": OBJECTIVE_NAMES,
+    "objective.normalize": ("sum", "mean"),
+    "objective.reference": ("live", "cached"),
+    "objective.ref_dtype": _DTYPES,
+    "optim.name": ("rmsprop", "adamw", "adam", "sgd"),
+    "optim.schedule": ("constant", "cosine", "linear"),
+    "data.format": DATA_FORMATS,
+    "data.truncation_side": ("keep_end", "keep_start"),
+    "data.overlong": ("truncate", "drop"),
+    "judge.name": ("auto", "gold", "reward_model", "llm", "none"),
+    "judge.task": ("tldr", "dialogue"),
+    # Studies (configs/quickstart.py, configs/sweep_paper.py).
+    "mode": ("local", "commands"),
+    "sft_source": ("train", "hf"),
+    "pairs": ("policy_samples", "data"),
+    "fit_r0": ("sft", "fit"),
+    "objectives": OBJECTIVE_NAMES,
+    # The Tree MDP (configs/tree_mdp.py).
+    "policy": ("tabular", "linear"),
+    "optimizer": ("adam", "sgd"),
+}
+_TREE_MDP_CHOICES = {"reference": ("uniform", "random", "data")}
+
+
+def _get_path(config, path: str):
+  node = config
+  for key in path.split("."):
+    if not hasattr(node, "get") or key not in node:
+      return _MISSING
+    node = node[key]
+  return node
+
+
+_MISSING = object()
+
+
+def check_choice(field: str, value, allowed, noun: str = "value") -> None:
+  """Raises `ConfigError` when `value` is not in `allowed`, suggesting the closest name.
+
+  Args:
+    field: the dotted field name as the user writes it (`config.objective.name`).
+    value: the configured value.
+    allowed: the permitted values.
+    noun: what the field holds, for the message ("size": "is not a known size").
+  """
+  if value in allowed:
+    return
+  names = [str(a) for a in allowed]
+  close = difflib.get_close_matches(str(value), names, n=1, cutoff=0.6)
+  fix = f" Did you mean {close[0]!r}? Set --{field}={close[0]}." if close else ""
+  raise ConfigError(f"{field}={value!r} is not a known {noun}; choose one of: "
+                    f"{', '.join(names)}.{fix}")
+
+
+def _check_choices(config, prefix: str) -> None:
   job = config.get("job")
-  if job not in ("sft", "daa", "eval", "tree_mdp", "sweep", "quickstart"):
-    raise ConfigError(f"config.job={job!r}; use sft, daa, eval, sweep, quickstart or tree_mdp.")
+  table = dict(CHOICES, **_TREE_MDP_CHOICES) if job == "tree_mdp" else CHOICES
+  for path, allowed in table.items():
+    value = _get_path(config, path)
+    if value is _MISSING:
+      continue
+    values = value if isinstance(value, (tuple, list)) and path == "objectives" else (value,)
+    noun = path.split(".")[-1].replace("_", " ")
+    noun = {"name": {"optim": "optimizer"}.get(path.split(".")[0], path.split(".")[0]),
+            "objectives": "objective", "job": "job"}.get(noun, noun)
+    for v in values:
+      check_choice(f"{prefix}{path}", v, allowed, noun)
+  size = _get_path(config, "model.size")
+  if size is not _MISSING and not config.get("hf_model"):  # hf_model: the checkpoint's shape
+    check_choice(f"{prefix}model.size", _size_key(str(size)), ("auto",) + tuple(SIZES), "size")
+  for s in (config.get("sizes") or ()) if job in ("sweep", "quickstart") else ():
+    check_choice(f"{prefix}sizes", _size_key(str(s)), tuple(SIZES), "size")
+
+
+def validate(config, num_devices: int | None = None, prefix: str = "config.") -> None:
+  """Checks a config before any expensive work; raises `ConfigError` with the fix.
+
+  Every closed-set field (`CHOICES`: job, objective, optimizer, schedule, data format,
+  judge, dtypes, ...) is checked, with the closest allowed name for a typo; a study's
+  `sft` and `daa` sub-configs are checked as their own jobs.
+  """
+  job = config.get("job")
+  check_choice(f"{prefix}job", job, JOBS, "job")
+  _check_choices(config, prefix)
+  if job in ("sweep", "quickstart"):
+    for sub in ("sft", "daa"):
+      if sub in config:
+        validate(config[sub], None, prefix=f"{prefix}{sub}.")
+    return
   if job in ("sft", "daa"):
-    for field, value in (("model.dtype", config.model.get("dtype", "float32")),
-                         ("model.param_dtype", config.model.get("param_dtype", "float32")),
-                         ("optim.state_dtype", config.optim.get("state_dtype", "float32")),
-                         ("objective.ref_dtype", config.objective.get("ref_dtype", "float32"))):
-      if value not in DTYPES:
-        raise ConfigError(f"config.{field}={value!r}; use one of {', '.join(DTYPES)}.")
-    size = config.model.size
-    if not config.get("hf_model") and _size_key(size) not in SIZES:
-      raise ConfigError(f"config.model.size={size!r} is not a known size; choose one of "
-                        f"{', '.join(SIZES)} (or load a checkpoint: --config.hf_model=PATH).")
     t = config.train
     if t.batch_size <= 0:
-      raise ConfigError(f"config.train.batch_size={t.batch_size} must be positive.")
+      raise ConfigError(f"{prefix}train.batch_size={t.batch_size} must be positive.")
     if t.grad_accum <= 0 or t.batch_size % t.grad_accum:
       raise ConfigError(
-          f"config.train.batch_size={t.batch_size} is not divisible by "
-          f"config.train.grad_accum={t.grad_accum}; make the batch a multiple of it.")
+          f"{prefix}train.batch_size={t.batch_size} is not divisible by "
+          f"{prefix}train.grad_accum={t.grad_accum}; make the batch a multiple of it.")
     if config.optim.lr <= 0:
-      raise ConfigError(f"config.optim.lr={config.optim.lr} must be positive.")
+      raise ConfigError(f"{prefix}optim.lr={config.optim.lr} must be positive.")
     if job == "daa":
       o = config.objective
       if not o.beta > 0:
-        raise ConfigError(f"config.objective.beta={o.beta} must be > 0 (it scales the "
+        raise ConfigError(f"{prefix}objective.beta={o.beta} must be > 0 (it scales the "
                           "log-ratio; beta -> 0 removes the KL constraint).")
-      if o.normalize not in ("sum", "mean"):
-        raise ConfigError(f"config.objective.normalize={o.normalize!r}; use 'sum' or 'mean'.")
       if not 0 <= o.epsilon < 0.5:
-        raise ConfigError(f"config.objective.epsilon={o.epsilon} must be in [0, 0.5).")
-      if o.reference not in ("live", "cached"):
-        raise ConfigError(f"config.objective.reference={o.reference!r}; use live or cached.")
+        raise ConfigError(f"{prefix}objective.epsilon={o.epsilon} must be in [0, 0.5).")
     fr = tuple(config.checkpoint.epoch_fractions or ())
     if any(f <= 0 for f in fr):
-      raise ConfigError(f"config.checkpoint.epoch_fractions={fr} must all be > 0.")
+      raise ConfigError(f"{prefix}checkpoint.epoch_fractions={fr} must all be > 0.")
   mesh = tuple(config.get("mesh") or (-1, 1, 1))
   if len(mesh) != 3 or sum(1 for m in mesh if m == -1) > 1 or any(
       m == 0 or m < -1 for m in mesh):

@@ -24,3 +24,20 @@ class CheckpointError(DaaError, ValueError):
 
 class TrainingDiverged(DaaError, FloatingPointError):
   """A non-finite loss or gradient; the message names the step and the last good checkpoint."""
+
+
+_WARNED: set[str] = set()
+
+
+def warn_misfit(message: str) -> None:
+  """Warns once per process, loudly, where the data and the config disagree.
+
+  For settings that work but probably not as the user meant (most examples truncated, a
+  warmup longer than the run, an empty hold-out): the run goes on, and the message says the
+  fix. The console shows it as one `daa_jax: warning:` paragraph; a repeat is dropped.
+  """
+  if message in _WARNED:
+    return
+  _WARNED.add(message)
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.warning("%s", message)

@@ -47,6 +47,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import time
 from typing import Any
 
@@ -61,13 +62,14 @@ from daa_jax import config_lib
 from daa_jax import data as data_lib
 from daa_jax import judges
 from daa_jax import llm_judge
+from daa_jax import metrics as metrics_lib
 from daa_jax import model as model_lib
 from daa_jax import packing as packing_lib
 from daa_jax import sampling
 from daa_jax import sharding
 from daa_jax import step as step_lib
 from daa_jax import train
-from daa_jax.errors import CheckpointError, ConfigError
+from daa_jax.errors import CheckpointError, ConfigError, warn_misfit
 
 SUMMARY_KEYS = ("step", "kl", "kl_stderr", "sqrt_kl", "forward_kl", "forward_kl_stderr",
                 "win_rate", "win_rate_ci", "reward_acc", "heldout_loss", "length_r2",
@@ -208,7 +210,14 @@ def make_judge(config, tokenizer, mesh, out_dir: str):
   name = j.name
   synthetic = config.data.source == "synthetic"
   if name == "auto":
-    name = "gold" if synthetic else "llm"
+    name = "gold" if synthetic else "llm" if os.environ.get(j.api_key_env) else "none"
+    if name == "none":
+      warn_misfit(
+          f"config.judge.name=auto: no ${j.api_key_env} is set, so no LLM judge; this "
+          "evaluation measures KL, held-out accuracy and drift but no win rate. For win rates "
+          f"set ${j.api_key_env} (an OpenAI-compatible endpoint: config.judge.base_url), or "
+          "score with a local reward model: --config.judge.name=reward_model "
+          "--config.judge.reward_model=DIR.")
   if name == "none":
     return name, None
   if name == "gold":
@@ -530,6 +539,11 @@ def _done(out_dir: str, step: int) -> bool:
 # --- The job ------------------------------------------------------------------------------------
 
 
+def _fmt(value, digits: int = 4) -> str:
+  """A metric that may be missing (None: no judge, no forward KL) as text."""
+  return "n/a" if value is None else f"{float(value):.{digits}f}"
+
+
 def _plan(config, run_dir: str, workdir: str):
   """([(step, is_reference)] to evaluate, steps already evaluated)."""
   exported = ckpt_lib.exported_steps(run_dir)
@@ -581,16 +595,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model_cfg = train.model_config(rcfg, setup.tokenizer.vocab_size)
   abstract = ckpt_lib.abstract_with_shardings(
       model_lib.abstract_params(model_cfg), sharding.param_shardings(model_cfg, setup.mesh))
+  # One bar over the checkpoints (process 0): the console's only per-step output.
+  bar = metrics_lib.Progress(len(todo), 0, jax.process_index() == 0,
+                             desc=f"eval {epath.Path(run_dir).name}")
   for step, is_ref in todo:
     params = setup.ref_params if is_ref else ckpt_lib.load_params(f"{run_dir}@{step}",
                                                                   abstract)[0]
     summary, arrays, rows = evaluate_params(setup, params, step, spe, is_reference=is_ref)
     write_step(workdir, step, summary, arrays, rows)
     logging.info("eval step %d: kl %.4f ± %.4f, forward kl %s, win rate %s, reward acc %.3f, "
-                 "%.1fs", step, summary["kl"], summary["kl_stderr"], summary["forward_kl"],
-                 summary["win_rate"], summary["reward_acc"], summary["eval_seconds"])
+                 "%.1fs", step, summary["kl"], summary["kl_stderr"],
+                 _fmt(summary["forward_kl"]), _fmt(summary["win_rate"], 3),
+                 summary["reward_acc"], summary["eval_seconds"])
     result["evaluated"].append(step)
     result["summaries"][step] = summary
+    bar.update(1, {})
+  bar.close()
   # pylint: disable-next=protected-access
   result["compiles"] = {"sampler": setup.sampler.jitted._cache_size(),
                         "scorer": setup.scorer._cache_size()}  # pylint: disable=protected-access

@@ -4,6 +4,10 @@ The job comes from `config.job`: `sft`, `daa` (training), `eval` (evaluate a run
 checkpoints), `sweep` / `quickstart` (a grid of runs, evaluation, fits and figures) or
 `tree_mdp` (the paper's toy). Any field can be overridden with `--config.a.b=value`.
 
+`daa-jax --help` (or no arguments) lists the jobs and configs and exits 0; `--print_config`
+prints every field of the resolved config and exits. The console shows progress bars,
+warnings and a short summary; INFO logs go to `<workdir>/daa_jax.log` (`console.py`).
+
 This is the only module with process-level side effects: flags, `jax.distributed`
 initialization for multi-process jobs, and jax config updates. A user error (bad config
 value, malformed data, incompatible checkpoint) ends with a one-paragraph message and exit
@@ -21,6 +25,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from daa_jax import console
 from daa_jax.errors import DaaError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -39,6 +44,9 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "jax.distributed.initialize(): 'auto' when the flags above or a multi-task SLURM job or "
     "TPU pod environment say so; 'on' always (unset values detected by jax from TPU VM "
     "metadata, SLURM or Open MPI; launch/tpu_vm.sh uses it); 'off' never (one process).")
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False, "Print every field of the resolved config (file, argument and "
+    "--config.* overrides applied, validated) and exit; no --workdir needed.")
 
 
 def _cpu_only(jax) -> bool:
@@ -46,7 +54,7 @@ def _cpu_only(jax) -> bool:
   return [p.strip() for p in platforms.split(",") if p.strip()] == ["cpu"]
 
 
-def _maybe_initialize_distributed() -> None:
+def _maybe_initialize_distributed() -> str:
   """Initializes jax.distributed when this is one process of several, then logs topology.
 
   `--distributed=auto` initializes when `--coordinator_address` or `--num_processes` > 1 is
@@ -73,9 +81,11 @@ def _maybe_initialize_distributed() -> None:
     if _LOCAL_DEVICES.value:
       kwargs["local_device_ids"] = [int(x) for x in _LOCAL_DEVICES.value.split(",")]
     jax.distributed.initialize(**kwargs)
-  logging.info("topology: process %d of %d, %d local / %d global devices (%s), platform %s",
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count(), jax.devices()[0].device_kind, jax.default_backend())
+  topology = (f"topology: process {jax.process_index()} of {jax.process_count()}, "
+              f"{jax.local_device_count()} local / {jax.device_count()} global devices "
+              f"({jax.devices()[0].device_kind}), platform {jax.default_backend()}")
+  logging.info("%s", topology)
+  return topology
 
 
 def dispatch(config, workdir: str):
@@ -119,13 +129,23 @@ def main(argv) -> None:
   py_logging.getLogger("absl").addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None or _WORKDIR.value is None:
-    raise app.UsageError("--config and --workdir are required.")
+  if _CONFIG.value is None or (_WORKDIR.value is None and not _PRINT_CONFIG.value):
+    raise app.UsageError("--config and --workdir are required (see daa-jax --help).")
+  console.quiet_console()
   from daa_jax import preemption  # pylint: disable=g-import-not-at-top
   try:
-    _maybe_initialize_distributed()
+    if _PRINT_CONFIG.value:
+      _validate(_CONFIG.value)
+      console.print_config(_CONFIG.value)
+      return
+    with console.native_stderr_captured() as flush_start_up:
+      topology = _maybe_initialize_distributed()
     # After jax.distributed: its own SIGTERM notifier must not take the signal from us.
     preemption.install()
+    log_path = console.log_to_file(_WORKDIR.value)
+    flush_start_up(log_path)
+    console.status(f"{topology}; log: {log_path}")
+    _validate(_CONFIG.value)
     summary = dispatch(_CONFIG.value, _WORKDIR.value)
   except DaaError as e:
     sys.stderr.write(f"daa_jax: error: {e}\n")
@@ -133,13 +153,19 @@ def main(argv) -> None:
   except preemption.Preempted as e:
     print(f"daa_jax: {e}")
     sys.exit(0)
-  if isinstance(summary, dict) and summary.get("message"):
-    print(summary["message"])
+  print(console.summary_text(_CONFIG.value, _WORKDIR.value, summary))
+
+
+def _validate(config) -> None:
+  """Every closed-set field and range of the config, before any data is read."""
+  from daa_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config_lib.validate(config)
 
 
 def cli() -> None:
   """Console script `daa-jax`: the same flags, plus `daa-jax eval RUN_DIR` as a shortcut."""
   argv = sys.argv
+  console.maybe_help(argv, "daa-jax")
   if len(argv) >= 3 and argv[1] == "eval" and not argv[2].startswith("-"):
     run_dir = argv[2]
     here = os.path.dirname(os.path.abspath(__file__))
@@ -168,4 +194,5 @@ def _run(argv=None) -> None:
 
 
 if __name__ == "__main__":
+  console.maybe_help(sys.argv, "python -m daa_jax.main")
   _run()

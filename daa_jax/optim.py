@@ -1,10 +1,11 @@
 """Optimizers and learning-rate schedules from `config.optim`.
 
 Two recipes:
-  * `rmsprop` — the paper's DAA optimizer (likely, PAPER.md): RMSprop, lr 5e-7, linear warmup
-    over 150 steps then constant, global-norm clipping at 10. The hyperparameters follow
-    `torch.optim.RMSprop` as the original DPO code used it (decay 0.99, eps 1e-8 added outside
-    the square root, no momentum), so runs are comparable with that code.
+  * `rmsprop` — the paper's DAA optimizer (likely; README, "Reproducing the paper"): RMSprop,
+    lr 5e-7, linear warmup over 150 steps then constant, global-norm clipping at 10. The
+    hyperparameters follow `torch.optim.RMSprop` as the original DPO code used it (decay 0.99,
+    eps 1e-8 added outside the square root, no momentum) and its warmup (`schedule`), so runs
+    are comparable with that code.
   * `adamw` — AdamW with linear warmup and cosine (or constant) decay, for SFT and the
     synthetic task.
 """
@@ -16,17 +17,25 @@ import jax.numpy as jnp
 import optax
 
 from daa_jax.errors import ConfigError
+from daa_jax.errors import warn_misfit
 
 
 def schedule(optim_config, total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to `lr` over `warmup_steps`, then `constant`, `cosine` or `linear`."""
+  """Linear warmup to `lr` over `warmup_steps` W, then `constant`, `cosine` or `linear`.
+
+  The warmup is the DPO reference code's `LambdaLR(lambda s: min(1, (s + 1) / (W + 1)))`:
+  update s (counted from 0) uses lr·(s + 1)/(W + 1), so the first update already moves the
+  weights (lr/(W + 1)), and update W uses the full lr. A warmup that started at lr 0 would
+  spend the first step on RMSprop's accumulator alone.
+  """
   lr = float(optim_config.lr)
   warmup = int(optim_config.warmup_steps)
   kind = optim_config.schedule
   if kind not in ("constant", "cosine", "linear"):
     raise ConfigError(
         f"config.optim.schedule={kind!r}; use 'constant', 'cosine' or 'linear'.")
-  warm = optax.linear_schedule(0.0, lr, max(warmup, 1))
+  # lr/(W+1) + (lr − lr/(W+1))·s/W = lr·(s + 1)/(W + 1) for s ≤ W.
+  warm = optax.linear_schedule(lr / (warmup + 1), lr, max(warmup, 1))
   decay_steps = max(int(total_steps) - warmup, 1)
   if kind == "constant":
     after = optax.constant_schedule(lr)
@@ -46,6 +55,15 @@ def make(optim_config, total_steps: int) -> tuple[optax.GradientTransformation, 
   optimizer) are the pre-clip norms, as PyTorch's `clip_grad_norm_` reports them.
   """
   lr_fn = schedule(optim_config, total_steps)
+  warmup = int(optim_config.warmup_steps)
+  if warmup >= total_steps > 0:
+    peak = float(lr_fn(total_steps - 1))
+    warn_misfit(
+        f"config.optim.warmup_steps={warmup} is not below the run's {total_steps} steps: the "
+        f"learning rate never reaches config.optim.lr={float(optim_config.lr):g} (it peaks at "
+        f"{peak:.3g}) and the loss will barely move. Set --config.optim.warmup_steps="
+        f"{max(total_steps // 10, 0)} (about 10% of the run), or train longer "
+        "(config.train.num_epochs).")
   name = optim_config.name
   if name == "rmsprop":
     core = optax.rmsprop(lr_fn, decay=float(optim_config.rms_decay), eps=float(optim_config.eps),

@@ -1,4 +1,4 @@
-"""Scaling-law fits of win rate against KL, the paper's figures, and the sweep report.
+"""Scaling-law fits of win rate against KL (numpy/scipy; figures and report: report.py).
 
 With d = √KL(πθ‖π_ref) (sequence-level, from policy samples) and R the win rate against the
 reference summaries, three forms are fitted by exact linear least squares (each is linear in
@@ -21,14 +21,13 @@ Peaks: log: dR/dd = α − β ln d − β = 0 ⇒ d* = exp(α/β − 1), R* = R0
 Fits run per (objective, size), once on each run's final checkpoint and once on all
 checkpoints, against √KL and against √forward-KL (KL(π_ref‖πθ)).
 
-Command line (no JAX needed or imported):
+Figures and report.md: `daa_jax.report`. Command line (no JAX needed or imported):
   python -m daa_jax.scaling SWEEP_DIR [--r0 fit|sft|0.17] [--out DIR]
 reads SWEEP_DIR/summary.csv and writes fits.json, figures/*.png|pdf and report.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -40,7 +39,7 @@ from typing import Any, Mapping, Sequence
 from absl import logging
 import numpy as np
 
-from daa_jax.errors import DaaError, DataError
+from daa_jax.errors import DataError
 
 NUMERIC_COLUMNS = ("beta", "step", "epoch_fraction", "kl", "sqrt_kl", "forward_kl", "win_rate",
                    "win_rate_lo", "win_rate_hi", "reward_acc", "heldout_loss", "length_r2",
@@ -204,7 +203,7 @@ def fit_group(d, win_rate, r0: float | None = None) -> dict[str, Any]:
   return out
 
 
-def _size_key(size: str):
+def size_key(size: str):
   m = re.fullmatch(r"(?i)\s*(?:pythia-?)?([\d.]+)\s*([kmbt]?)\s*", size or "")
   if not m:
     return (math.inf, size)
@@ -212,11 +211,11 @@ def _size_key(size: str):
   return (float(m.group(1)) * scale, size)
 
 
-def _is_reference(row) -> bool:
+def is_reference(row) -> bool:
   return row["objective"].lower() in REFERENCE_OBJECTIVES
 
 
-def _run_id(row) -> tuple:
+def run_id(row) -> tuple:
   """A run is its `run` column when the sweep writes one (seeds, variants), else
   (objective, size, beta)."""
   if row.get("run"):
@@ -228,27 +227,27 @@ def final_rows(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
   """Each run's last checkpoint: the largest step (then epoch_fraction)."""
   best: dict[tuple, tuple] = {}
   for row in rows:
-    run = _run_id(row)
+    run = run_id(row)
     order = tuple(-math.inf if math.isnan(row[c]) else row[c] for c in ("step", "epoch_fraction"))
     if run not in best or order >= best[run][0]:
       best[run] = (order, row)
   return [row for _, row in best.values()]
 
 
-def _groups(rows):
+def by_group(rows):
   """{(objective, size): rows}, in objective then size order; reference rows left out."""
   groups: dict[tuple, list] = {}
   for row in rows:
-    if not _is_reference(row):
+    if not is_reference(row):
       groups.setdefault((row["objective"], row["size"]), []).append(row)
-  return dict(sorted(groups.items(), key=lambda kv: (kv[0][0], _size_key(kv[0][1]))))
+  return dict(sorted(groups.items(), key=lambda kv: (kv[0][0], size_key(kv[0][1]))))
 
 
 def _resolve_r0(r0, rows, size) -> tuple[float | None, str]:
   if r0 is None or r0 == "fit":
     return None, "fitted"
   if isinstance(r0, str) and r0 == "sft":
-    ref = [r["win_rate"] for r in rows if _is_reference(r) and r["size"] == size
+    ref = [r["win_rate"] for r in rows if is_reference(r) and r["size"] == size
            and not math.isnan(r["win_rate"])]
     if not ref:
       return None, "fitted (no sft row for this size)"
@@ -278,7 +277,7 @@ def fit_all(rows: Sequence[Mapping[str, Any]], r0=None) -> dict[str, Any]:
                          else ("per size" if isinstance(r0, Mapping) else float(r0)),
                          "groups": [], "forward_kl_groups": []}
   for x_col, key in (("sqrt_kl", "groups"), ("forward_kl", "forward_kl_groups")):
-    for (objective, size), group_rows in _groups(rows).items():
+    for (objective, size), group_rows in by_group(rows).items():
       for set_name, subset in (("final", final_rows(group_rows)), ("all", group_rows)):
         x = np.array([r[x_col] for r in subset], dtype=np.float64)
         if x_col == "forward_kl":
@@ -292,9 +291,9 @@ def fit_all(rows: Sequence[Mapping[str, Any]], r0=None) -> dict[str, Any]:
         entry = {"objective": objective, "size": size, "set": set_name,
                  "x": "sqrt_kl" if x_col == "sqrt_kl" else "sqrt_forward_kl",
                  "r0_source": source, **result}
-        if entry["skipped"]:
-          logging.warning("scaling fit %s/%s/%s/%s skipped: %s", objective, size, set_name,
-                          entry["x"], entry["skipped"])
+        if entry["skipped"]:  # info, not a warning: the report's fit table lists it
+          logging.info("scaling fit %s/%s/%s/%s skipped: %s", objective, size, set_name,
+                       entry["x"], entry["skipped"])
         out[key].append(entry)
   return _jsonable(out)
 
@@ -322,396 +321,6 @@ def write_fits(fits: Mapping[str, Any], path: str) -> str:
   return path
 
 
-# --- Figures --------------------------------------------------------------------------------
-# Figures and report stay in this file (past STYLE's ~500 lines) because they read the fits'
-# structure defined above; DESIGN.md gives scaling.py the "fits, figures, report" job.
-
-_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
-
-
-def _objective_key(objective: str):
-  known = ("dpo", "ipo", "slic")
-  low = objective.lower()
-  return (known.index(low) if low in known else len(known), low)
-
-
-def _x(row, x_col: str) -> float:
-  """Abscissa of a row: sqrt_kl as stored; forward_kl turned into its square root."""
-  value = row.get(x_col, math.nan)
-  return math.sqrt(max(value, 0.0)) if x_col == "forward_kl" and math.isfinite(value) else value
-
-
-def _finite(rows, *cols):
-  return [r for r in rows if all(math.isfinite(r.get(c, math.nan)) for c in cols)]
-
-
-def _new_figure(nrows: int, ncols: int, width: float = 3.8, height: float = 3.0):
-  # matplotlib is imported here, not at module level: reading and fitting need none of it, and
-  # a bare Figure (no pyplot) renders through Agg without touching the global backend.
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
-  return fig, fig.subplots(nrows, ncols, squeeze=False)
-
-
-def _save(fig, out_dir: str, name: str) -> list[str]:
-  paths = []
-  for ext in ("png", "pdf"):
-    path = os.path.join(out_dir, f"{name}.{ext}")
-    fig.savefig(path, dpi=130)
-    paths.append(path)
-  return paths
-
-
-def _sizes_and_colors(rows):
-  sizes = sorted({r["size"] for r in rows if not _is_reference(r)}, key=_size_key)
-  return sizes, {s: f"C{i % 10}" for i, s in enumerate(sizes)}
-
-
-def _frontier_figure(rows, fit_groups, x_col: str, xlabel: str):
-  """Fig. 1 layout: objectives in columns, final / all checkpoints in rows, a color per size."""
-  groups = _groups(rows)
-  objectives = sorted({o for o, _ in groups}, key=_objective_key)
-  sizes, color = _sizes_and_colors(rows)
-  fits = {(g["objective"], g["size"], g["set"]): g for g in fit_groups}
-  fig, axes = _new_figure(2, len(objectives))
-  for j, objective in enumerate(objectives):
-    for i, set_name in enumerate(("final", "all")):
-      ax = axes[i][j]
-      for size in sizes:
-        if (objective, size) not in groups:
-          continue
-        subset = groups[(objective, size)]
-        subset = _finite(final_rows(subset) if set_name == "final" else subset, x_col, "win_rate")
-        if not subset:
-          continue
-        x = np.array([_x(r, x_col) for r in subset])
-        y = np.array([r["win_rate"] for r in subset])
-        ax.scatter(x, y, s=16, color=color[size], label=size, zorder=3)
-        bars = _finite(subset, "win_rate_lo", "win_rate_hi")
-        if bars:
-          by = np.array([r["win_rate"] for r in bars])
-          ax.errorbar([_x(r, x_col) for r in bars], by, fmt="none", ecolor=color[size],
-                      alpha=0.35, lw=0.8,
-                      yerr=[by - [r["win_rate_lo"] for r in bars],
-                            np.array([r["win_rate_hi"] for r in bars]) - by])
-        fit = fits.get((objective, size, set_name))
-        if fit and not fit["skipped"]:
-          grid = np.linspace(0.0, 1.05 * x.max(), 200)
-          ax.plot(grid, predict("log", fit["log"]["coef"], grid), ":", color=color[size], lw=1.5)
-      ax.set_title(f"{objective.upper()}, {set_name} checkpoints", fontsize=10)
-      ax.set_xlabel(xlabel)
-      ax.set_ylabel("win rate")
-      ax.grid(alpha=0.3)
-      if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, title="size", title_fontsize=7)
-  return fig
-
-
-def _epoch_figure(rows, size: str):
-  """Win rate and KL over the epoch for one model size: one line per β, a column per objective."""
-  groups = {o: g for (o, s), g in _groups(rows).items() if s == size}
-  objectives = sorted(groups, key=_objective_key)
-  from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
-  fig, axes = _new_figure(2, len(objectives))
-  for j, objective in enumerate(objectives):
-    runs: dict[tuple, list] = {}
-    for r in _finite(groups[objective], "epoch_fraction"):
-      runs.setdefault(_run_id(r), []).append(r)
-    # Colored by β order (small β, large KL: dark); NaN β last.
-    order = sorted(runs, key=lambda k: (math.isnan(runs[k][0]["beta"]), runs[k][0]["beta"], k))
-    for k, run_id in enumerate(order):
-      run = sorted(runs[run_id], key=lambda r: r["epoch_fraction"])
-      shade = colormaps["viridis"](k / max(len(order) - 1, 1))
-      label = f"β={run[0]['beta']:g}" + (f" ({run[0]['run']})" if run[0].get("run") else "")
-      for i, col in enumerate(("win_rate", "kl")):
-        pts = _finite(run, col)
-        axes[i][j].plot([r["epoch_fraction"] for r in pts], [r[col] for r in pts], "o-", ms=3,
-                        color=shade, label=label)
-    for i, label in enumerate(("win rate", "KL(πθ‖π_ref)")):
-      axes[i][j].set_title(f"{objective.upper()} {size}", fontsize=10)
-      axes[i][j].set_xlabel("epoch fraction")
-      axes[i][j].set_ylabel(label)
-      axes[i][j].grid(alpha=0.3)
-    if runs:
-      axes[0][j].legend(fontsize=7)
-  return fig
-
-
-def _scatter_figure(rows, panels):
-  """One panel per (x column, y column, x label, y label); a color per size, a marker per
-  objective."""
-  sizes, color = _sizes_and_colors(rows)
-  groups = _groups(rows)
-  objectives = sorted({o for o, _ in groups}, key=_objective_key)
-  fig, axes = _new_figure(1, len(panels))
-  for ax, (x_col, y_col, xlabel, ylabel) in zip(axes[0], panels):
-    for (objective, size), group_rows in groups.items():
-      pts = _finite(group_rows, x_col, y_col)
-      if pts:
-        ax.scatter([r[x_col] for r in pts], [r[y_col] for r in pts], s=16, color=color[size],
-                   marker=_MARKERS[objectives.index(objective) % len(_MARKERS)],
-                   label=f"{objective} {size}")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-      ax.legend(fontsize=7)
-  return fig, axes
-
-
-def _has(rows, *cols) -> bool:
-  return bool(_finite([r for r in rows if not _is_reference(r)], *cols))
-
-
-def make_figures(rows: Sequence[Mapping[str, Any]], fits: Mapping[str, Any],
-                 out_dir: str) -> dict[str, list[str]]:
-  """Writes the sweep's figures as PNG and PDF into out_dir.
-
-  Figures (each only when its columns hold data): 'frontier' (Fig. 1: win rate vs √KL, points
-  and dotted log-form fits), 'epoch_<size>' (win rate and KL over the epoch, a line per β),
-  'proxy_metrics' (implicit-reward accuracy and held-out loss vs win rate), 'length_r2' (length
-  R² vs KL), 'forward_kl' (win rate vs √forward KL with the same fits), 'likelihood_drift'
-  (chosen log-prob change vs forward KL).
-
-  Returns:
-    {figure name: [png path, pdf path]}.
-  """
-  os.makedirs(out_dir, exist_ok=True)
-  figures: dict[str, list[str]] = {}
-  if _has(rows, "sqrt_kl", "win_rate"):
-    figures["frontier"] = _save(
-        _frontier_figure(rows, fits["groups"], "sqrt_kl", "√KL(πθ‖π_ref)"), out_dir, "frontier")
-  if _has(rows, "epoch_fraction", "win_rate"):
-    for size in _sizes_and_colors(rows)[0]:
-      name = "epoch_" + re.sub(r"[^A-Za-z0-9._-]+", "_", size or "all")
-      figures[name] = _save(_epoch_figure(rows, size), out_dir, name)
-  panels = [("win_rate", col, "win rate", label) for col, label in
-            (("reward_acc", "implicit-reward accuracy"), ("heldout_loss", "held-out loss"))
-            if _has(rows, col, "win_rate")]
-  if panels:
-    figures["proxy_metrics"] = _save(_scatter_figure(rows, panels)[0], out_dir, "proxy_metrics")
-  if _has(rows, "kl", "length_r2"):
-    fig, _ = _scatter_figure(rows, [("kl", "length_r2", "KL(πθ‖π_ref)", "R² of reward on length")])
-    figures["length_r2"] = _save(fig, out_dir, "length_r2")
-  if _has(rows, "forward_kl", "win_rate"):
-    figures["forward_kl"] = _save(
-        _frontier_figure(rows, fits.get("forward_kl_groups", []), "forward_kl",
-                         "√KL(π_ref‖πθ)"), out_dir, "forward_kl")
-  if _has(rows, "forward_kl", "chosen_logp_drift"):
-    fig, axes = _scatter_figure(
-        rows, [("forward_kl", "chosen_logp_drift", "KL(π_ref‖πθ)", "Δ log π(y_chosen|x)")])
-    top = max(r["forward_kl"] for r in _finite(rows, "forward_kl"))
-    axes[0][0].plot([0, top], [0, -top], "k--", lw=0.8, label="−KL(π_ref‖πθ)")
-    axes[0][0].legend(fontsize=7)
-    figures["likelihood_drift"] = _save(fig, out_dir, "likelihood_drift")
-  return figures
-
-
-# --- Report ---------------------------------------------------------------------------------
-
-
-def _fmt(value, digits: int = 3) -> str:
-  if value is None or (isinstance(value, float) and not math.isfinite(value)):
-    return "—"
-  return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-def _spearman(x, y) -> float | None:
-  x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-  if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-    return None
-  from scipy import stats  # pylint: disable=g-import-not-at-top
-  return float(stats.spearmanr(x, y)[0])
-
-
-def _checkpoint(row) -> str:
-  parts = [f"β={row['beta']:g}" if math.isfinite(row["beta"]) else None,
-           f"step {row['step']:g}" if math.isfinite(row["step"]) else None]
-  return ", ".join(p for p in parts if p)
-
-
-def figure_readings(rows, fits) -> dict[str, str]:
-  """One line per figure, read off the data: where the win rate peaks, what the fits say."""
-  groups = _groups(rows)
-  fits_by = {(g["objective"], g["size"], g["set"], g["x"]): g
-             for g in fits["groups"] + fits.get("forward_kl_groups", [])}
-  out = {}
-  parts = []
-  for (objective, size), group_rows in groups.items():
-    pts = _finite(group_rows, "sqrt_kl", "win_rate")
-    if not pts:
-      continue
-    best = max(pts, key=lambda r: r["win_rate"])
-    far = max(pts, key=lambda r: r["sqrt_kl"])
-    text = (f"{objective.upper()} {size}: best win rate {best['win_rate']:.3f} at √KL "
-            f"{best['sqrt_kl']:.2f} ({_checkpoint(best)}); largest-KL checkpoint "
-            f"{far['win_rate']:.3f} at √KL {far['sqrt_kl']:.2f}")
-    fit = fits_by.get((objective, size, "all", "sqrt_kl"))
-    if fit and not fit["skipped"] and fit.get("rmse_ratio") is not None:
-      text += f"; log-form RMSE {fit['log']['rmse']:.3f} = {fit['rmse_ratio']:.2f}× quadratic"
-    parts.append(text + ".")
-  out["frontier"] = " ".join(parts)
-
-  for size in _sizes_and_colors(rows)[0]:
-    parts = []
-    for (objective, s), group_rows in groups.items():
-      if s != size:
-        continue
-      runs: dict = {}
-      for r in _finite(group_rows, "epoch_fraction", "win_rate"):
-        runs.setdefault(_run_id(r), []).append(r)
-      if not runs:
-        continue
-      peaks, declined, finals = [], 0, []
-      for run in runs.values():
-        run = sorted(run, key=lambda r: r["epoch_fraction"])
-        beta = run[-1]["beta"]
-        top = max(run, key=lambda r: r["win_rate"])
-        peaks.append(top["epoch_fraction"])
-        declined += bool(math.isfinite(top["win_rate_lo"]) and run[-1] is not top
-                         and run[-1]["win_rate"] < top["win_rate_lo"])
-        if math.isfinite(run[-1]["kl"]) and math.isfinite(beta):
-          finals.append((beta, run[-1]["kl"]))
-      text = (f"{objective.upper()}: win rate peaks at median epoch fraction "
-              f"{np.median(peaks):.2f}; {declined} of {len(runs)} runs end below their peak's "
-              "95% interval")
-      finals = sorted(finals, key=lambda t: t[0])
-      if len(finals) >= 2:
-        text += (f"; final KL {finals[0][1]:.2f} at β={finals[0][0]:g} vs "
-                 f"{finals[-1][1]:.2f} at β={finals[-1][0]:g}")
-      parts.append(text + ".")
-    out["epoch_" + re.sub(r"[^A-Za-z0-9._-]+", "_", size or "all")] = " ".join(parts)
-
-  by_size: dict[str, list] = {}
-  for (_, size), group_rows in groups.items():
-    by_size.setdefault(size, []).extend(group_rows)
-  parts = []
-  for size, size_rows in by_size.items():
-    cells = []
-    for col, label in (("reward_acc", "reward acc"), ("heldout_loss", "held-out loss")):
-      pts = _finite(size_rows, col, "win_rate")
-      rho = _spearman([r[col] for r in pts], [r["win_rate"] for r in pts])
-      if pts:
-        cells.append(f"ρ({label}, win rate) = {_fmt(rho, 2)} (n={len(pts)})")
-    if cells:
-      parts.append(f"{size}: " + ", ".join(cells) + ".")
-  out["proxy_metrics"] = ("Spearman ρ within each size: " + " ".join(parts)) if parts else ""
-
-  parts = []
-  for size, size_rows in by_size.items():
-    pts = _finite(size_rows, "kl", "length_r2")
-    if pts:
-      rho = _spearman([r["kl"] for r in pts], [r["length_r2"] for r in pts])
-      parts.append(f"{size}: mean R² {np.mean([r['length_r2'] for r in pts]):.3f}, "
-                   f"ρ(R², KL) = {_fmt(rho, 2)}.")
-  out["length_r2"] = " ".join(parts)
-
-  parts = []
-  for (objective, size), _ in groups.items():
-    fwd = fits_by.get((objective, size, "all", "sqrt_forward_kl"))
-    rev = fits_by.get((objective, size, "all", "sqrt_kl"))
-    if fwd and rev and not fwd["skipped"] and not rev["skipped"]:
-      parts.append(f"{objective.upper()} {size}: log-form RMSE {fwd['log']['rmse']:.3f} on "
-                   f"√forward KL vs {rev['log']['rmse']:.3f} on √KL.")
-  out["forward_kl"] = " ".join(parts)
-
-  final = _finite(final_rows([r for r in rows if not _is_reference(r)]), "forward_kl",
-                  "chosen_logp_drift")
-  if final:
-    drift = [r["chosen_logp_drift"] for r in final]
-    fkl = [r["forward_kl"] for r in final]
-    out["likelihood_drift"] = (
-        f"Final checkpoints: median chosen log-prob change {np.median(drift):.2f} nats against "
-        f"median forward KL {np.median(fkl):.2f} (ρ = {_fmt(_spearman(fkl, drift), 2)}).")
-  return out
-
-
-def _fit_table(groups) -> list[str]:
-  lines = ["| objective | size | set | n | R0 | α | β | RMSE | best-of-n RMSE | quadratic RMSE "
-           "| RMSE ratio | d* | peak win rate | note |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-  for g in groups:
-    head = f"| {g['objective']} | {g['size']} | {g['set']} | {g['n']} |"
-    if g["skipped"]:
-      lines.append(head + " — |" * 9 + f" skipped: {g['skipped']} |")
-      continue
-    log = g["log"]
-    note = log["peak_note"] or ("" if log["peak_in_range"] else "d* outside the data")
-    if g["r0_source"] != "fitted":
-      note = (note + "; " if note else "") + f"R0 from {g['r0_source']}"
-    lines.append(
-        f"{head} {_fmt(log['coef']['r0'])} | {_fmt(log['coef']['alpha'])} | "
-        f"{_fmt(log['coef']['beta'])} | {_fmt(log['rmse'], 4)} | {_fmt(g['bon']['rmse'], 4)} | "
-        f"{_fmt(g['quadratic']['rmse'], 4)} | {_fmt(g['rmse_ratio'], 2)} | "
-        f"{_fmt(log['d_star'], 2)} | {_fmt(log['peak_win_rate'])} | {note} |")
-  return lines
-
-
-def write_report(rows, fits, figures: Mapping[str, Sequence[str]], out_path: str,
-                 extra_lines: Sequence[str] | None = None) -> str:
-  """Writes report.md: the fit tables and each figure with one line read off the data."""
-  base = os.path.dirname(os.path.abspath(out_path))
-  policy_rows = [r for r in rows if not _is_reference(r)]
-  runs = {_run_id(r) for r in policy_rows}
-  lines = [
-      "# Over-optimization: win rate against KL", "",
-      f"{len(policy_rows)} checkpoints from {len(runs)} runs. d = √KL(πθ‖π_ref); the law "
-      f"{FORMS['log']} is fitted by least squares per objective × size, on each run's final "
-      f"checkpoint and on all checkpoints, next to {FORMS['bon']} and {FORMS['quadratic']}. "
-      f"R0 (the win rate at d = 0): {fits.get('r0_mode') or 'fit'}. RMSE ratio = log-form RMSE "
-      "/ quadratic RMSE (same number of coefficients); d* = exp(α/β − 1) is the predicted peak.",
-      "", "## Fits on √KL(πθ‖π_ref)", ""] + _fit_table(fits["groups"])
-  if fits.get("forward_kl_groups"):
-    lines += ["", "## Fits on √KL(π_ref‖πθ) (forward KL)", ""] + _fit_table(
-        fits["forward_kl_groups"])
-  readings = figure_readings(rows, fits)
-  lines += ["", "## Figures"]
-  for name, paths in figures.items():
-    png = next((p for p in paths if p.endswith(".png")), paths[0])
-    pdf = next((p for p in paths if p.endswith(".pdf")), None)
-    lines += ["", f"### {name}", "", f"![{name}]({os.path.relpath(png, base)})", ""]
-    lines.append(readings.get(name) or "(no reading: too few points)")
-    if pdf:
-      lines += ["", f"[PDF]({os.path.relpath(pdf, base)})"]
-  if extra_lines:
-    lines += ["", "## Notes", ""] + list(extra_lines)
-  os.makedirs(base, exist_ok=True)
-  with open(out_path, "w", encoding="utf-8") as f:
-    f.write("\n".join(lines) + "\n")
-  return out_path
-
-
-# --- Command line ---------------------------------------------------------------------------
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """`python -m daa_jax.scaling SWEEP_DIR`: fits.json, figures/ and report.md from summary.csv."""
-  parser = argparse.ArgumentParser(prog="python -m daa_jax.scaling", description=main.__doc__)
-  parser.add_argument("sweep_dir", help="directory holding summary.csv")
-  parser.add_argument("--r0", default="fit",
-                      help="win rate at d = 0: 'fit' (default), 'sft' (rows with objective sft) "
-                           "or a number such as 0.17")
-  parser.add_argument("--out", default=None, help="output directory (default: SWEEP_DIR)")
-  args = parser.parse_args(argv)
-  r0: Any = args.r0
-  if r0 not in ("fit", "sft"):
-    try:
-      r0 = float(r0)
-    except ValueError:
-      parser.error(f"--r0={args.r0!r}: use fit, sft or a number")
-  out_dir = args.out or args.sweep_dir
-  try:
-    rows = load_summary(os.path.join(args.sweep_dir, "summary.csv"))
-    fits = fit_all(rows, r0=None if r0 == "fit" else r0)
-    fits_path = write_fits(fits, os.path.join(out_dir, "fits.json"))
-    figures = make_figures(rows, fits, os.path.join(out_dir, "figures"))
-    report = write_report(rows, fits, figures, os.path.join(out_dir, "report.md"))
-  except DaaError as e:
-    sys.stderr.write(f"error: {e}\n")
-    return 2
-  print(f"wrote {fits_path}, {report} and {2 * len(figures)} figure files")
-  return 0
-
-
 if __name__ == "__main__":
-  sys.exit(main())
+  from daa_jax import report  # pylint: disable=g-import-not-at-top
+  sys.exit(report.main())

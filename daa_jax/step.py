@@ -107,10 +107,13 @@ def _daa_loss(params, ref_params, batch, hparams, *, model, cfg: StepConfig, num
       alpha=hparams["alpha"], epsilon=hparams["epsilon"], sft_weight=hparams["sft_weight"],
       normalize=cfg.normalize)
   micro = policy.shape[0]
-  # The micro-batch's share of the global mean: sum over micro-batches = global mean.
+  # The micro-batch's share of the global mean: sum over micro-batches = global mean. A
+  # standard deviation is no mean: the margins themselves travel out, and `_loss_and_grads`
+  # takes margin_std over the whole batch.
   weight = micro / num_pairs
-  scalars = {k: v * weight for k, v in metrics.items() if k != "per_pair"}
-  return loss * weight, scalars
+  scalars = {k: v * weight for k, v in metrics.items() if k not in ("per_pair", "margin_std")}
+  margins = metrics["per_pair"]["rewards_chosen"] - metrics["per_pair"]["rewards_rejected"]
+  return loss * weight, (scalars, margins)
 
 
 def _sft_loss(params, ref_params, batch, hparams, *, model, cfg: StepConfig, num_tokens):
@@ -118,7 +121,7 @@ def _sft_loss(params, ref_params, batch, hparams, *, model, cfg: StepConfig, num
   summed, _ = sequence_logps(model, params, batch["tokens"], batch["attention_mask"],
                              batch["positions"], batch["loss_mask"], cfg.logps_chunk)
   nll = -jnp.sum(summed) / num_tokens  # token-level mean over the *global* batch
-  return nll, {"loss": nll, "tokens": jnp.sum(batch["lengths"]).astype(jnp.float32)}
+  return nll, ({"loss": nll, "tokens": jnp.sum(batch["lengths"]).astype(jnp.float32)},)
 
 
 def _split_micro(batch, grad_accum: int):
@@ -139,24 +142,34 @@ def _loss_and_grads(params, ref_params, batch, hparams, model, cfg: StepConfig):
     loss_fn = functools.partial(_sft_loss, model=model, cfg=cfg, num_tokens=num_tokens)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if cfg.grad_accum == 1:
-    (loss, metrics), grads = grad_fn(params, ref_params, batch, hparams)
-    return loss, metrics, grads
+    (loss, aux), grads = grad_fn(params, ref_params, batch, hparams)
+    return loss, _whole_batch(aux), grads
 
   micro_batches = _split_micro(batch, cfg.grad_accum)
 
   def body(carry, micro):
     loss_acc, metrics_acc, grads_acc = carry
-    (loss, metrics), grads = grad_fn(params, ref_params, micro, hparams)
+    (loss, (metrics, *rest)), grads = grad_fn(params, ref_params, micro, hparams)
     return (loss_acc + loss, jax.tree.map(jnp.add, metrics_acc, metrics),
-            jax.tree.map(jnp.add, grads_acc, grads)), None
+            jax.tree.map(jnp.add, grads_acc, grads)), rest
 
   first = jax.tree.map(lambda x: x[0], micro_batches)
-  metrics_shape = jax.eval_shape(lambda: grad_fn(params, ref_params, first, hparams)[0][1])
+  metrics_shape = jax.eval_shape(lambda: grad_fn(params, ref_params, first, hparams)[0][1][0])
   zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)  # noqa: E731
   init = (jnp.zeros((), jnp.float32), zeros(metrics_shape),
           jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
-  (loss, metrics, grads), _ = jax.lax.scan(body, init, micro_batches)
-  return loss, metrics, grads
+  (loss, metrics, grads), rest = jax.lax.scan(body, init, micro_batches)
+  # rest: the per-pair margins of every micro-batch, [A, B/A] (empty for SFT).
+  return loss, _whole_batch((metrics, *[r.reshape(-1) for r in rest])), grads
+
+
+def _whole_batch(aux: tuple) -> dict:
+  """(scalars[, margins [B]]) -> scalars with margin_std of the whole batch, so no logged
+  statistic depends on grad_accum."""
+  scalars, *rest = aux
+  if rest:
+    scalars = dict(scalars, margin_std=rest[0].std())
+  return scalars
 
 
 def train_step(state: TrainState, ref_params: PyTree, batch: dict, hparams: dict,

@@ -35,6 +35,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from daa_jax import report as report_lib
 from daa_jax import scaling
 
 SUMMARY_COLUMNS = ("objective", "size", "beta", "step", "epoch_fraction", "kl", "kl_stderr",
@@ -322,6 +323,27 @@ def _spearman(x, y) -> float:
   return float(np.corrcoef(rx, ry)[0, 1])
 
 
+def win_rate_against(config) -> str:
+  """The report's sentence on what a win rate compares, from the study's judge."""
+  j = config.judge
+  synthetic = config.daa.data.source == "synthetic"
+  name = j.name if j.name != "auto" else ("gold" if synthetic else "llm")
+  interval = "ties count half; 95% Wilson intervals"
+  if name == "gold":
+    return ("Win rate: the share of held-out prompts on which the policy's sample has a higher "
+            "gold reward than the task's reference summary for that prompt (the same "
+            f"references for every checkpoint; {interval}).")
+  if name == "llm":
+    return (f"Win rate: the share of held-out prompts on which the LLM judge ({j.model}, both "
+            "presentation orders) prefers the policy's sample to the dataset's reference "
+            f"response ({interval}).")
+  if name == "reward_model":
+    return ("Win rate: the share of held-out prompts on which the reward model "
+            f"{j.reward_model} scores the policy's sample above the dataset's reference "
+            f"response ({interval}).")
+  return "No judge (config.judge.name='none'): win rates are empty."
+
+
 def _check_lines(results: dict[str, dict]) -> list[str]:
   lines = ["## Checks of the paper's findings", ""]
   for key, c in results.items():
@@ -333,7 +355,7 @@ def _check_lines(results: dict[str, dict]) -> list[str]:
         f"**{'yes' if c['rises_then_falls'] else 'no'}**. Final KL by β "
         + ", ".join(f"{b}: {v:.2f}" for b, v in c["final_kl_by_beta"].items())
         + f" → smaller β, larger KL: **{'yes' if c['smaller_beta_larger_kl'] else 'no'}**. "
-        + ("Log-form fit (all checkpoints) α={:.3f}, β={:.3f}, RMSE {:.4f} vs quadratic "
+        + ("Log-form fit (all checkpoints) a={:.3f}, b={:.3f}, RMSE {:.4f} vs quadratic "
            "{:.4f} → **{}**.".format(c["log_alpha"], c["log_beta"], c["log_rmse"],
                                      c["quadratic_rmse"], "yes" if c["log_fit_ok"] else "no")
            if c["log_alpha"] is not None else "Log-form fit: skipped (too few points)."))
@@ -422,13 +444,23 @@ def _report(config, runs: list[dict], workdir: str) -> dict:
   rows = collect(runs, workdir)
   fits = scaling.fit_all(rows, r0=config.get("fit_r0", "sft"))
   scaling.write_fits(fits, os.path.join(workdir, "fits.json"))
-  figures = scaling.make_figures(rows, fits, os.path.join(workdir, "figures"))
+  on_policy = config.pairs == "policy_samples"
+  figures = report_lib.make_figures(rows, fits, os.path.join(workdir, "figures"),
+                                    pairs_on_policy=on_policy)
   results = checks(rows, fits)
   with open(os.path.join(workdir, "checks.json"), "w", encoding="utf-8") as f:
     json.dump(results, f, indent=2)
   report = os.path.join(workdir, "report.md")
-  scaling.write_report(rows, fits, figures, report, extra_lines=_check_lines(results))
-  message = (f"daa_jax: {len(runs)} runs, {len(rows)} evaluated checkpoints.\n"
+  report_lib.write_report(rows, fits, figures, report, extra_lines=_check_lines(results),
+                          win_rate_against=win_rate_against(config), pairs_on_policy=on_policy)
+  # Counted as report.md counts them: DAA runs and their checkpoints; the SFT runs and their
+  # step-0 reference rows (the fits' R0) on the side.
+  daa_runs = sum(r["kind"] == "daa" for r in runs)
+  sft_rows = sum(r.get("objective") == "sft" for r in rows)
+  sft_runs = len(runs) - daa_runs
+  message = (f"daa_jax: {daa_runs} DAA runs, {len(rows) - sft_rows} checkpoints evaluated "
+             f"(+ {sft_runs} SFT run{'s' * (sft_runs != 1)}, {sft_rows} reference "
+             f"point{'s' * (sft_rows != 1)} at KL 0).\n"
              f"  report:  {report}\n  figures: {os.path.join(workdir, 'figures')}\n"
              f"  table:   {os.path.join(workdir, 'summary.csv')}")
   return {"message": message, "rows": len(rows), "checks": results, "report": report}

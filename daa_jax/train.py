@@ -46,6 +46,7 @@ from daa_jax import packing as packing_lib
 from daa_jax import preemption
 from daa_jax import sharding
 from daa_jax import step as step_lib
+from daa_jax import errors
 from daa_jax.errors import ConfigError, TrainingDiverged
 
 PyTree = Any
@@ -292,6 +293,52 @@ def schedule_steps(config, steps_per_epoch: int, total_steps: int) -> list[int]:
   return sorted(steps)
 
 
+def _size_of(model_cfg) -> str | None:
+  """The size-table name (any family) with this architecture, if any."""
+  for name, fields in config_lib.SIZES.items():
+    if all(getattr(model_cfg, k, None) == v for k, v in fields.items() if k != "vocab_size"):
+      return name
+  return None
+
+
+def resolve_auto(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """A copy of `config` with its 'auto' fields made concrete (what config.json records).
+
+  `model.size='auto'`: the `init_from` run's size (and its `hf_model` when that run had no
+  Pythia size), else the size matching `hf_model`'s architecture, else `tiny` from scratch
+  (with a warning unless the data is the synthetic task). `data.max_length` /
+  `max_prompt_length` = 0: fitted to the training data (`data.resolve_lengths`).
+  """
+  config = config.copy_and_resolve_references()
+  m = config.model
+  if m.size == "auto":
+    if config.get("init_from"):
+      run_dir = str(config.init_from).partition("@")[0]
+      path = epath.Path(run_dir) / "config.json"
+      if not path.exists():
+        raise ConfigError(f"config.init_from={config.init_from!r}: {path} does not exist; give "
+                          "a daa_jax run directory (e.g. the SFT run's --workdir).")
+      init_cfg = json.loads(path.read_text())
+      m.size = init_cfg.get("model", {}).get("size", "auto")
+      if m.size == "auto" and not config.get("hf_model") and init_cfg.get("hf_model"):
+        config.hf_model = init_cfg["hf_model"]
+    elif config.get("hf_model"):
+      m.size = _size_of(hf_convert.load_config(config.hf_model)) or "auto"
+    else:
+      m.size = "tiny"
+      if config.data.source != "synthetic":
+        errors.warn_misfit(
+            "config.model.size=auto with neither config.init_from nor config.hf_model: "
+            "training a tiny model (2 layers, width 64) from scratch. To start from Pythia "
+            "weights as the paper does, give --config.hf_model=EleutherAI/pythia-1b (its size "
+            "follows) or an SFT run with --config.init_from=RUN_DIR; or pick a size "
+            "(configs/daa.py:size=410m).")
+  max_positions = model_config(config).max_position_embeddings
+  data_lib.resolve_lengths(config.data, "pairs" if config.job == "daa" else "sft", workdir,
+                           max_positions)
+  return config
+
+
 def _saved_so_far(workdir: str):
   """What a run directory holds, for the message of a SIGTERM before the loop."""
   def describe() -> str:
@@ -315,6 +362,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_lib.validate(config, jax.device_count())
+  config = resolve_auto(config, workdir)
   kind = config.job
   saved = _saved_so_far(workdir)
   preemption.set_phase("start-up", saved)
@@ -449,7 +497,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   progress = metrics_lib.Progress(total_steps, start, bool(t.progress) and is_main,
                                   desc=f"{kind} {os.path.basename(os.path.normpath(workdir))}")
   peak = metrics_lib.peak_flops(jax.devices()[0].device_kind)
-  seq_len = int(config.data.max_length)
+  seq_len = int(train_ds.max_length)
   pending: list[tuple[int, dict, float]] = []
   window_start, window_tokens = time.time(), 0.0
   summary: dict[str, Any] = {"status": "finished", "workdir": workdir}

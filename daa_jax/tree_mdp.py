@@ -314,4 +314,8 @@ def run(config, workdir: str) -> dict[str, Any]:
   with open(os.path.join(workdir, "tree_mdp.json"), "w") as f:
     json.dump(results, f)
   plot(results, os.path.join(workdir, "tree_mdp"))
+  results["message"] = (f"tree_mdp: {len(config.objectives)} objectives x {len(betas)} betas, "
+                        f"{config.steps} steps each.\n"
+                        f"  curves:  {os.path.join(workdir, 'tree_mdp.json')}\n"
+                        f"  figure:  {os.path.join(workdir, 'tree_mdp.png')} (and .pdf)")
   return results

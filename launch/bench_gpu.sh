@@ -57,12 +57,13 @@ run_item() {
   fi
   echo "== $name (timeout ${limit}s): $*" >&2
   t0=$(date +%s)
+  # stdout: the bare JSON result line; stderr: the logs.
   timeout -k 10 "$limit" python -m daa_jax.bench --steps "$STEPS" --warmup 2 --out "$RESULTS" "$@" \
-      > "$OUT/logs/$name.log" 2>&1
+      > "$OUT/logs/$name.json" 2> "$OUT/logs/$name.log"
   rc=$?
   dt=$(( $(date +%s) - t0 ))
   if (( rc == 0 )); then
-    grep '^RESULT_JSON ' "$OUT/logs/$name.log" | tail -1 | sed 's/^RESULT_JSON //'
+    tail -1 "$OUT/logs/$name.json"
     return
   fi
   local why="rc=$rc"

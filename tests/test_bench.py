@@ -28,9 +28,11 @@ def test_cli_emits_one_json_line_and_appends_to_out(tmp_path):
   proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300,
                         check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT_JSON ")]
-  assert len(lines) == 1
-  result = json.loads(lines[0][len("RESULT_JSON "):])
+  lines = proc.stdout.splitlines()
+  assert len(lines) == 1, proc.stdout  # stdout is the bare JSON line, nothing else
+  result = json.loads(lines[0])
+  assert result["peak_tflops"] == 1.0 and result["peak_source"] == "--peak_tflops"
+  assert "peak_flops" not in result
   assert set(REQUIRED) <= set(result)
   assert result["packing"] is True and result["packed_shape"] == [2, 16]
   assert len(result["step_s_all"]) == 2
@@ -48,6 +50,7 @@ def test_every_workload_runs(what, packing):
   assert set(REQUIRED) <= set(result)
   assert result["step_s_median"] > 0 and result["peak_mem_bytes"] > 0
   assert result["mfu"] is None  # CPU: no known peak unless --peak_tflops
+  assert result["peak_tflops"] is None and "--peak_tflops" in result["peak_source"]
   if what == "sample":
     assert result["tokens_per_s"] == pytest.approx(2 * 3 / result["step_s_median"])
   if what == "train_cached_ref":

@@ -6,8 +6,9 @@ import sys
 import numpy as np
 import pytest
 
-pytest.importorskip("tensorflow_datasets")
-pytest.importorskip("array_record")
+_WHY = "format='tfds' needs the tfds extra: pip install -e '.[tfds]' (.ci/run installs it)"
+pytest.importorskip("tensorflow_datasets", reason=_WHY)
+pytest.importorskip("array_record", reason=_WHY)
 
 import daa_jax.data as data  # pylint: disable=g-import-not-at-top
 from daa_jax.errors import DataError  # pylint: disable=g-import-not-at-top

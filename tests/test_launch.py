@@ -228,7 +228,8 @@ def test_distributed_off_keeps_one_process_inside_a_slurm_allocation(tmp_path):
 
 def test_shellcheck_passes():
   if shutil.which("shellcheck") is None:
-    pytest.skip("shellcheck is not installed (apt-get install -y shellcheck)")
+    pytest.skip("shellcheck is not installed (apt-get install -y shellcheck; .ci/run "
+                "installs it)")
   # -x: follow `source common.sh` (the shared helpers), which is linted too.
   proc = subprocess.run(["shellcheck", "--shell=bash", "-x", *SCRIPTS, "common.sh"], cwd=LAUNCH,
                         capture_output=True, text=True, timeout=60)

@@ -87,7 +87,8 @@ def launch(workdir, num_processes: int, extra=(), *, cache_dir: str, log_dir: st
   procs, paths = [], []
   tag = f"{os.path.basename(str(workdir))}-{num_processes}p-{len(os.listdir(log_dir))}"
   for i in range(num_processes):
-    cmd = [sys.executable, *main, *flags, *extra, f"--workdir={workdir}"]
+    # --alsologtostderr: the INFO lines the tests read (otherwise only in daa_jax.log).
+    cmd = [sys.executable, *main, *flags, *extra, f"--workdir={workdir}", "--alsologtostderr"]
     if num_processes > 1:
       cmd += [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
               f"--process_id={i}"]

@@ -1,4 +1,4 @@
-"""Tests of scaling.py: coefficient recovery, peaks, and summary.csv → fits, figures, report."""
+"""Tests of scaling.py and report.py: coefficient recovery, peaks, and summary.csv → fits, figures, report."""
 
 import csv
 import json
@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from daa_jax import report as report_lib
 from daa_jax import scaling
 from daa_jax.errors import DataError
 
@@ -138,14 +139,14 @@ def test_summary_to_fits_figures_and_report(tmp_path):
 
   fits_path = scaling.write_fits(fits, str(tmp_path / "fits.json"))
   assert json.load(open(fits_path))["groups"][0]["objective"] == "dpo"
-  figures = scaling.make_figures(rows, fits, str(tmp_path / "figures"))
+  figures = report_lib.make_figures(rows, fits, str(tmp_path / "figures"))
   assert set(figures) == {"frontier", "epoch_1b", "epoch_2.8b", "proxy_metrics", "length_r2",
                           "forward_kl", "likelihood_drift"}
   for paths in figures.values():
     assert [os.path.splitext(p)[1] for p in paths] == [".png", ".pdf"]
     for p in paths:
       assert os.path.getsize(p) > 1000
-  report = scaling.write_report(rows, fits, figures, str(tmp_path / "report.md"),
+  report = report_lib.write_report(rows, fits, figures, str(tmp_path / "report.md"),
                                 extra_lines=["judge: gold reward"])
   text = open(report).read()
   assert "| dpo | 1b | all | 25 |" in text and "skipped: 2 points" in text

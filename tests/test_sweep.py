@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 
 from daa_jax import config_lib
 from daa_jax import scaling
@@ -109,6 +110,7 @@ def test_collect_writes_summary_csv_with_the_contract_columns(tmp_path):
   assert table[1]["win_rate_lo"] == "0.15" and table[1]["step"] == "31"
 
 
+@pytest.mark.slow
 def test_shrunk_quickstart_shows_overoptimization(tmp_path):
   """The quickstart's pipeline end to end without IPO: the paper's findings must show.
 

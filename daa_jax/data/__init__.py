@@ -19,10 +19,11 @@ from daa_jax.data.pipeline import FORMATS
 from daa_jax.data.pipeline import load_pairs
 from daa_jax.data.pipeline import load_sft
 from daa_jax.data.pipeline import Loader
+from daa_jax.data.pipeline import resolve_lengths
 from daa_jax.data.pipeline import validate
 from daa_jax.data.synthetic import gold_reward_fn
 from daa_jax.data.synthetic import SyntheticTask
 from daa_jax.data.tokenize import get_tokenizer
 
 __all__ = ["PairDataset", "SFTDataset", "default_config", "FORMATS", "load_pairs", "load_sft",
-           "Loader", "validate", "gold_reward_fn", "SyntheticTask", "get_tokenizer"]
+           "Loader", "resolve_lengths", "validate", "gold_reward_fn", "SyntheticTask", "get_tokenizer"]

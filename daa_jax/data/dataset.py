@@ -30,15 +30,16 @@ from typing import Any, Mapping, Optional, Sequence
 from absl import logging
 import numpy as np
 
+from daa_jax.data import lengths as lengths_lib
 from daa_jax.data import tokenize as tokenize_lib
 from daa_jax.errors import DataError
 
 Ragged = tokenize_lib.Ragged
 # Bump when the cache layout or the tokenization/truncation semantics change.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _STAT_KEYS = ("read", "invalid_skipped", "skipped_other_domain", "other_split",
               "duplicates_removed", "truncated", "prompt_truncated", "response_truncated",
-              "dropped", "examples")
+              "dropped", "examples", "fitting_length")
 
 
 class _Dataset:
@@ -213,6 +214,10 @@ class _Dataset:
     prompt_ids = tokenizer.encode_batch([e.prompt for e in examples])
     response_ids = [tokenizer.encode_batch([getattr(e, name) for e in examples])
                     for name in cls._RESPONSE_NAMES]
+    # The max_length at which 99% of the examples would fit uncut, for the truncation warning.
+    stats["fitting_length"] = lengths_lib.needed(
+        [len(p) for p in prompt_ids],
+        [max(len(r[i]) for r in response_ids) + 1 for i in range(len(examples))])
     kept, prompts, responses = [], [], [[] for _ in cls._RESPONSE_NAMES]
     for i in range(len(examples)):
       result = tokenize_lib.truncate(prompt_ids[i], [r[i] for r in response_ids],

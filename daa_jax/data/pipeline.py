@@ -26,12 +26,14 @@ import ml_collections
 import numpy as np
 
 from daa_jax.data import dataset as dataset_lib
+from daa_jax.data import hf_datasets
+from daa_jax.data import lengths as lengths_lib
 from daa_jax.data import readers
 from daa_jax.data import synthetic
 from daa_jax.data import tokenize as tokenize_lib
-from daa_jax.errors import ConfigError, DataError
+from daa_jax.errors import ConfigError, DataError, warn_misfit
 
-FORMATS = ("tldr", "tldr_sft", "hh", "jsonl", "parquet", "tfds")
+FORMATS = ("tldr", "tldr_sft", "hh", "jsonl", "parquet", "tfds", "hf")
 _DATA_EXTENSIONS = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet", ".arrow")
 # Metadata files that HF dataset directories keep beside the data.
 _NOT_DATA = ("dataset_info.json", "state.json", "dataset_dict.json", "features.json",
@@ -50,8 +52,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.source = "synthetic"  # 'synthetic', a file, a directory, a glob, or a comma list of them.
   c.format = "jsonl"  # One of FORMATS; ignored for 'synthetic'.
   c.tokenizer = "bytes"  # 'bytes', a tokenizer.json/directory, or a HF hub id.
-  c.max_length = 38  # Tokens of prompt + response + EOS: the batch length L.
-  c.max_prompt_length = 21  # Prompts are cut to this only when an example does not fit.
+  # 0 ('auto'): fitted to the data (lengths.py: 99% of examples fit; the synthetic task's
+  # exact 38 / 21), and written as numbers to the run's config.json.
+  c.max_length = 0  # Tokens of prompt + response + EOS: the batch length L.
+  c.max_prompt_length = 0  # Prompts are cut to this only when an example does not fit.
   c.truncation_side = "keep_end"  # Of an over-long prompt keep the end (near "TL;DR:").
   c.overlong = "truncate"  # 'truncate' or 'drop' examples that do not fit max_length.
   c.chat_template = ""  # "": off; 'tokenizer': the tokenizer's chat_template; or a .jinja
@@ -71,7 +75,13 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def truncation_settings(cfg: ml_collections.ConfigDict) -> tokenize_lib.Truncation:
-  """The length settings of `config.data`, validated (raises ConfigError)."""
+  """The length settings of `config.data`, validated (raises ConfigError); 'auto' lengths
+  (0) must have been resolved (`resolve_lengths`)."""
+  if int(cfg.max_length) < 0 or (cfg.max_prompt_length is not None
+                                 and int(cfg.max_prompt_length) < 0):
+    raise ConfigError(f"config.data.max_length={cfg.max_length}, max_prompt_length="
+                      f"{cfg.max_prompt_length}: use positive token counts, or 0 to fit them to "
+                      "the data.")
   return tokenize_lib.Truncation(
       max_length=int(cfg.max_length),
       max_prompt_length=None if cfg.max_prompt_length is None else int(cfg.max_prompt_length),
@@ -86,7 +96,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.data.format={cfg.format!r}; use one of {FORMATS}.")
   if not 0.0 < cfg.eval_fraction < 1.0:
     raise ConfigError(f"config.data.eval_fraction={cfg.eval_fraction}; use a value in (0, 1).")
-  truncation_settings(cfg)
+  if int(cfg.max_length) > 0 and (cfg.max_prompt_length is None
+                                  or int(cfg.max_prompt_length) != 0):
+    truncation_settings(cfg)
   if cfg.source == "synthetic":
     synthetic.SyntheticTask(cfg.synthetic)
 
@@ -142,16 +154,44 @@ def _holdout_score(prompt: str) -> float:
   return int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 
+def _held_out_prompts(examples: list, fraction: float) -> set:
+  """The unlabeled prompts held out for evaluation: those whose hash is below `fraction`.
+
+  Never empty while there are two distinct prompts: when the hash holds out none (few
+  prompts) or all of them, the round(fraction * prompts) (at least 1) lowest-hash prompts are
+  held out instead, with a warning.
+  """
+  prompts = sorted({e.prompt for e in examples if not e.split})
+  if not prompts:
+    return set()
+  held = {p for p in prompts if _holdout_score(p) < fraction}
+  if held and len(held) < len(prompts):
+    return held
+  if len(prompts) < 2:
+    return set()
+  by_hash = "all" if held else "none"
+  k = min(max(1, round(fraction * len(prompts))), len(prompts) - 1)
+  held = set(sorted(prompts, key=_holdout_score)[:k])
+  warn_misfit(
+      f"config.data.eval_fraction={fraction:g} of {len(prompts)} prompts held out "
+      f"{by_hash} by the prompt hash; holding out the {k} "
+      f"lowest-hash prompt(s) instead ({sum(e.prompt in held for e in examples)} examples) "
+      "so that held-out metrics and evaluation have data. For a larger held-out set raise "
+      "--config.data.eval_fraction (e.g. 0.2) or give --config.data.eval_source.")
+  return held
+
+
 def _select(examples: list, split: str, cfg, separate_eval: bool) -> tuple[list, int]:
   """The examples of `split` ('train', 'eval' or a split name present in the data)."""
   labels = {e.split for e in examples if e.split}
+  held_out = _held_out_prompts(examples, cfg.eval_fraction) if not separate_eval else set()
 
   def effective(e):
     if e.split:
       return e.split
     if separate_eval:
       return "train"
-    return "eval" if _holdout_score(e.prompt) < cfg.eval_fraction else "train"
+    return "eval" if e.prompt in held_out else "train"
 
   if split == "eval":
     if cfg.eval_split != "auto":
@@ -163,8 +203,9 @@ def _select(examples: list, split: str, cfg, separate_eval: bool) -> tuple[list,
   selected = [e for e in examples if effective(e) in wanted]
   if not selected:
     raise DataError(f"no examples of split {split!r} in config.data.source (splits present: "
-                    f"{sorted(labels) or 'none'}); set config.data.eval_split or "
-                    "config.data.eval_source.")
+                    f"{sorted(labels) or 'none'}; {len(examples)} examples); set "
+                    "config.data.eval_split to one of those, give held-out files with "
+                    "config.data.eval_source, or raise config.data.eval_fraction.")
   return selected, len(examples) - len(selected)
 
 
@@ -200,15 +241,72 @@ def _plan(cfg, kind: str, split: str, workdir: Optional[str]) -> dict:
         skip_invalid=cfg.skip_invalid)
     return dict(files=files, fmt="tfds", columns=columns, tfds_data_dir=data_dir,
                 select=dict(split=split, separate_eval=False))
+  find = hf_datasets.splits if cfg.format == "hf" else resolve_files
   if split == "eval" and cfg.eval_source:
-    return dict(files=resolve_files(cfg.eval_source, "eval_source"), fmt=cfg.format,
+    return dict(files=(hf_datasets.splits(cfg.eval_source) if cfg.format == "hf" else
+                       resolve_files(cfg.eval_source, "eval_source")), fmt=cfg.format,
                 columns=columns, select=None)
-  return dict(files=resolve_files(cfg.source), fmt=cfg.format, columns=columns,
+  return dict(files=find(cfg.source), fmt=cfg.format, columns=columns,
               select=dict(split=split, separate_eval=bool(cfg.eval_source)))
+
+
+def _digest(item) -> str:
+  return item.fingerprint if isinstance(item, hf_datasets.Split) else file_digest(item)
+
+
+def _read_examples(plan: dict, kind: str, skip_invalid: bool, stats) -> list:
+  if plan["fmt"] == "tfds":
+    from daa_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
+    return tfds_builder.read_examples(plan["tfds_data_dir"], stats)
+  read = readers.read_pairs if kind == "pairs" else readers.read_sft
+  return list(read(plan["files"], plan["fmt"], plan["columns"], skip_invalid, stats))
+
+
+def resolve_lengths(cfg: ml_collections.ConfigDict, kind: str = "pairs",
+                    workdir: Optional[str] = None,
+                    max_positions: int = 2048) -> ml_collections.ConfigDict:
+  """Replaces 'auto' (0) `max_length` / `max_prompt_length` of `cfg` in place; returns cfg.
+
+  The synthetic task's lengths are exact (prompt + separator, longest response + EOS);
+  other data are read and tokenized (all splits of `source`) and fitted by `lengths.fit`.
+
+  Args:
+    cfg: `config.data`.
+    kind: 'pairs' (both responses count) or 'sft'.
+    workdir: for the synthetic task's and TFDS' generated files.
+    max_positions: the model's position limit.
+  """
+  auto_length = int(cfg.max_length) == 0
+  auto_prompt = cfg.max_prompt_length is not None and int(cfg.max_prompt_length) == 0
+  if not (auto_length or auto_prompt):
+    return cfg
+  validate(cfg)
+  if cfg.source == "synthetic":
+    s = cfg.synthetic
+    fitted = (s.prompt_length + 1 + s.max_response_length + 1, s.prompt_length + 1)
+  else:
+    tokenizer = tokenize_lib.get_tokenizer(cfg.tokenizer)
+    plan = _plan(cfg, kind, "train", workdir)
+    examples = _read_examples(plan, kind, cfg.skip_invalid, collections.Counter())
+    names = ("chosen", "rejected") if kind == "pairs" else ("response",)
+    prompt_ids = tokenizer.encode_batch([e.prompt for e in examples])
+    responses = [tokenizer.encode_batch([getattr(e, n) for e in examples]) for n in names]
+    fitted = lengths_lib.fit([len(p) for p in prompt_ids],
+                             [max(len(r[i]) for r in responses) + 1
+                              for i in range(len(examples))], max_positions)
+  if auto_length:
+    cfg.max_length = int(min(fitted[0], max_positions))
+  if auto_prompt:
+    cfg.max_prompt_length = int(min(fitted[1], int(cfg.max_length) - 1))
+  logging.info("config.data lengths fitted to %s: max_length=%d, max_prompt_length=%s",
+               cfg.source, cfg.max_length, cfg.max_prompt_length)
+  return cfg
 
 
 def _load(cfg, kind: str, split: str, workdir: Optional[str]):
   validate(cfg)
+  if int(cfg.max_length) == 0 or cfg.max_prompt_length == 0:
+    cfg = resolve_lengths(ml_collections.ConfigDict(cfg.to_dict()), kind, workdir)
   settings = truncation_settings(cfg)
   tokenizer = tokenize_lib.get_tokenizer(cfg.tokenizer)
   plan = _plan(cfg, kind, split, workdir)
@@ -219,7 +317,7 @@ def _load(cfg, kind: str, split: str, workdir: Optional[str]):
   key = dict(
       version=dataset_lib.CACHE_VERSION, kind=kind, split=split, fmt=plan["fmt"],
       columns=plan["columns"], select=plan["select"],
-      files=[file_digest(f) for f in plan["files"]], tokenizer=tokenizer.fingerprint,
+      files=[_digest(f) for f in plan["files"]], tokenizer=tokenizer.fingerprint,
       truncation=settings.__dict__, skip_invalid=bool(cfg.skip_invalid),
       eval_split=cfg.eval_split, eval_fraction=cfg.eval_fraction)
   if template is not None:
@@ -231,14 +329,10 @@ def _load(cfg, kind: str, split: str, workdir: Optional[str]):
   if cached is not None:
     logging.info("Loaded %s %s data from cache %s: %s", kind, split, cache_path, cached.stats)
     cached.from_cache = True
+    _warn_truncation(cached, settings, kind, split)
     return cached
   stats = collections.Counter()
-  if plan["fmt"] == "tfds":
-    from daa_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
-    examples = tfds_builder.read_examples(plan["tfds_data_dir"], stats)
-  else:
-    read = readers.read_pairs if kind == "pairs" else readers.read_sft
-    examples = list(read(plan["files"], plan["fmt"], plan["columns"], cfg.skip_invalid, stats))
+  examples = _read_examples(plan, kind, cfg.skip_invalid, stats)
   if plan["select"] is not None:
     examples, stats["other_split"] = _select(examples, cfg=cfg, **plan["select"])
   if kind == "sft" and plan["fmt"] == "tldr":
@@ -255,7 +349,14 @@ def _load(cfg, kind: str, split: str, workdir: Optional[str]):
   built = cls.build(examples, tokenizer, settings, stats, fingerprint)
   built.save(cache_path)
   built.from_cache = False
+  _warn_truncation(built, settings, kind, split)
   return built
+
+
+def _warn_truncation(dataset, settings, kind: str, split: str) -> None:
+  lengths_lib.warn_truncation(dataset.stats, settings.max_length,
+                              f"{'pairs' if kind == 'pairs' else 'SFT examples'} ({split})",
+                              dataset.stats.get("fitting_length") or None)
 
 
 def load_pairs(data_config: ml_collections.ConfigDict, split: str = "train",

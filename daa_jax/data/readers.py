@@ -18,6 +18,8 @@ Formats (`config.data.format`):
   hh:       Anthropic HH-RLHF: `chosen`/`rejected` full dialogues sharing a prompt.
   jsonl, parquet: generic rows with configurable column names (prompt, chosen, rejected,
             response for SFT, optional reference), taken verbatim.
+  hf:       the same generic rows from a `datasets` source (hf_datasets.py); `paths` then
+            holds its splits instead of file names.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ from absl import logging
 
 from daa_jax.errors import DataError
 
-PAIR_FORMATS = ("tldr", "hh", "jsonl", "parquet")
-SFT_FORMATS = ("tldr", "tldr_sft", "hh", "jsonl", "parquet")
+PAIR_FORMATS = ("tldr", "hh", "jsonl", "parquet", "hf")
+SFT_FORMATS = ("tldr", "tldr_sft", "hh", "jsonl", "parquet", "hf")
 TLDR_PROMPT = "SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\nTL;DR:"
 HH_ASSISTANT = "\n\nAssistant:"
 DEFAULT_COLUMNS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected",
@@ -301,11 +303,16 @@ def _iter_rows(path: str) -> Iterator[tuple[int, Optional[dict], Optional[_RowEr
 def _read(paths: Iterable[str], parse, skip_invalid: bool, stats: collections.Counter,
           make) -> Iterator[Any]:
   for path in paths:
-    if not os.path.isfile(path):
-      raise DataError(f"data file {path} does not exist; check config.data.source.")
-    file_split = _split_from_filename(path)
-    unit = "row" if path.endswith((".parquet", ".arrow")) else "line"
-    for number, row, error in _iter_rows(path):
+    if hasattr(path, "rows"):  # a split of a `datasets` source (format 'hf', hf_datasets.py)
+      rows = ((n, row, None) for n, row in enumerate(path.rows(), start=1))
+      path, file_split, unit = path.name, path.split, "row"
+    else:
+      if not os.path.isfile(path):
+        raise DataError(f"data file {path} does not exist; check config.data.source.")
+      rows = _iter_rows(path)
+      file_split = _split_from_filename(path)
+      unit = "row" if path.endswith((".parquet", ".arrow")) else "line"
+    for number, row, error in rows:
       stats["read"] += 1
       if error is None:
         try:
@@ -357,7 +364,8 @@ def read_pairs(paths: Iterable[str], fmt: str, columns: Optional[Mapping[str, st
   cols = {**DEFAULT_COLUMNS, **(columns or {})}
   parsers = {"tldr": _tldr_comparison, "hh": _hh_pair,
              "jsonl": lambda row: _generic_pair(row, cols),
-             "parquet": lambda row: _generic_pair(row, cols)}
+             "parquet": lambda row: _generic_pair(row, cols),
+             "hf": lambda row: _generic_pair(row, cols)}
   if fmt not in parsers:
     raise DataError(f"format {fmt!r} has no preference pairs; use one of {PAIR_FORMATS} "
                     "(config.data.format).")
@@ -395,7 +403,8 @@ def read_sft(paths: Iterable[str], fmt: str, columns: Optional[Mapping[str, str]
 
   parsers = {"tldr": from_pair(_tldr_comparison), "tldr_sft": _tldr_sft, "hh": _hh_sft,
              "jsonl": lambda row: _generic_sft(row, cols),
-             "parquet": lambda row: _generic_sft(row, cols)}
+             "parquet": lambda row: _generic_sft(row, cols),
+             "hf": lambda row: _generic_sft(row, cols)}
   if fmt not in parsers:
     raise DataError(f"format {fmt!r} has no SFT data; use one of {SFT_FORMATS} "
                     "(config.data.format).")

@@ -1,0 +1,554 @@
+"""Figures and report.md of a sweep, from summary.csv rows and their fits (`daa_jax.scaling`).
+
+Command line (no JAX needed or imported; `python -m daa_jax.scaling` is the same):
+  python -m daa_jax.report SWEEP_DIR [--r0 fit|sft|0.17] [--out DIR]
+reads SWEEP_DIR/summary.csv and writes fits.json, figures/*.png|pdf and report.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from daa_jax.errors import DaaError
+from daa_jax.scaling import (by_group, final_rows, fit_all, is_reference, load_summary,
+                             predict, run_id, size_key, write_fits)
+
+# --- Figures --------------------------------------------------------------------------------
+
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def _objective_key(objective: str):
+  known = ("dpo", "ipo", "slic")
+  low = objective.lower()
+  return (known.index(low) if low in known else len(known), low)
+
+
+def _x(row, x_col: str) -> float:
+  """Abscissa of a row: sqrt_kl as stored; forward_kl turned into its square root."""
+  value = row.get(x_col, math.nan)
+  return math.sqrt(max(value, 0.0)) if x_col == "forward_kl" and math.isfinite(value) else value
+
+
+def _finite(rows, *cols):
+  return [r for r in rows if all(math.isfinite(r.get(c, math.nan)) for c in cols)]
+
+
+def _new_figure(nrows: int, ncols: int, width: float = 3.8, height: float = 3.0,
+                sharey: bool | str = False):
+  # matplotlib is imported here, not at module level: reading and fitting need none of it, and
+  # a bare Figure (no pyplot) renders through Agg without touching the global backend.
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+  return fig, fig.subplots(nrows, ncols, squeeze=False, sharey=sharey)
+
+
+def _win_rate_errors(rows, y_col: str = "win_rate"):
+  """[2, N] asymmetric error bars from the 95% interval columns (0 where missing)."""
+  y = np.array([r[y_col] for r in rows])
+  lo = np.array([r.get("win_rate_lo", math.nan) for r in rows], np.float64)
+  hi = np.array([r.get("win_rate_hi", math.nan) for r in rows], np.float64)
+  return np.stack([np.nan_to_num(y - lo), np.nan_to_num(hi - y)]).clip(min=0.0)
+
+
+def _beta_markers(rows) -> dict[float, str]:
+  betas = sorted({r["beta"] for r in rows if not is_reference(r) and math.isfinite(r["beta"])})
+  return {b: _MARKERS[i % len(_MARKERS)] for i, b in enumerate(betas)}
+
+
+def _save(fig, out_dir: str, name: str) -> list[str]:
+  paths = []
+  for ext in ("png", "pdf"):
+    path = os.path.join(out_dir, f"{name}.{ext}")
+    fig.savefig(path, dpi=130)
+    paths.append(path)
+  return paths
+
+
+def _sizes_and_colors(rows):
+  sizes = sorted({r["size"] for r in rows if not is_reference(r)}, key=size_key)
+  return sizes, {s: f"C{i % 10}" for i, s in enumerate(sizes)}
+
+
+def _frontier_figure(rows, fit_groups, x_col: str, xlabel: str):
+  """Fig. 1 layout: objectives in columns, final / all checkpoints in rows, a color per size."""
+  groups = by_group(rows)
+  objectives = sorted({o for o, _ in groups}, key=_objective_key)
+  sizes, color = _sizes_and_colors(rows)
+  marker = _beta_markers(rows)
+  references = {r["size"]: r for r in _finite([r for r in rows if is_reference(r)], "win_rate")}
+  fits = {(g["objective"], g["size"], g["set"]): g for g in fit_groups}
+  # One y-axis per row: objectives side by side are read against the same win-rate scale.
+  fig, axes = _new_figure(2, len(objectives), sharey="row")
+  for j, objective in enumerate(objectives):
+    for i, set_name in enumerate(("final", "all")):
+      ax = axes[i][j]
+      for size in sizes:
+        if (objective, size) not in groups:
+          continue
+        subset = groups[(objective, size)]
+        subset = _finite(final_rows(subset) if set_name == "final" else subset, x_col, "win_rate")
+        if not subset:
+          continue
+        x = np.array([_x(r, x_col) for r in subset])
+        for beta, m in marker.items():  # color: size; marker: the objective's β
+          pts = [r for r in subset if r["beta"] == beta]
+          if pts:
+            ax.errorbar([_x(r, x_col) for r in pts], [r["win_rate"] for r in pts],
+                        yerr=_win_rate_errors(pts), fmt=m, ms=4, color=color[size],
+                        ecolor=color[size], elinewidth=0.7, alpha=0.85, zorder=3)
+        ref = references.get(size)
+        if ref is not None:  # the SFT policy itself: d = 0
+          ax.errorbar([0.0], [ref["win_rate"]], yerr=_win_rate_errors([ref]), fmt="*", ms=9,
+                      color="k", elinewidth=0.7, zorder=4)
+        fit = fits.get((objective, size, set_name))
+        if fit and not fit["skipped"]:
+          grid = np.linspace(0.0, 1.05 * x.max(), 200)
+          ax.plot(grid, predict("log", fit["log"]["coef"], grid), ":", color=color[size], lw=1.5)
+      ax.set_title(f"{objective.upper()}, {set_name} checkpoints", fontsize=10)
+      ax.set_xlabel(xlabel)
+      if j == 0:  # the row shares its y-axis
+        ax.set_ylabel("win rate (95% interval)")
+      ax.grid(alpha=0.3)
+  _frontier_legend(axes[0][-1], sizes, color, marker, bool(references))
+  return fig
+
+
+def _frontier_legend(ax, sizes, color, marker, with_reference: bool) -> None:
+  """One legend: color = model size, marker = β, star = the SFT reference, dotted = the fit."""
+  from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top
+  handles = [Line2D([], [], color=color[s], marker="o", ls="", label=f"size {s}") for s in sizes]
+  handles += [Line2D([], [], color="0.4", marker=m, ls="", label=f"β={b:g}")
+              for b, m in marker.items()]
+  if with_reference:
+    handles.append(Line2D([], [], color="k", marker="*", ms=9, ls="", label="SFT (d = 0)"))
+  handles.append(Line2D([], [], color="0.4", ls=":", label="log-form fit"))
+  ax.legend(handles=handles, fontsize=7, loc="best")
+
+
+def _epoch_figure(rows, size: str):
+  """Win rate and KL over the epoch for one model size: one line per β, a column per objective."""
+  groups = {o: g for (o, s), g in by_group(rows).items() if s == size}
+  objectives = sorted(groups, key=_objective_key)
+  from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
+  fig, axes = _new_figure(2, len(objectives), sharey="row")
+  for j, objective in enumerate(objectives):
+    runs: dict[tuple, list] = {}
+    for r in _finite(groups[objective], "epoch_fraction"):
+      runs.setdefault(run_id(r), []).append(r)
+    # Colored by β order (small β, large KL: dark); NaN β last.
+    order = sorted(runs, key=lambda k: (math.isnan(runs[k][0]["beta"]), runs[k][0]["beta"], k))
+    for k, key in enumerate(order):
+      run = sorted(runs[key], key=lambda r: r["epoch_fraction"])
+      shade = colormaps["viridis"](k / max(len(order) - 1, 1))
+      label = f"β={run[0]['beta']:g}" + (f" ({run[0]['run']})" if run[0].get("run") else "")
+      pts = _finite(run, "win_rate")
+      handle = axes[0][j].errorbar(
+          [r["epoch_fraction"] for r in pts], [r["win_rate"] for r in pts],
+          yerr=_win_rate_errors(pts), fmt="o-", ms=3, color=shade, elinewidth=0.7,
+          capsize=2, label=label)
+      for bar in handle[2]:
+        bar.set_alpha(0.4)  # β lines share checkpoints: overlapping bars stay see-through
+      pts = _finite(run, "kl")
+      axes[1][j].plot([r["epoch_fraction"] for r in pts], [r["kl"] for r in pts], "o-", ms=3,
+                      color=shade, label=label)
+    epochs = [r["epoch_fraction"] for r in _finite(groups[objective], "epoch_fraction")
+              if r["epoch_fraction"] > 0]
+    for i, label in enumerate(("win rate (95% interval)", "KL(πθ‖π_ref)")):
+      axes[i][j].set_title(f"{objective.upper()} {size}", fontsize=10)
+      axes[i][j].set_ylabel(label)
+      axes[i][j].grid(alpha=0.3)
+      # Schedule checkpoints cluster early (0.25, 0.5, 1, 2, ... epochs): a log axis spreads them.
+      if epochs and max(epochs) / min(epochs) >= 8:
+        ticks = sorted(set(epochs))
+        axes[i][j].set_xscale("log")
+        axes[i][j].set_xticks(ticks, [f"{t:.3g}" for t in ticks], fontsize=7)
+        axes[i][j].minorticks_off()
+        axes[i][j].set_xlabel("epochs (log scale; ticks at checkpoints)")
+      else:
+        axes[i][j].set_xlabel("epochs")
+    if runs:
+      axes[0][j].legend(fontsize=7)
+  return fig
+
+
+def _scatter_figure(rows, panels, width: float = 3.8):
+  """One panel per (x column, y column, x label, y label); a color per size, a marker per
+  objective, win-rate intervals as bars, Spearman ρ per size in the panel's title."""
+  sizes, color = _sizes_and_colors(rows)
+  groups = by_group(rows)
+  objectives = sorted({o for o, _ in groups}, key=_objective_key)
+  fig, axes = _new_figure(1, len(panels), width=width)
+  for ax, (x_col, y_col, xlabel, ylabel) in zip(axes[0], panels):
+    xs: dict[str, list] = {}
+    ys: dict[str, list] = {}
+    for (objective, size), group_rows in groups.items():
+      pts = _finite(group_rows, x_col, y_col)
+      if not pts:
+        continue
+      err = {"xerr" if x_col == "win_rate" else "yerr": _win_rate_errors(pts, "win_rate")} if (
+          "win_rate" in (x_col, y_col)) else {}
+      handle = ax.errorbar([r[x_col] for r in pts], [r[y_col] for r in pts], fmt=_MARKERS[
+          objectives.index(objective) % len(_MARKERS)], ms=4, color=color[size],
+                           elinewidth=0.6, label=f"{objective} {size}", **err)
+      for bar in handle[2]:
+        bar.set_alpha(0.3)  # the intervals are wide: keep the points readable
+      xs.setdefault(size, []).extend(r[x_col] for r in pts)
+      ys.setdefault(size, []).extend(r[y_col] for r in pts)
+    # The rank correlations the report quotes (within each size), on the panel itself.
+    text = [f"ρ = {_fmt(_spearman(xs[k], ys[k]), 2)} ({k}, n={len(xs[k])})"
+            for k in sorted(xs, key=size_key)]
+    if text:
+      ax.set_title("Spearman " + ", ".join(text), fontsize=9)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7, loc="lower right")
+  return fig, axes
+
+
+def _has(rows, *cols) -> bool:
+  return bool(_finite([r for r in rows if not is_reference(r)], *cols))
+
+
+def make_figures(rows: Sequence[Mapping[str, Any]], fits: Mapping[str, Any],
+                 out_dir: str, pairs_on_policy: bool = False) -> dict[str, list[str]]:
+  """Writes the sweep's figures as PNG and PDF into out_dir.
+
+  Figures (each only when its columns hold data): 'frontier' (Fig. 1: win rate vs √KL, points
+  and dotted log-form fits), 'epoch_<size>' (win rate and KL over the epoch, a line per β),
+  'proxy_metrics' (implicit-reward accuracy and held-out loss vs win rate), 'length_r2' (length
+  R² vs KL), 'forward_kl' (win rate vs √forward KL with the same fits), 'likelihood_drift'
+  (chosen log-prob change vs forward KL; `pairs_on_policy`: the preference pairs are samples
+  of the reference policy, which the figure's title says).
+
+  Returns:
+    {figure name: [png path, pdf path]}.
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  figures: dict[str, list[str]] = {}
+  if _has(rows, "sqrt_kl", "win_rate"):
+    figures["frontier"] = _save(
+        _frontier_figure(rows, fits["groups"], "sqrt_kl", "√KL(πθ‖π_ref)"), out_dir, "frontier")
+  if _has(rows, "epoch_fraction", "win_rate"):
+    for size in _sizes_and_colors(rows)[0]:
+      name = "epoch_" + re.sub(r"[^A-Za-z0-9._-]+", "_", size or "all")
+      figures[name] = _save(_epoch_figure(rows, size), out_dir, name)
+  panels = [("win_rate", col, "win rate", label) for col, label in
+            (("reward_acc", "implicit-reward accuracy"), ("heldout_loss", "held-out loss"))
+            if _has(rows, col, "win_rate")]
+  if panels:
+    figures["proxy_metrics"] = _save(_scatter_figure(rows, panels)[0], out_dir, "proxy_metrics")
+  if _has(rows, "kl", "length_r2"):
+    fig, _ = _scatter_figure(rows, [("kl", "length_r2", "KL(πθ‖π_ref)", "R² of reward on length")])
+    figures["length_r2"] = _save(fig, out_dir, "length_r2")
+  if _has(rows, "forward_kl", "win_rate"):
+    figures["forward_kl"] = _save(
+        _frontier_figure(rows, fits.get("forward_kl_groups", []), "forward_kl",
+                         "√KL(π_ref‖πθ)"), out_dir, "forward_kl")
+  if _has(rows, "forward_kl", "chosen_logp_drift"):
+    fig, axes = _scatter_figure(
+        rows, [("forward_kl", "chosen_logp_drift", "KL(π_ref‖πθ)", "Δ log π(y_chosen|x)")],
+        width=5.0)
+    top = max(r["forward_kl"] for r in _finite(rows, "forward_kl"))
+    axes[0][0].plot([0, top], [0, -top], "k--", lw=0.8, label="−KL(π_ref‖πθ)")
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    axes[0][0].set_title(
+        ("pairs sampled from π_ref: their mean over both responses\nlies on the dashed line "
+         "by identity; "
+         if pairs_on_policy else "chosen responses' log-likelihood change; ")
+        + axes[0][0].get_title(), fontsize=9)
+    figures["likelihood_drift"] = _save(fig, out_dir, "likelihood_drift")
+  return figures
+
+
+# --- Report ---------------------------------------------------------------------------------
+
+
+def _fmt(value, digits: int = 3) -> str:
+  if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    return "—"
+  return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _spearman(x, y) -> float | None:
+  x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+  if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+    return None
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  return float(stats.spearmanr(x, y)[0])
+
+
+def _checkpoint(row) -> str:
+  parts = [f"β={row['beta']:g}" if math.isfinite(row["beta"]) else None,
+           f"step {row['step']:g}" if math.isfinite(row["step"]) else None]
+  return ", ".join(p for p in parts if p)
+
+
+def figure_readings(rows, fits) -> dict[str, str]:
+  """One line per figure, read off the data: where the win rate peaks, what the fits say."""
+  groups = by_group(rows)
+  fits_by = {(g["objective"], g["size"], g["set"], g["x"]): g
+             for g in fits["groups"] + fits.get("forward_kl_groups", [])}
+  out = {}
+  parts = []
+  for (objective, size), group_rows in groups.items():
+    pts = _finite(group_rows, "sqrt_kl", "win_rate")
+    if not pts:
+      continue
+    best = max(pts, key=lambda r: r["win_rate"])
+    far = max(pts, key=lambda r: r["sqrt_kl"])
+    text = (f"{objective.upper()} {size}: best win rate {best['win_rate']:.3f} at √KL "
+            f"{best['sqrt_kl']:.2f} ({_checkpoint(best)}); largest-KL checkpoint "
+            f"{far['win_rate']:.3f} at √KL {far['sqrt_kl']:.2f}")
+    fit = fits_by.get((objective, size, "all", "sqrt_kl"))
+    if fit and not fit["skipped"] and fit.get("rmse_ratio") is not None:
+      text += f"; log-form RMSE {fit['log']['rmse']:.3f} = {fit['rmse_ratio']:.2f}× quadratic"
+    parts.append(text + ".")
+  out["frontier"] = " ".join(parts)
+
+  for size in _sizes_and_colors(rows)[0]:
+    parts = []
+    for (objective, s), group_rows in groups.items():
+      if s != size:
+        continue
+      runs: dict = {}
+      for r in _finite(group_rows, "epoch_fraction", "win_rate"):
+        runs.setdefault(run_id(r), []).append(r)
+      if not runs:
+        continue
+      peaks, declined, finals = [], 0, []
+      for run in runs.values():
+        run = sorted(run, key=lambda r: r["epoch_fraction"])
+        beta = run[-1]["beta"]
+        top = max(run, key=lambda r: r["win_rate"])
+        peaks.append(top["epoch_fraction"])
+        declined += bool(math.isfinite(top["win_rate_lo"]) and run[-1] is not top
+                         and run[-1]["win_rate"] < top["win_rate_lo"])
+        if math.isfinite(run[-1]["kl"]) and math.isfinite(beta):
+          finals.append((beta, run[-1]["kl"]))
+      text = (f"{objective.upper()}: win rate peaks at median epoch fraction "
+              f"{np.median(peaks):.2f}; {declined} of {len(runs)} runs end below their peak's "
+              "95% interval")
+      finals = sorted(finals, key=lambda t: t[0])
+      if len(finals) >= 2:
+        text += (f"; final KL {finals[0][1]:.2f} at β={finals[0][0]:g} vs "
+                 f"{finals[-1][1]:.2f} at β={finals[-1][0]:g}")
+      parts.append(text + ".")
+    out["epoch_" + re.sub(r"[^A-Za-z0-9._-]+", "_", size or "all")] = " ".join(parts)
+
+  by_size: dict[str, list] = {}
+  for (_, size), group_rows in groups.items():
+    by_size.setdefault(size, []).extend(group_rows)
+  parts = []
+  for size, size_rows in by_size.items():
+    cells = []
+    for col, label in (("reward_acc", "reward acc"), ("heldout_loss", "held-out loss")):
+      pts = _finite(size_rows, col, "win_rate")
+      rho = _spearman([r[col] for r in pts], [r["win_rate"] for r in pts])
+      if pts:
+        cells.append(f"ρ({label}, win rate) = {_fmt(rho, 2)} (n={len(pts)})")
+    if cells:
+      parts.append(f"{size}: " + ", ".join(cells) + ".")
+  out["proxy_metrics"] = ("Spearman ρ within each size: " + " ".join(parts)) if parts else ""
+
+  parts = []
+  for size, size_rows in by_size.items():
+    pts = _finite(size_rows, "kl", "length_r2")
+    if pts:
+      rho = _spearman([r["kl"] for r in pts], [r["length_r2"] for r in pts])
+      parts.append(f"{size}: mean R² {np.mean([r['length_r2'] for r in pts]):.3f}, "
+                   f"ρ(R², KL) = {_fmt(rho, 2)}.")
+  out["length_r2"] = " ".join(parts)
+
+  parts = []
+  for (objective, size), _ in groups.items():
+    fwd = fits_by.get((objective, size, "all", "sqrt_forward_kl"))
+    rev = fits_by.get((objective, size, "all", "sqrt_kl"))
+    if fwd and rev and not fwd["skipped"] and not rev["skipped"]:
+      parts.append(f"{objective.upper()} {size}: log-form RMSE {fwd['log']['rmse']:.3f} on "
+                   f"√forward KL vs {rev['log']['rmse']:.3f} on √KL.")
+  out["forward_kl"] = " ".join(parts)
+
+  final = _finite(final_rows([r for r in rows if not is_reference(r)]), "forward_kl",
+                  "chosen_logp_drift")
+  if final:
+    drift = [r["chosen_logp_drift"] for r in final]
+    fkl = [r["forward_kl"] for r in final]
+    out["likelihood_drift"] = (
+        f"Final checkpoints: median chosen log-prob change {np.median(drift):.2f} nats against "
+        f"median forward KL {np.median(fkl):.2f} (ρ = {_fmt(_spearman(fkl, drift), 2)}).")
+  return out
+
+
+# The fitted laws as the report writes them. Their coefficients are a and b, not the α and β
+# of the scaling-law literature: β here is always the objective's KL coefficient.
+_LAWS = {
+    "log": "R(d) = R0 + d·(a − b·ln d)",
+    "bon": "R(d) = R0 + d·(a − b·d)",
+    "quadratic": "R(d) = R0 + c1·d² + c2·d⁴ (d² = KL)",
+}
+_COLUMNS = (
+    "Columns: **set** = each run's final checkpoint only, or all its checkpoints; **n** = "
+    "checkpoints fitted; **R0** = win rate at d = 0; **a**, **b** = the log-form law's "
+    "coefficients; **RMSE** = root-mean-square error of the log-form law; **best-of-n RMSE** "
+    f"= that of {_LAWS['bon']} (the best-of-n law's shape, same number of coefficients); "
+    f"**quadratic RMSE** = that of {_LAWS['quadratic']}; **RMSE ratio** = log-form RMSE / "
+    "quadratic RMSE (< 1: the log form fits better); **d\\*** = exp(a/b − 1), where the "
+    "log-form law peaks; **peak win rate** = its value there.")
+
+
+def _fit_table(groups) -> list[str]:
+  if all(g["skipped"] for g in groups):
+    reasons = sorted({g["skipped"] for g in groups})
+    return [f"No fit: every objective × size was skipped ({'; '.join(reasons)})."]
+  lines = ["| objective | size | set | n | R0 | a | b | RMSE | best-of-n RMSE | quadratic RMSE "
+           "| RMSE ratio | d\\* | peak win rate | note |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for g in groups:
+    head = f"| {g['objective']} | {g['size']} | {g['set']} | {g['n']} |"
+    if g["skipped"]:
+      lines.append(head + " — |" * 9 + f" skipped: {g['skipped']} |")
+      continue
+    log = g["log"]
+    note = log["peak_note"] or ("" if log["peak_in_range"] else "d* outside the data")
+    if g["r0_source"] != "fitted":
+      note = (note + "; " if note else "") + f"R0 from {g['r0_source']}"
+    lines.append(
+        f"{head} {_fmt(log['coef']['r0'])} | {_fmt(log['coef']['alpha'])} | "
+        f"{_fmt(log['coef']['beta'])} | {_fmt(log['rmse'], 4)} | {_fmt(g['bon']['rmse'], 4)} | "
+        f"{_fmt(g['quadratic']['rmse'], 4)} | {_fmt(g['rmse_ratio'], 2)} | "
+        f"{_fmt(log['d_star'], 2)} | {_fmt(log['peak_win_rate'])} | {note} |")
+  return lines
+
+
+# What each figure shows, above the line read off the data.
+_CAPTIONS = {
+    "frontier": "Win rate against √KL(πθ‖π_ref): a column per objective; top row each run's "
+                "final checkpoint, bottom row all checkpoints. Color = model size, marker = the "
+                "objective's β, bars = 95% intervals, star = the SFT policy (d = 0), dotted = "
+                "the log-form fit.",
+    "epoch": "Win rate (95% intervals) and KL over training, a line per β.",
+    "proxy_metrics": "Win rate against the proxies a run logs without a judge: implicit-reward "
+                     "accuracy and loss on held-out preference pairs; Spearman ρ within each "
+                     "size on the panels.",
+    "length_r2": "R² of a line fitting the implicit reward β·log(πθ/π_ref) of the held-out "
+                 "responses on their length, against KL: how much of what a run learned is "
+                 "response length.",
+    "forward_kl": "As the frontier, on √KL(π_ref‖πθ) (forward KL, from reference samples).",
+    "likelihood_drift": "Change of the chosen responses' log-likelihood from the reference, "
+                        "against forward KL; dashed: −KL(π_ref‖πθ).",
+}
+_ON_POLICY = (" Here both responses of every pair are samples of the reference (SFT) policy, so "
+              "the mean change over chosen and rejected together estimates "
+              "E_{y∼π_ref}[log πθ − log π_ref] = −KL(π_ref‖πθ) exactly: the dashed line is that "
+              "identity, not a finding. The chosen half is selected by the labeler, so chosen "
+              "points below the line lost more likelihood than a typical reference sample, and "
+              "points above it less.")
+
+
+def write_report(rows, fits, figures: Mapping[str, Sequence[str]], out_path: str,
+                 extra_lines: Sequence[str] | None = None, win_rate_against: str = "",
+                 pairs_on_policy: bool = False) -> str:
+  """Writes report.md: the fit tables and each figure with one line read off the data.
+
+  Args:
+    rows, fits, figures: as from `load_summary` / `fit_all` / `make_figures`.
+    out_path: the report's path.
+    extra_lines: markdown appended as is (a section with its own heading).
+    win_rate_against: one sentence saying what the win rate compares (the judge and the
+      responses it compares against); a generic sentence when empty.
+    pairs_on_policy: the preference pairs are samples of the reference policy (the
+      likelihood-drift figure then reads as an identity).
+  """
+  base = os.path.dirname(os.path.abspath(out_path))
+  policy_rows = [r for r in rows if not is_reference(r)]
+  runs = {run_id(r) for r in policy_rows}
+  references = [r for r in rows if is_reference(r)]
+  against = win_rate_against or (
+      "Win rate: the share of held-out prompts on which the judge prefers the policy's sample "
+      "to the reference response (ties count half), with a 95% Wilson interval.")
+  lines = [
+      "# Over-optimization: win rate against KL", "",
+      f"{len(policy_rows)} DAA checkpoints from {len(runs)} runs"
+      + (f", plus {len(references)} SFT reference point{'s' * (len(references) != 1)} at KL 0"
+         if references else "")
+      + f". {against}", "",
+      f"d = √KL(πθ‖π_ref). The law {_LAWS['log']} is fitted by least squares per objective × "
+      f"size, on each run's final checkpoint and on all checkpoints, next to {_LAWS['bon']} "
+      f"and {_LAWS['quadratic']}. R0 (the win rate at d = 0): "
+      f"{_R0_TEXT.get(fits.get('r0_mode') or 'fit', fits.get('r0_mode'))}. The fits' "
+      "coefficients are a and b; β always means the objective's β.", "", _COLUMNS,
+      "", "## Fits on √KL(πθ‖π_ref)", ""] + _fit_table(fits["groups"])
+  if fits.get("forward_kl_groups"):
+    lines += ["", "## Fits on √KL(π_ref‖πθ) (forward KL)", ""] + _fit_table(
+        fits["forward_kl_groups"])
+  readings = figure_readings(rows, fits)
+  if figures:
+    lines += ["", "## Figures"]
+  for name, paths in figures.items():
+    png = next((p for p in paths if p.endswith(".png")), paths[0])
+    pdf = next((p for p in paths if p.endswith(".pdf")), None)
+    caption = _CAPTIONS.get(name.split("_")[0] if name.startswith("epoch_") else name, "")
+    if name == "likelihood_drift" and pairs_on_policy:
+      caption += _ON_POLICY
+    lines += ["", f"### {name}", "", f"![{name}]({os.path.relpath(png, base)})", "", caption]
+    if readings.get(name):
+      lines += ["", readings[name]]
+    if pdf:
+      lines += ["", f"[PDF]({os.path.relpath(pdf, base)})"]
+  if extra_lines:
+    extra = list(extra_lines)
+    lines += [""] + ([] if extra and extra[0].startswith("#") else ["## Notes", ""]) + extra
+  os.makedirs(base, exist_ok=True)
+  with open(out_path, "w", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+  return out_path
+
+
+_R0_TEXT = {"fit": "fitted with the other coefficients",
+            "sft": "the SFT policy's own win rate (its evaluation at step 0)"}
+
+
+# --- Command line ---------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """`python -m daa_jax.report SWEEP_DIR`: fits.json, figures/ and report.md from summary.csv."""
+  parser = argparse.ArgumentParser(prog="python -m daa_jax.report", description=main.__doc__)
+  parser.add_argument("sweep_dir", help="directory holding summary.csv")
+  parser.add_argument("--r0", default="fit",
+                      help="win rate at d = 0: 'fit' (default), 'sft' (rows with objective sft) "
+                           "or a number such as 0.17")
+  parser.add_argument("--out", default=None, help="output directory (default: SWEEP_DIR)")
+  args = parser.parse_args(argv)
+  r0: Any = args.r0
+  if r0 not in ("fit", "sft"):
+    try:
+      r0 = float(r0)
+    except ValueError:
+      parser.error(f"--r0={args.r0!r}: use fit, sft or a number")
+  out_dir = args.out or args.sweep_dir
+  try:
+    rows = load_summary(os.path.join(args.sweep_dir, "summary.csv"))
+    fits = fit_all(rows, r0=None if r0 == "fit" else r0)
+    fits_path = write_fits(fits, os.path.join(out_dir, "fits.json"))
+    figures = make_figures(rows, fits, os.path.join(out_dir, "figures"))
+    report = write_report(rows, fits, figures, os.path.join(out_dir, "report.md"))
+  except DaaError as e:
+    sys.stderr.write(f"error: {e}\n")
+    return 2
+  print(f"wrote {fits_path}, {report} and {2 * len(figures)} figure files")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

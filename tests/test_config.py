@@ -1,0 +1,120 @@
+"""Config validation, help and --print_config: a user's mistakes stop before any work."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from daa_jax import config_lib
+from daa_jax import data
+from daa_jax import objectives
+from daa_jax import optim
+from daa_jax import tree_mdp
+from daa_jax.data import tokenize
+from daa_jax.errors import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, "configs", "daa.py")
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+
+
+def _config(name, arg=None):
+  return config_lib.load_sibling(CONFIGS, name, arg)
+
+
+def test_closed_sets_match_the_modules_that_define_them():
+  assert config_lib.OBJECTIVE_NAMES == tuple(objectives.OBJECTIVES)
+  assert config_lib.DATA_FORMATS == data.FORMATS
+  c = config_lib.CHOICES
+  assert c["data.truncation_side"] == tokenize.TRUNCATION_SIDES
+  assert c["data.overlong"] == tokenize.OVERLONG_POLICIES
+  assert c["policy"] == tree_mdp.POLICIES and c["optimizer"] == tree_mdp.OPTIMIZERS
+  for name in c["optim.name"]:  # every allowed optimizer and schedule builds
+    for schedule in c["optim.schedule"]:
+      cfg = config_lib.optim_fields()
+      cfg.update(name=name, schedule=schedule, warmup_steps=0)
+      optim.make(cfg, 10)
+
+
+@pytest.mark.parametrize("config_name,arg,field,value,close", [
+    ("daa", "size=tiny", "objective.name", "dpoo", "dpo"),
+    ("daa", "size=tiny", "optim.name", "rmsprob", "rmsprop"),
+    ("daa", "size=tiny", "optim.schedule", "cosin", "cosine"),
+    ("daa", "size=tiny", "data.format", "jsnol", "jsonl"),
+    ("daa", "size=tiny", "model.dtype", "bfloat", "bfloat16"),
+    ("daa", "size=tiny", "model.size", "1bb", "1b"),
+    ("daa", "size=tiny", "objective.reference", "cache", "cached"),
+    ("sft", "size=tiny", "data.truncation_side", "keep_ends", "keep_end"),
+    ("eval", None, "judge.name", "reward-model", "reward_model"),
+    ("quickstart", None, "daa.optim.name", "adamm", "adam"),
+    ("quickstart", None, "judge.name", "gld", "gold"),
+    ("sweep_paper", None, "mode", "comands", "commands"),
+    ("tree_mdp", None, "reference", "unifrom", "uniform"),
+])
+def test_every_closed_set_field_is_validated_with_a_close_match(config_name, arg, field, value,
+                                                                 close):
+  config = _config(config_name, arg)
+  node = config
+  *parents, leaf = field.split(".")
+  for key in parents:
+    node = node[key]
+  node[leaf] = value
+  with pytest.raises(ConfigError) as e:
+    config_lib.validate(config)
+  message = str(e.value)
+  assert f"config.{field}={value!r}" in message and f"Did you mean {close!r}?" in message
+  assert "\n" not in message  # one paragraph
+
+
+def test_tuple_fields_are_checked_element_by_element():
+  config = _config("quickstart")
+  config.objectives = ("dpo", "slick")
+  with pytest.raises(ConfigError, match=r"config.objectives='slick'.*Did you mean 'slic'"):
+    config_lib.validate(config)
+
+
+def _main(*args, timeout=120):
+  return subprocess.run([sys.executable, "-m", "daa_jax.main", *args], cwd=REPO, env=ENV,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_typo_stops_before_any_work_with_exit_2(tmp_path):
+  proc = _main("--config=configs/daa.py:size=tiny,objective=dpoo", f"--workdir={tmp_path}")
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("daa_jax: error:")]
+  assert len(errors) == 1 and "config.objective.name='dpoo'" in errors[0]
+  assert "Did you mean 'dpo'?" in errors[0]
+  # Nothing was loaded or written: no data cache, no config.json.
+  assert not (tmp_path / "data_cache").exists() and not (tmp_path / "config.json").exists()
+
+
+@pytest.mark.parametrize("argv", [[], ["--help"], ["-h"], ["help"], ["--helpfull"]])
+def test_help_exits_0_with_jobs_configs_and_print_config(argv):
+  proc = _main(*argv)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  for word in ("sft", "daa", "eval", "quickstart", "tree_mdp", "configs/quickstart.py",
+               "configs/eval.py", "--print_config", "The quickstart: the paper's"):
+    assert word in proc.stdout, word
+  if "--helpfull" in argv:
+    assert "--coordinator_address" in proc.stdout
+
+
+def test_console_script_help_exits_0():
+  proc = subprocess.run(
+      [sys.executable, "-c", "import sys; from daa_jax.main import cli; "
+       "sys.argv = ['daa-jax', '--help']; cli()"],
+      cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0 and "usage: daa-jax --config" in proc.stdout
+
+
+def test_print_config_prints_every_resolved_field_and_exits_0():
+  proc = _main("--config=configs/daa.py:size=tiny,objective=ipo", "--config.objective.beta=0.25",
+               "--print_config")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  out = proc.stdout
+  assert "name: ipo" in out and "beta: 0.25" in out and "warmup_steps: 150" in out
+  assert "max_length: 0" in out  # 'auto', fitted when the data is loaded
+  bad = _main("--config=configs/daa.py:size=tiny", "--config.optim.name=adamx", "--print_config")
+  assert bad.returncode == 2 and "Did you mean 'adam'?" in bad.stderr
