@@ -252,11 +252,12 @@ def _write_config(config, workdir):
       else:
         changed = [] if json.dumps(before) == json.dumps(now) else [""]
       if changed:
-        what = ", ".join(f"config.{field}{'.' + k if k else ''}: {before.get(k) if k else before!r}"
-                         f" then, {now.get(k) if k else now!r} now" for k in changed)
+        what = ", ".join(
+            f"{field}{'.' + k if k else ''}: {before.get(k) if k else before!r} then, "
+            f"{now.get(k) if k else now!r} now" for k in changed)
         raise ConfigError(
-            f"{path} was written by a run with a different config ({what}); resume with the "
-            "same config or use a fresh --workdir.")
+            f"{path} was written by a run with a different config.{field} ({what}); resume "
+            "with the same config or use a fresh --workdir.")
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write aside and rename: the other processes read this file while process 0 writes it.
