@@ -97,6 +97,8 @@ class Setup:
 def make_setup(config, mesh, prompt_len=None, response_len=None, sample_batch=None,
                new_tokens=None) -> Setup:
   """Model, optimizer, abstract params/state/reference with the trainer's shardings."""
+  # 'auto' fields (model.size, data lengths) as the run would resolve them.
+  config = train.resolve_auto(config, None)
   model_cfg = train.model_config(config)
   tx, lr_fn = optim.make(config.optim, 1000)
   param_shardings = sharding.param_shardings(model_cfg, mesh)
