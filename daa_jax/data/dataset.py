@@ -35,10 +35,10 @@ from daa_jax.errors import DataError
 
 Ragged = tokenize_lib.Ragged
 # Bump when the cache layout or the tokenization/truncation semantics change.
-CACHE_VERSION = 1
-_STAT_KEYS = ("read", "invalid_skipped", "skipped_other_domain", "other_split",
-              "duplicates_removed", "truncated", "prompt_truncated", "response_truncated",
-              "dropped", "examples")
+CACHE_VERSION = 2  # 2: empty responses are kept and counted (`empty_responses`)
+_STAT_KEYS = ("read", "invalid_skipped", "skipped_other_domain", "empty_responses",
+              "other_split", "duplicates_removed", "truncated", "prompt_truncated",
+              "response_truncated", "dropped", "examples")
 
 
 class _Dataset:

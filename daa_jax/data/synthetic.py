@@ -124,7 +124,7 @@ class SyntheticTask:
 
   def reference_summary(self, prompt: str, rng: np.random.Generator) -> str:
     """The prompt's keys in order, each dropped with `reference_drop_prob` (never empty:
-    an all-dropped draw is redrawn, as an empty response is not a valid data row)."""
+    an all-dropped draw is redrawn, so every reference names at least one key)."""
     keys = self.prompt_keys(prompt)
     while True:
       kept = [k for k, u in zip(keys, rng.random(len(keys))) if u >= self.cfg.reference_drop_prob]
