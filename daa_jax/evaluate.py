@@ -64,6 +64,7 @@ from daa_jax import llm_judge
 from daa_jax import model as model_lib
 from daa_jax import packing as packing_lib
 from daa_jax import sampling
+from daa_jax import scaling
 from daa_jax import sharding
 from daa_jax import step as step_lib
 from daa_jax import train
@@ -494,28 +495,15 @@ def evaluate_params(setup: _Setup, params, step: int, spe: float | None = None,
 # --- Files ------------------------------------------------------------------------------------
 
 
-def _jsonable(x):
-  """NaN/inf -> None (strict JSON), numpy scalars -> Python."""
-  if isinstance(x, dict):
-    return {k: _jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, np.generic):
-    x = x.item()
-  if isinstance(x, float) and not math.isfinite(x):
-    return None
-  return x
-
-
 def write_step(out_dir: str, step: int, summary: dict, arrays: dict, rows: list[dict]) -> None:
   """Writes `eval/<step>/{arrays, samples.jsonl, summary.json}`; summary.json last."""
   d = epath.Path(out_dir) / "eval" / str(step)
   ckpt_lib.save_arrays(d / "arrays", arrays)
   if jax.process_index() == 0:
-    text = "".join(json.dumps(_jsonable(r), ensure_ascii=False) + "\n" for r in rows)
+    text = "".join(json.dumps(scaling.jsonable(r), ensure_ascii=False) + "\n" for r in rows)
     (d / "samples.jsonl").write_text(text)
     tmp = d / "summary.json.tmp"
-    tmp.write_text(json.dumps(_jsonable(summary), indent=2, sort_keys=True))
+    tmp.write_text(json.dumps(scaling.jsonable(summary), indent=2, sort_keys=True))
     tmp.replace(d / "summary.json")
 
 

@@ -17,8 +17,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from daa_jax.errors import DaaError
-from daa_jax.scaling import (FORMS, by_group, final_rows, fit_all, is_reference, load_summary,
-                             predict, run_id, size_key, write_fits)
+from daa_jax.scaling import (FORMS, by_group, final_rows, fit_all, is_reference,
+                             load_prompt_outcomes, load_summary, predict, run_id, size_key,
+                             write_fits)
 
 # --- Figures --------------------------------------------------------------------------------
 
@@ -343,6 +344,31 @@ def _fit_table(groups) -> list[str]:
   return lines
 
 
+def _ci(ci, digits: int = 3) -> str:
+  return "—" if not ci else f"[{_fmt(ci[0], digits)}, {_fmt(ci[1], digits)}]"
+
+
+def _interval_table(groups) -> list[str]:
+  """The log-form fits' 95% bootstrap intervals, and how often it beats the best-of-n form."""
+  rows = [g for g in groups if not g["skipped"] and g["log"].get("alpha_ci") is not None]
+  if not rows:
+    return []
+  lines = ["", "Log-form 95% bootstrap intervals (resampling "
+           f"{rows[0].get('bootstrap', {}).get('method', 'checkpoints')}; fits weighted by "
+           "1/σ² of each win rate where every point has an interval):", "",
+           "| objective | size | set | weighted | α | β | d* | peak win rate | log RMSE < "
+           "best-of-n | log RMSE < quadratic |", "|---|---|---|---|---|---|---|---|---|---|"]
+  for g in rows:
+    log, boot = g["log"], g.get("bootstrap", {})
+    share = lambda v: "—" if v is None else f"{v:.0%}"  # noqa: E731
+    lines.append(
+        f"| {g['objective']} | {g['size']} | {g['set']} | {'yes' if g.get('weighted') else 'no'} "
+        f"| {_ci(log['alpha_ci'])} | {_ci(log['beta_ci'])} | {_ci(log['d_star_ci'], 2)} | "
+        f"{_ci(log['peak_win_rate_ci'])} | {share(boot.get('log_beats_bon'))} | "
+        f"{share(boot.get('log_beats_quadratic'))} |")
+  return lines
+
+
 def write_report(rows, fits, figures: Mapping[str, Sequence[str]], out_path: str,
                  extra_lines: Sequence[str] | None = None) -> str:
   """Writes report.md: the fit tables and each figure with one line read off the data."""
@@ -356,7 +382,8 @@ def write_report(rows, fits, figures: Mapping[str, Sequence[str]], out_path: str
       f"checkpoint and on all checkpoints, next to {FORMS['bon']} and {FORMS['quadratic']}. "
       f"R0 (the win rate at d = 0): {fits.get('r0_mode') or 'fit'}. RMSE ratio = log-form RMSE "
       "/ quadratic RMSE (same number of coefficients); d* = exp(α/β − 1) is the predicted peak.",
-      "", "## Fits on √KL(πθ‖π_ref)", ""] + _fit_table(fits["groups"])
+      "", "## Fits on √KL(πθ‖π_ref)", ""] + _fit_table(fits["groups"]) + _interval_table(
+          fits["groups"])
   if fits.get("forward_kl_groups"):
     lines += ["", "## Fits on √KL(π_ref‖πθ) (forward KL)", ""] + _fit_table(
         fits["forward_kl_groups"])
@@ -398,7 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   out_dir = args.out or args.sweep_dir
   try:
     rows = load_summary(os.path.join(args.sweep_dir, "summary.csv"))
-    fits = fit_all(rows, r0=None if r0 == "fit" else r0)
+    outcomes = load_prompt_outcomes(os.path.join(args.sweep_dir, "prompt_outcomes.json"))
+    fits = fit_all(rows, r0=None if r0 == "fit" else r0, outcomes=outcomes)
     fits_path = write_fits(fits, os.path.join(out_dir, "fits.json"))
     figures = make_figures(rows, fits, os.path.join(out_dir, "figures"))
     report = write_report(rows, fits, figures, os.path.join(out_dir, "report.md"))
