@@ -47,6 +47,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import time
 from typing import Any
 
@@ -59,6 +60,8 @@ import numpy as np
 from daa_jax import checkpoint as ckpt_lib
 from daa_jax import config_lib
 from daa_jax import data as data_lib
+from daa_jax.data import pipeline as data_pipeline
+from daa_jax.data import readers as data_readers
 from daa_jax import judges
 from daa_jax import llm_judge
 from daa_jax import model as model_lib
@@ -68,12 +71,12 @@ from daa_jax import scaling
 from daa_jax import sharding
 from daa_jax import step as step_lib
 from daa_jax import train
-from daa_jax.errors import CheckpointError, ConfigError
+from daa_jax.errors import CheckpointError, ConfigError, DataError
 
 SUMMARY_KEYS = ("step", "kl", "kl_stderr", "sqrt_kl", "forward_kl", "forward_kl_stderr",
                 "win_rate", "win_rate_ci", "reward_acc", "heldout_loss", "length_r2",
                 "chosen_logp_drift", "rejected_logp_drift", "num_samples", "mean_sample_length",
-                "epoch_fraction", "sampling", "judge")
+                "truncation_rate", "epoch_fraction", "sampling", "judge", "reference")
 _SYNTHETIC_MAX_NEW_TOKENS = 32  # 2x the task's longest reference (16 symbols + EOS)
 
 
@@ -137,24 +140,71 @@ def _kl_stats(scores: dict[str, np.ndarray], lengths: np.ndarray, prefix: str,
 
 @dataclasses.dataclass
 class PromptSet:
-  """Held-out prompts, left-padded: `tokens`/`mask` `[N,P]`, with their texts and references."""
+  """Held-out prompts, left-padded: `tokens`/`mask` `[N,P]`, with their texts and references.
+
+  `reference` says what the references are: {'kind': 'synthetic' | 'human' | 'chosen',
+  'source', 'human', 'prompts'} (human: how many prompts have a human-written reference).
+  """
   tokens: np.ndarray
   mask: np.ndarray
   texts: list[str]
   references: list[str]
+  reference: dict = dataclasses.field(default_factory=dict)
 
 
-def prompt_set(data_config, workdir: str, num_prompts: int, pad_id: int) -> PromptSet:
-  """The first `num_prompts` distinct prompts of the eval split and their references (the
-  synthetic task's reference summaries; the chosen/reference column otherwise)."""
+def _human_references(source: str) -> dict[str, str]:
+  """{post id or prompt text: reference} of TL;DR SFT files (format 'tldr_sft': the filtered
+  TL;DR posts with their human summaries, or CarperAI/openai_summarize_tldr)."""
+  try:
+    files = data_pipeline.resolve_files(source)
+  except DataError as err:
+    raise ConfigError(f"config.eval.reference_source={source!r}: {err} Give TL;DR SFT files "
+                      "(format tldr_sft) with the human reference summaries.") from None
+  out = {}
+  for e in data_readers.read_sft(files, "tldr_sft"):
+    out.setdefault(e.prompt.strip(), e.response)
+    if e.id and not e.id.startswith(os.path.basename(e.source) + ":"):
+      out.setdefault(e.id, e.response)
+  return out
+
+
+def prompt_set(data_config, workdir: str, num_prompts: int, pad_id: int,
+               reference_source: str | None = None) -> PromptSet:
+  """The first `num_prompts` distinct prompts of the eval split and their references.
+
+  References, in order of preference: a human reference per prompt from `reference_source`
+  (TL;DR SFT files joined on the post id, else on the prompt text; the paper judges against
+  the human-written TL;DR), the data's own `reference` column, the synthetic task's reference
+  summaries, else the chosen response of the prompt's first comparison (mostly a model sample
+  in TL;DR: named 'chosen' in `reference`).
+  """
   ds = data_lib.load_sft(data_config, "eval", workdir=workdir)
-  texts, refs, seen, index = [], [], set(), []
-  for i, (text, ref) in enumerate(zip(ds.prompt_texts, ds.reference_texts)):
+  human = _human_references(reference_source) if reference_source else {}
+  texts, refs, seen, index, joined = [], [], set(), [], 0
+  for i, (text, ref, id_) in enumerate(zip(ds.prompt_texts, ds.reference_texts, ds.ids)):
     if text not in seen and len(index) < num_prompts:
       seen.add(text)
+      found = human.get(id_) or human.get(text.strip())
+      joined += found is not None
       texts.append(text)
-      refs.append(ref)
+      refs.append(found if found is not None else ref)
       index.append(i)
+  if data_config.source == "synthetic":
+    reference = {"kind": "synthetic", "source": "the task's reference summaries"}
+  elif reference_source:
+    reference = {"kind": "human", "source": f"config.eval.reference_source={reference_source}",
+                 "human": joined}
+    if joined < len(index):
+      logging.warning("eval: %d of %d prompts have no human reference in %s (joined on the post "
+                      "id, then the prompt text); they use their chosen response.",
+                      len(index) - joined, len(index), reference_source)
+  elif ds.stats.get("references"):
+    reference = {"kind": "human", "source": "the data's reference column",
+                 "human": int(ds.stats["references"])}
+  else:
+    reference = {"kind": "chosen", "source": "the chosen response of each prompt's first pair; "
+                 "give human references with config.eval.reference_source"}
+  reference["prompts"] = len(index)
   if len(index) < num_prompts:
     logging.warning("eval: %d distinct held-out prompts, fewer than config.eval.num_prompts=%d.",
                     len(index), num_prompts)
@@ -165,7 +215,27 @@ def prompt_set(data_config, workdir: str, num_prompts: int, pad_id: int) -> Prom
   for row, p in enumerate(prompts):  # left padding: every row's last prompt token is last
     tokens[row, width - len(p):] = p
     mask[row, width - len(p):] = 1
-  return PromptSet(tokens, mask, texts, refs)
+  return PromptSet(tokens, mask, texts, refs, reference)
+
+
+def generation_budget(config) -> int:
+  """New tokens each evaluation sample may have: the same for every sample, whatever the other
+  prompts of the set (left padding puts them all at one width).
+
+  `config.eval.max_new_tokens` when > 0; else 32 on the synthetic task (twice its longest
+  reference); else `data.max_length − data.max_prompt_length` (the paper's 512 − 256 = 256):
+  the longest response the training data could hold. Human TL;DR references are under ~50
+  tokens, so only samples that ramble past what training ever showed are cut, and the
+  `truncation_rate` of each checkpoint reports how many were (a cut sample under-estimates
+  its KL and shows the judge a clipped response).
+  """
+  e, d = config.eval, config.data
+  if int(e.max_new_tokens) > 0:
+    return int(e.max_new_tokens)
+  if d.source == "synthetic":
+    return _SYNTHETIC_MAX_NEW_TOKENS
+  prompt = d.get("max_prompt_length")
+  return max(int(d.max_length) - int(prompt if prompt else int(d.max_length) // 2), 1)
 
 
 def load_run_config(run_dir: str, eval_config) -> ml_collections.ConfigDict:
@@ -346,11 +416,10 @@ def _prepare(config, run_dir: str, out_dir: str) -> _Setup:
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
   tokenizer = data_lib.get_tokenizer(config.data.tokenizer)
   judge_name, judge = make_judge(config, tokenizer, mesh, out_dir)
-  prompts = prompt_set(config.data, run_dir, int(e.num_prompts), tokenizer.pad_id)
+  prompts = prompt_set(config.data, run_dir, int(e.num_prompts), tokenizer.pad_id,
+                       e.get("reference_source") or None)
   pairs = data_lib.load_pairs(config.data, "eval", workdir=run_dir)
-  max_new = int(e.max_new_tokens) or (
-      _SYNTHETIC_MAX_NEW_TOKENS if config.data.source == "synthetic"
-      else max(int(config.data.max_length) - prompts.tokens.shape[1], 1))
+  max_new = generation_budget(config)
   scfg = sampling.SamplingConfig(
       max_new_tokens=max_new, temperature=float(e.temperature), top_k=int(e.top_k),
       top_p=float(e.top_p), eos_id=int(tokenizer.eos_id), pad_id=int(tokenizer.pad_id))
@@ -446,7 +515,9 @@ def evaluate_params(setup: _Setup, params, step: int, spe: float | None = None,
   summary.update(num_samples=int(len(lengths)), mean_sample_length=float(lengths.mean()),
                  sample_length_std=float(lengths.std()), min_sample_length=int(lengths.min()),
                  max_sample_length=int(lengths.max()),
-                 eos_rate=float(samples["finished"].mean()))
+                 eos_rate=float(samples["finished"].mean()),
+                 # Samples cut at max_new_tokens without EOS: their KL is a lower bound.
+                 truncation_rate=float(1.0 - samples["finished"].mean()))
   texts = [setup.tokenizer.decode(t[:n - int(f)]) for t, n, f in
            zip(samples["tokens"], lengths, samples["finished"])]
   prompts = [setup.prompts.texts[i] for i in setup.rows]
@@ -472,7 +543,7 @@ def evaluate_params(setup: _Setup, params, step: int, spe: float | None = None,
   summary.update(
       epoch_fraction=None if spe is None else step / spe, objective=config.objective.name,
       beta=float(config.objective.beta), size=config.get("hf_model") or config.model.size,
-      judge=setup.judge_name,
+      judge=setup.judge_name, reference=setup.prompts.reference,
       sampling={**setup.sampling_cfg.to_dict(), "samples_per_prompt": int(e.samples_per_prompt),
                 "num_prompts": len(setup.prompts.texts), "seed": int(e.seed),
                 "batch_size": setup.batch_size},

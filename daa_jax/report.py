@@ -369,6 +369,30 @@ def _interval_table(groups) -> list[str]:
   return lines
 
 
+TRUNCATION_FLAG = 0.05  # a checkpoint with more samples cut at the budget is flagged
+
+
+def _measurement_lines(rows) -> list[str]:
+  """What the win rates are judged against, and checkpoints whose samples hit the budget."""
+  lines = []
+  kinds = sorted({r.get("reference") for r in rows if r.get("reference")})
+  if kinds:
+    names = {"human": "human-written references", "chosen": "the chosen response of each "
+             "prompt's first pair (not human references: set config.eval.reference_source)",
+             "synthetic": "the synthetic task's reference summaries"}
+    lines.append("Win rates are judged against " + "; ".join(names.get(k, k) for k in kinds)
+                 + ".")
+  cut = [r for r in rows if r.get("truncation_rate", math.nan) > TRUNCATION_FLAG]
+  if cut:
+    worst = max(cut, key=lambda r: r["truncation_rate"])
+    lines.append(f"**Truncated samples**: {len(cut)} checkpoints have more than "
+                 f"{TRUNCATION_FLAG:.0%} of their samples cut at the generation budget (worst "
+                 f"{worst['truncation_rate']:.0%}: {worst['objective']} {worst['size']} "
+                 f"{_checkpoint(worst)}); their KL is a lower bound and the judge saw clipped "
+                 "responses. Raise config.eval.max_new_tokens.")
+  return ["", *lines] if lines else []
+
+
 def write_report(rows, fits, figures: Mapping[str, Sequence[str]], out_path: str,
                  extra_lines: Sequence[str] | None = None) -> str:
   """Writes report.md: the fit tables and each figure with one line read off the data."""
@@ -382,8 +406,8 @@ def write_report(rows, fits, figures: Mapping[str, Sequence[str]], out_path: str
       f"checkpoint and on all checkpoints, next to {FORMS['bon']} and {FORMS['quadratic']}. "
       f"R0 (the win rate at d = 0): {fits.get('r0_mode') or 'fit'}. RMSE ratio = log-form RMSE "
       "/ quadratic RMSE (same number of coefficients); d* = exp(α/β − 1) is the predicted peak.",
-      "", "## Fits on √KL(πθ‖π_ref)", ""] + _fit_table(fits["groups"]) + _interval_table(
-          fits["groups"])
+      *_measurement_lines(rows), "", "## Fits on √KL(πθ‖π_ref)", ""]
+  lines += _fit_table(fits["groups"]) + _interval_table(fits["groups"])
   if fits.get("forward_kl_groups"):
     lines += ["", "## Fits on √KL(π_ref‖πθ) (forward KL)", ""] + _fit_table(
         fits["forward_kl_groups"])

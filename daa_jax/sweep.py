@@ -39,7 +39,8 @@ from daa_jax import scaling
 SUMMARY_COLUMNS = ("objective", "size", "beta", "step", "epoch_fraction", "kl", "kl_stderr",
                    "sqrt_kl", "forward_kl", "win_rate", "win_rate_lo", "win_rate_hi",
                    "reward_acc", "heldout_loss", "length_r2", "chosen_logp_drift",
-                   "rejected_logp_drift", "mean_sample_length", "truncation_rate", "run",
+                   "rejected_logp_drift", "mean_sample_length", "truncation_rate",
+                   "reference", "run",
                    "seed", "num_seeds", "seed_win_rate_lo", "seed_win_rate_hi", "seed_kl_lo",
                    "seed_kl_hi")
 
@@ -277,7 +278,9 @@ def collect(runs: list[dict], workdir: str) -> list[dict]:
                  chosen_logp_drift=s.get("chosen_logp_drift"),
                  rejected_logp_drift=s.get("rejected_logp_drift"),
                  mean_sample_length=s.get("mean_sample_length"),
-                 truncation_rate=s.get("truncation_rate"), run=r["name"], seed=r.get("seed"))
+                 truncation_rate=s.get("truncation_rate"),
+                 reference=(s.get("reference") or {}).get("kind"), run=r["name"],
+                 seed=r.get("seed"))
       if step == 0:  # the reference policy itself (KL 0), once per size
         if any(x["objective"] == "sft" and x["size"] == r["size"] for x in rows):
           continue

@@ -273,3 +273,16 @@ def test_paired_split_half_peak_test(tmp_path):
   result = scaling.paired_peak_test(rows, outcomes, sft, seed=0)
   assert not result["rises"] and result["vs_sft"]["p_value"] > 0.05
   assert scaling.paired_peak_test(rows, {}, sft) is None  # no per-prompt outcomes
+
+
+def test_report_says_which_reference_and_flags_truncated_checkpoints(tmp_path):
+  path = tmp_path / "summary.csv"
+  path.write_text("objective,size,beta,step,kl,win_rate,truncation_rate,reference,run\n"
+                  "dpo,1b,0.1,10,0.5,0.3,0.01,chosen,a\n"
+                  "dpo,1b,0.1,20,4.0,0.2,0.40,chosen,a\n")
+  rows = scaling.load_summary(str(path))
+  text = open(report_lib.write_report(rows, scaling.fit_all(rows), {},
+                                      str(tmp_path / "report.md"))).read()
+  assert "judged against the chosen response of each prompt's first pair" in text
+  assert "**Truncated samples**: 1 checkpoints have more than 5%" in text
+  assert "worst 40%: dpo 1b β=0.1, step 20" in text

@@ -69,6 +69,7 @@ class SFTExample:
   split: Optional[str]
   source: str
   line: int
+  reference: Optional[str] = None  # A human reference for win rates, when the file has one.
 
 
 class _RowError(Exception):
@@ -224,7 +225,11 @@ def _generic_sft(row: Mapping[str, Any], columns: Mapping[str, str]) -> dict:
   prompt = _nonempty(_field(row, columns["prompt"], fix=_columns_fix("prompt")), "prompt")
   # A pairs file serves SFT through its chosen responses.
   name = columns["response"] if columns["response"] in row else columns["chosen"]
-  return dict(prompt=prompt, response=_field(row, name, fix=_columns_fix("response")))
+  reference = row.get(columns["reference"]) if name != columns["reference"] else None
+  if reference is not None and not isinstance(reference, str):
+    raise _RowError(f"field {columns['reference']!r} should be str", "store it as a string")
+  return dict(prompt=prompt, response=_field(row, name, fix=_columns_fix("response")),
+              reference=reference)
 
 
 # --- Files -> rows. ------------------------------------------------------------------------
