@@ -381,25 +381,26 @@ def _score(setup: _Setup, params, samples: dict) -> dict[str, np.ndarray]:
 
 def _heldout(setup: _Setup, params) -> tuple[dict[str, float], dict[str, np.ndarray]]:
   """Held-out loss, reward accuracy, margins, likelihood drift and the length R²."""
-  keys = ("loss", "rewards_chosen", "rewards_rejected", "policy_logps", "ref_logps")
+  keys = ("loss", "rewards_chosen", "rewards_rejected", "accuracy", "policy_logps", "ref_logps")
   per = {k: [] for k in keys + ("lengths",)}
   with sharding.activate(setup.mesh):
     for host, valid in setup.pair_batches:
       _, m = setup.eval_fn(params, None, _to_mesh(host, setup.mesh), setup.hparams)
-      m = _fetch({**{k: m["per_pair"][k] for k in keys[:3]},
+      m = _fetch({**{k: m["per_pair"][k] for k in keys[:4]},
                   "policy_logps": m["policy_logps"], "ref_logps": m["ref_logps"]})
       for k in keys:
         per[k].append(np.asarray(m[k], np.float64)[valid])
       per["lengths"].append(host["lengths"][valid])
   cat = {k: np.concatenate(v) for k, v in per.items()}
   # Accuracy and margin as the trainer logs them (the objective's rewards, so length-normalized
-  # under normalize='mean'), ties counting half.
+  # under normalize='mean'); accuracy is the objective's per pair (ties within float32
+  # resolution counting half: objectives.tie_half_accuracy).
   margin = cat["rewards_chosen"] - cat["rewards_rejected"]
   # The length R² uses the paper's implicit reward β·log πθ/π_ref of the raw summed log-probs.
   rewards = float(setup.config.objective.beta) * (cat["policy_logps"] - cat["ref_logps"])
   drift = (cat["policy_logps"] - cat["ref_logps"]).mean(0)  # [2] chosen, rejected
   out = {"heldout_loss": float(cat["loss"].mean()),
-         "reward_acc": float(np.mean((margin > 0) + 0.5 * (margin == 0))),
+         "reward_acc": float(cat["accuracy"].mean()),
          "heldout_margin": float(margin.mean()), "heldout_margin_std": float(margin.std()),
          "chosen_logp_drift": float(drift[0]), "rejected_logp_drift": float(drift[1]),
          "length_r2": length_r2(rewards.reshape(-1), cat["lengths"].reshape(-1)),

@@ -201,7 +201,7 @@ def heldout_metrics(eval_fn, params, ref_params, hparams, dataset, mesh, batch_s
   """
   loader = data_lib.Loader(dataset, batch_size=batch_size, seed=0, shuffle=False,
                            drop_remainder=False)
-  per_pair = {"loss": [], "h": [], "rewards_chosen": [], "rewards_rejected": []}
+  per_pair = {"loss": [], "h": [], "accuracy": [], "rewards_chosen": [], "rewards_rejected": []}
   for i, batch in enumerate(loader):
     if max_batches and i >= max_batches:
       break
@@ -216,8 +216,8 @@ def heldout_metrics(eval_fn, params, ref_params, hparams, dataset, mesh, batch_s
       per_pair[k].append(np.asarray(m[k])[valid])
   cat = {k: np.concatenate(v) for k, v in per_pair.items()}
   margin = cat["rewards_chosen"] - cat["rewards_rejected"]
-  acc = np.mean((margin > 0) + 0.5 * (margin == 0))
-  return {"eval/loss": float(cat["loss"].mean()), "eval/reward_acc": float(acc),
+  return {"eval/loss": float(cat["loss"].mean()),
+          "eval/reward_acc": float(cat["accuracy"].mean()),  # ties half, as the objective
           "eval/margin": float(margin.mean()), "eval/num_pairs": float(len(margin))}
 
 
