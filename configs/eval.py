@@ -27,7 +27,7 @@ def get_config(arg=None):
   c.mesh = config_dict.placeholder(tuple)  # None: the run's config.mesh
 
   c.eval = config_dict.ConfigDict()
-  c.eval.num_prompts = 500        # distinct held-out prompts (SYNTHETIC.md: 500)
+  c.eval.num_prompts = 500        # distinct held-out prompts (±0.035 on a win rate)
   c.eval.samples_per_prompt = 1
   # New tokens per sample, the same for every sample. 0: 32 on the synthetic task, else
   # data.max_length - data.max_prompt_length (512 - 256 = 256 for TL;DR, the longest response

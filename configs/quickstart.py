@@ -2,7 +2,7 @@
 
   python -m daa_jax.main --config configs/quickstart.py --workdir /tmp/quickstart
 
-The built-in synthetic gold-reward task (SYNTHETIC.md) -> SFT of a tiny GPT-NeoX on the
+The built-in synthetic gold-reward task (README, "The synthetic task") -> SFT of a tiny GPT-NeoX on the
 demonstrations (the reference policy) -> preference pairs: two SFT samples per prompt,
 labeled by a Bradley-Terry labeler on the gold reward (~1/4 of labels contradict the gold
 ranking) -> DPO, IPO and SLiC at three β with checkpoints through training -> evaluation
@@ -27,7 +27,7 @@ def get_config(arg=None):
   c.mode = "local"  # local: run everything here | commands: write commands.sh
   c.sizes = ("tiny", "tiny2", "tiny4") if a.full else ("tiny",)
   c.objectives = ("dpo", "ipo", "slic")
-  # Responses are ~4 tokens long, so KL saturates below β ~ 0.1 (SYNTHETIC.md): this grid
+  # Responses are ~4 tokens long, so KL saturates below β ~ 0.1 (README): this grid
   # spreads the runs along the KL axis.
   c.betas = (0.1, 0.3, 1.0)
   c.sft_source = "train"  # train an SFT reference per size (vs 'hf': start from HF weights)
@@ -45,7 +45,7 @@ def get_config(arg=None):
   sft.checkpoint.update(epoch_fractions=(), async_save=True)
   c.sft = sft
 
-  # SYNTHETIC.md's DAA recipe: 1000 pairs, batch 32, Adam 3e-4 constant after 30 warmup
+  # The synthetic task's DAA recipe (README): 1000 pairs, batch 32, Adam 3e-4 constant after 30 warmup
   # steps, clip 10, 12 epochs, reference log-probs precomputed.
   daa = config_lib.load_sibling(__file__, "daa", "size=tiny")
   daa.train.update(batch_size=32, grad_accum=1, num_epochs=a.epochs, log_every=31)

@@ -1,7 +1,7 @@
 """Shared configuration pieces: `ModelConfig`, the Pythia size table, config helpers.
 
 `ModelConfig` is the frozen dataclass that model code receives (the ConfigDict stops at the
-boundary, STYLE.md rule 6). `pythia(size)` returns the published Pythia shape; the `tiny*`
+boundary). `pythia(size)` returns the published Pythia shape; the `tiny*`
 sizes are for tests and the built-in synthetic task.
 """
 

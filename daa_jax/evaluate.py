@@ -321,17 +321,8 @@ def _row_batches(num_rows: int, batch_size: int) -> list[np.ndarray]:
 
 
 def _to_mesh(host: dict, mesh) -> dict:
-  """A global batch (identical on every process) -> global arrays; each process sends its rows."""
-  pc, pi = jax.process_count(), jax.process_index()
-  local = {k: np.split(v, pc)[pi] for k, v in host.items()}
-  return sharding.host_to_global(local, mesh)
-
-
-def _fetch(tree):
-  if jax.process_count() == 1:
-    return jax.device_get(tree)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return multihost_utils.process_allgather(tree, tiled=True)
+  """A global batch (identical on every process) -> global arrays; each device takes its rows."""
+  return sharding.host_to_global(host, mesh, whole=True)
 
 
 @dataclasses.dataclass
@@ -362,7 +353,7 @@ def _draw(setup: _Setup, params, stream: int) -> dict[str, np.ndarray]:
   for b, rows in enumerate(_row_batches(len(setup.rows), setup.batch_size)):
     p = setup.rows[rows]
     batch = _to_mesh({"t": setup.prompts.tokens[p], "m": setup.prompts.mask[p]}, setup.mesh)
-    out.append(_fetch(setup.sampler(params, batch["t"], batch["m"], jax.random.fold_in(key, b))))
+    out.append(sharding.fetch(setup.sampler(params, batch["t"], batch["m"], jax.random.fold_in(key, b))))
   return {k: np.concatenate([o[k] for o in out])[:len(setup.rows)] for k in out[0]}
 
 
@@ -374,7 +365,7 @@ def _score(setup: _Setup, params, samples: dict) -> dict[str, np.ndarray]:
       p = setup.rows[rows]
       batch = _to_mesh({"t": setup.prompts.tokens[p], "m": setup.prompts.mask[p],
                         "y": samples["tokens"][rows], "n": samples["lengths"][rows]}, setup.mesh)
-      out.append(_fetch(setup.scorer(params, setup.ref_params, batch["t"], batch["m"],
+      out.append(sharding.fetch(setup.scorer(params, setup.ref_params, batch["t"], batch["m"],
                                      batch["y"], batch["n"])))
   return {k: np.concatenate([o[k] for o in out])[:len(setup.rows)] for k in out[0]}
 
@@ -386,7 +377,7 @@ def _heldout(setup: _Setup, params) -> tuple[dict[str, float], dict[str, np.ndar
   with sharding.activate(setup.mesh):
     for host, valid in setup.pair_batches:
       _, m = setup.eval_fn(params, None, _to_mesh(host, setup.mesh), setup.hparams)
-      m = _fetch({**{k: m["per_pair"][k] for k in keys[:4]},
+      m = sharding.fetch({**{k: m["per_pair"][k] for k in keys[:4]},
                   "policy_logps": m["policy_logps"], "ref_logps": m["ref_logps"]})
       for k in keys:
         per[k].append(np.asarray(m[k], np.float64)[valid])
@@ -460,7 +451,7 @@ def _prepare(config, run_dir: str, out_dir: str) -> _Setup:
       host = pack({k: v for k, v in pairs.batch(rows_).items() if k in keys})
       host["ref_logps"] = np.zeros(host["lengths"].shape, np.float32)
       _, m = eval_fn(ref, None, _to_mesh(host, mesh), hparams)
-      host["ref_logps"] = np.asarray(_fetch(m["policy_logps"]), np.float32)
+      host["ref_logps"] = np.asarray(sharding.fetch(m["policy_logps"]), np.float32)
       valid = np.arange(len(rows_)) < num_pairs - start  # padding copies come last
       pair_batches.append((host, valid))
   return _Setup(

@@ -112,6 +112,13 @@ def check_lengths(prompts, samples, references):
         "references; pass one sample and one reference per prompt.")
 
 
+def outcomes_from_rewards(sample_rewards, reference_rewards, tie_tol: float = 0.0) -> np.ndarray:
+  """The outcome rule of reward judges: 1 if the sample's reward is higher, 0 if lower, 0.5
+  when |r(sample) − r(reference)| ≤ tie_tol. [N] float64."""
+  diff = np.asarray(sample_rewards, np.float64) - np.asarray(reference_rewards, np.float64)
+  return np.where(np.abs(diff) <= tie_tol, 0.5, np.where(diff > 0, 1.0, 0.0))
+
+
 # --- Gold reward ----------------------------------------------------------------------------
 
 
@@ -135,9 +142,8 @@ class GoldJudge:
     check_lengths(prompts, samples, references)
     r_sample = np.array([float(self.reward_fn(p, s)) for p, s in zip(prompts, samples)])
     r_ref = np.array([float(self.reward_fn(p, r)) for p, r in zip(prompts, references)])
-    diff = r_sample - r_ref
-    outcomes = np.where(np.abs(diff) <= self.tie_tol, 0.5, np.where(diff > 0, 1.0, 0.0))
-    return outcomes, {"sample_rewards": r_sample, "reference_rewards": r_ref}
+    return (outcomes_from_rewards(r_sample, r_ref, self.tie_tol),
+            {"sample_rewards": r_sample, "reference_rewards": r_ref})
 
 
 # --- Reward-model judge ---------------------------------------------------------------------
@@ -268,17 +274,11 @@ class RewardModelJudge:
       if self.mesh is None:
         got = self._jax.device_get(self._fn(self.params, self.score_weight, t, m))
       else:
-        # Every process holds the whole batch and sends its slice of rows.
-        jax, pc, pi = self._jax, self._jax.process_count(), self._jax.process_index()
+        # Every process holds the whole batch; each device takes its rows (as evaluation does).
         with self._sharding.activate(self.mesh):
-          batch = self._sharding.host_to_global(
-              {"t": np.split(t, pc)[pi], "m": np.split(m, pc)[pi]}, self.mesh)
+          batch = self._sharding.host_to_global({"t": t, "m": m}, self.mesh, whole=True)
           r = self._fn(self.params, self.score_weight, batch["t"], batch["m"])
-        if pc == 1:
-          got = jax.device_get(r)
-        else:
-          from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-          got = multihost_utils.process_allgather(r, tiled=True)
+        got = self._sharding.fetch(r)
       got = np.asarray(got, np.float64)
       keep = min(self.batch_size, n - start)
       out[start:start + keep] = got[:keep]
@@ -307,6 +307,5 @@ class RewardModelJudge:
     check_lengths(prompts, samples, references)
     r_sample = self.rewards(prompts, samples)
     r_ref = self.rewards(prompts, references)
-    diff = r_sample - r_ref
-    outcomes = np.where(np.abs(diff) <= self.tie_tol, 0.5, np.where(diff > 0, 1.0, 0.0))
-    return outcomes, {"sample_rewards": r_sample, "reference_rewards": r_ref}
+    return (outcomes_from_rewards(r_sample, r_ref, self.tie_tol),
+            {"sample_rewards": r_sample, "reference_rewards": r_ref})

@@ -8,7 +8,7 @@ Preference Optimization", GPO): loss = E[g(β·h)] with g convex and
 where y_w is the chosen and y_l the rejected response. The implicit reward of a response is
 r̂(x, y) = β·log πθ(y|x)/π_ref(y|x) (Rafailov et al. 2023), so β·h is the reward margin.
 
-Objectives take log-probs, not models (DESIGN.md): a live reference forward and cached
+Objectives take log-probs, not models: a live reference forward and cached
 reference log-probs go through the same code. Each registered objective is a pure function
 
   fn(policy_logps [B,2], ref_logps [B,2], lengths [B,2], params: LossParams, normalize='sum')
@@ -22,7 +22,7 @@ the objective name and `normalize` are static Python strings.
 every sequence log-prob (policy and reference) by its response length before forming h, the
 length-normalized variant (as in SimPO / the "mean" option of several DPO codebases).
 
-This module imports only jax and numpy (DESIGN.md: it is pure math, leftmost of the trainer).
+This module imports only jax and numpy (pure math, the leftmost layer of the trainer).
 """
 
 from __future__ import annotations
@@ -318,7 +318,7 @@ def rdpo_loss(policy_logps: Array, ref_logps: Array, lengths: Array, params: Los
               normalize: str = "sum") -> tuple[Array, Metrics]:
   """Length-regularized DPO (R-DPO, Park et al. 2024, eq. 9): −log σ(β·h + α(|y_w| − |y_l|)).
 
-  Sign convention (PAPER.md, Park et al.'s eq. 9): R-DPO optimizes the length-penalized reward
+  Sign convention (Park et al. 2024, eq. 9): R-DPO optimizes the length-penalized reward
   r − α|y|. Its Bradley–Terry logit for y_w over y_l is written with the policy's implicit
   reward β·h plus α(|y_w| − |y_l|): when the chosen response is longer, the length term
   already supplies part of the logit, so the policy needs less margin β·h — it gains less

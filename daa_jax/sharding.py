@@ -171,6 +171,14 @@ def host_to_global(batch, mesh: jax.sharding.Mesh, whole: bool = False):
           np.shape(x) if whole else None), batch)
 
 
+def fetch(tree):
+  """Global arrays -> numpy, whole on every process (an all-gather when multi-process)."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def cache_shardings(mesh: jax.sharding.Mesh, cache):
   """Shardings of a `model.init_cache` tree: batch over data x fsdp, heads over tensor."""
   def one(x):

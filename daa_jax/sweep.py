@@ -120,7 +120,7 @@ def eval_config(config, run_dir: str, include_reference: bool = False):
 
 def policy_pairs(config, size: str, workdir: str) -> str:
   """Samples two responses per prompt from the SFT policy and labels them with the synthetic
-  task's Bradley–Terry labeler (SYNTHETIC.md). Writes `pairs.jsonl` and `eval_pairs.jsonl`.
+  task's Bradley–Terry labeler. Writes `pairs.jsonl` and `eval_pairs.jsonl`.
 
   Pairs where either sample has no EOS within the budget are dropped: the data pipeline
   appends EOS to every response, which would misrepresent them.
