@@ -36,6 +36,8 @@ def get_config(arg=None):
   c.policy_pairs = config_dict.ConfigDict(dict(
       num_pairs=1000, num_eval_pairs=500, seed=0, batch_size=256))
   c.fit_r0 = "sft"  # intercept of the fits: the SFT policy's own win rate
+  # Data-order seeds of every DAA run: several give seed-level intervals in summary.csv.
+  c.seeds = (0,)
 
   sft = config_lib.load_sibling(__file__, "sft", "size=tiny")
   sft.train.update(batch_size=64, grad_accum=1, num_epochs=1000.0, max_steps=a.sft_steps,

@@ -435,6 +435,8 @@ def write_commands(config, workdir: str, runs: list[dict]) -> str:
     for key in ("init_from", "hf_model"):
       if c.get(key):
         flags.append(f"--config.{key}={c[key]}")
+    if r.get("seed") is not None:
+      flags.append(f"--config.seed={r['seed']}")
     if c.data.source != "synthetic":
       flags += [f"--config.data.source={c.data.source}", f"--config.data.format={c.data.format}",
                 f"--config.data.tokenizer={c.data.tokenizer}"]

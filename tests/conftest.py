@@ -10,3 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: minutes-long end-to-end runs (CI runs them; `-m 'not slow'` skips)")
