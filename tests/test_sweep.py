@@ -183,3 +183,25 @@ def test_checks_use_the_paired_split_half_test_with_per_prompt_outcomes(tmp_path
   # paired evidence, although the point estimates still rise and fall.
   flat = {k: (rng.uniform(size=500) < 0.25).astype(float) for k in p}
   assert not sweep.checks(rows, fits, flat)["dpo/tiny"]["rises_then_falls"]
+
+
+@pytest.mark.slow
+def test_full_quickstart_reaches_its_report(tmp_path):
+  """The README's larger study, `configs/quickstart.py:full`, end to end: three model sizes,
+  including the policy-sampled pairs whose one-token (empty) responses once stopped it."""
+  workdir = str(tmp_path)
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  args = [sys.executable, "-m", "daa_jax.main", "--config=configs/quickstart.py:full",
+          f"--workdir={workdir}", "--config.sft.train.progress=False",
+          "--config.daa.train.progress=False"]
+  proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=5400)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "report.md" in proc.stdout
+  with open(os.path.join(workdir, "checks.json")) as f:
+    checks = json.load(f)
+  assert {f"{o}/{s}" for o in ("dpo", "ipo", "slic") for s in ("tiny", "tiny2", "tiny4")} <= set(
+      checks)
+  for c in checks.values():
+    assert c["rises_then_falls_test"] == "paired split-half"
+  report = open(os.path.join(workdir, "report.md")).read()
+  assert "Log-form 95% bootstrap intervals" in report and "tiny4" in report
