@@ -373,16 +373,11 @@ def _score(setup: _Setup, params, samples: dict) -> dict[str, np.ndarray]:
 def _heldout(setup: _Setup, params) -> tuple[dict[str, float], dict[str, np.ndarray]]:
   """Held-out loss, reward accuracy, margins, likelihood drift and the length R²."""
   keys = ("loss", "rewards_chosen", "rewards_rejected", "accuracy", "policy_logps", "ref_logps")
-  per = {k: [] for k in keys + ("lengths",)}
   with sharding.activate(setup.mesh):
-    for host, valid in setup.pair_batches:
-      _, m = setup.eval_fn(params, None, _to_mesh(host, setup.mesh), setup.hparams)
-      m = sharding.fetch({**{k: m["per_pair"][k] for k in keys[:4]},
-                  "policy_logps": m["policy_logps"], "ref_logps": m["ref_logps"]})
-      for k in keys:
-        per[k].append(np.asarray(m[k], np.float64)[valid])
-      per["lengths"].append(host["lengths"][valid])
-  cat = {k: np.concatenate(v) for k, v in per.items()}
+    cat = train.heldout_per_pair(setup.eval_fn, params, None, setup.hparams, setup.pair_batches,
+                                 setup.mesh, keys)
+  cat = {k: np.asarray(v, np.float64) for k, v in cat.items()}
+  cat["lengths"] = np.concatenate([host["lengths"][valid] for host, valid in setup.pair_batches])
   # Accuracy and margin as the trainer logs them (the objective's rewards, so length-normalized
   # under normalize='mean'); accuracy is the objective's per pair (ties within float32
   # resolution counting half: objectives.tie_half_accuracy).
