@@ -123,7 +123,8 @@ def policy_pairs(config, size: str, workdir: str) -> str:
   task's Bradley–Terry labeler. Writes `pairs.jsonl` and `eval_pairs.jsonl`.
 
   Pairs where either sample has no EOS within the budget are dropped: the data pipeline
-  appends EOS to every response, which would misrepresent them.
+  appends EOS to every response, which would misrepresent them. A sample that is EOS alone is
+  kept (an empty response is a legitimate sample and row; the data statistics count them).
   """
   # Imports here keep `python -m daa_jax.scaling`-style uses of this module jax-free.
   import jax  # pylint: disable=g-import-not-at-top
@@ -190,7 +191,7 @@ def policy_pairs(config, size: str, workdir: str) -> str:
 
   def write(name, prompts, stream, limit):
     (a, b), (ea, eb) = sample_twice(prompts, stream)
-    keep = [i for i in range(len(prompts)) if ea[i] and eb[i] and a[i] and b[i]]
+    keep = [i for i in range(len(prompts)) if ea[i] and eb[i]]
     labeled = task.label_pairs([prompts[i] for i in keep], [a[i] for i in keep],
                                [b[i] for i in keep], seed=[pp.seed, stream])
     rows = [dict(zip(labeled, values)) for values in zip(*labeled.values())][:limit]
@@ -200,6 +201,8 @@ def policy_pairs(config, size: str, workdir: str) -> str:
                             for k, v in row.items()}) + "\n")
     gaps = np.array([r["gold_chosen"] - r["gold_rejected"] for r in rows])
     return dict(pairs=len(rows), drawn=len(prompts), kept=len(keep),
+                empty_responses=sum(not r[k].strip() for r in rows
+                                    for k in ("chosen", "rejected")),
                 label_agrees_with_gold=float(np.mean(gaps > 0)),
                 gold_ties=float(np.mean(gaps == 0)))
 
