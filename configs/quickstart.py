@@ -2,8 +2,8 @@
 
   python -m daa_jax.main --config configs/quickstart.py --workdir /tmp/quickstart
 
-The built-in synthetic gold-reward task (README, "The synthetic task") -> SFT of a tiny GPT-NeoX on the
-demonstrations (the reference policy) -> preference pairs: two SFT samples per prompt,
+The built-in synthetic gold-reward task (README, "The synthetic task") -> SFT of a tiny
+GPT-NeoX (size tiny2) on the demonstrations (the reference policy) -> preference pairs: two SFT samples per prompt,
 labeled by a Bradley-Terry labeler on the gold reward (~1/4 of labels contradict the gold
 ranking) -> DPO, IPO and SLiC at three β with checkpoints through training -> evaluation
 of every checkpoint (KL from samples, gold-reward win rate against reference summaries) ->
@@ -11,8 +11,8 @@ scaling-law fits, figures and `report.md`, which states the checks with numbers.
 
   python -m daa_jax.main --config configs/quickstart.py:full --workdir /tmp/quickstart_full
 
-adds two larger model sizes. Anything else: `--config.betas='(0.1,1.0)'`,
-`--config.daa.train.num_epochs=6`, `--config.eval.num_prompts=200`, ...
+runs sizes tiny, tiny2 and tiny4. Anything else: `--config.seeds='(0,1,2)'`,
+`--config.betas='(0.1,1.0)'`, `--config.daa.train.num_epochs=6`, `--config.eval.num_prompts=200`.
 """
 
 from ml_collections import config_dict
@@ -25,7 +25,11 @@ def get_config(arg=None):
   c = config_dict.ConfigDict()
   c.job = "quickstart"
   c.mode = "local"  # local: run everything here | commands: write commands.sh
-  c.sizes = ("tiny", "tiny2", "tiny4") if a.full else ("tiny",)
+  # tiny2 (96 wide, 3 layers), not tiny: at tiny the SFT policy barely improves under any
+  # DAA (peak 0.186 vs SFT 0.165 with 500 prompts; on held-out prompts the picked peak is no
+  # better than SFT, paired p = 0.6 for DPO), so "rises then falls" could not pass a paired
+  # test; tiny2 rises from 0.240 to 0.325 and falls to 0.150.
+  c.sizes = ("tiny", "tiny2", "tiny4") if a.full else ("tiny2",)
   c.objectives = ("dpo", "ipo", "slic")
   # Responses are ~4 tokens long, so KL saturates below β ~ 0.1 (README): this grid
   # spreads the runs along the KL axis.
