@@ -2,7 +2,8 @@
 
 Command line (no JAX needed or imported; `python -m daa_jax.scaling` is the same):
   python -m daa_jax.report SWEEP_DIR [--r0 fit|sft|0.17] [--out DIR]
-reads SWEEP_DIR/summary.csv and writes fits.json, figures/*.png|pdf and report.md.
+reads SWEEP_DIR/summary.csv (and prompt_outcomes.json when present) and writes fits.json,
+figures/*.png|pdf and report.md.
 """
 
 from __future__ import annotations

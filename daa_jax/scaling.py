@@ -21,9 +21,18 @@ Peaks: log: dR/dd = α − β ln d − β = 0 ⇒ d* = exp(α/β − 1), R* = R0
 Fits run per (objective, size), once on each run's final checkpoint and once on all
 checkpoints, against √KL and against √forward-KL (KL(π_ref‖πθ)).
 
+Uncertainty: each point is weighted by 1/σ² of its win rate (σ from its 95% interval), and
+every fit gets percentile bootstrap intervals of its coefficients, d* and peak win rate
+(`bootstrap_group`: checkpoints resampled and, with per-prompt outcomes, prompts too — every
+checkpoint is judged on the same prompts, so one prompt resample moves them together). Whether
+the win rate rises then falls is a paired test on split halves of the prompts
+(`paired_peak_test`), not a comparison of overlapping intervals around the maximum of ~20
+noisy points.
+
 Figures and report.md: `daa_jax.report`. Command line (no JAX needed or imported):
   python -m daa_jax.scaling SWEEP_DIR [--r0 fit|sft|0.17] [--out DIR]
-reads SWEEP_DIR/summary.csv and writes fits.json, figures/*.png|pdf and report.md.
+reads SWEEP_DIR/summary.csv (and prompt_outcomes.json when present) and writes fits.json,
+figures/*.png|pdf and report.md.
 """
 
 from __future__ import annotations
