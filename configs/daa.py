@@ -1,9 +1,9 @@
 """DAA training (DPO, IPO, SLiC and relatives) with the paper's recipe.
 
-The paper (PAPER.md): RMSprop lr 5e-7, 150 warmup steps then constant, batch 128 pairs as
-8 micro-batches of 16, grad-norm clip 10, one epoch, checkpoints at 21.5/43/64.5/86/100% of
-the epoch, starting from an SFT run (`--config.init_from=SFT_RUN_DIR`) or HF weights
-(`--config.hf_model=EleutherAI/pythia-1b`).
+The paper (README, "Reproducing the paper"): RMSprop lr 5e-7, 150 warmup steps then
+constant, batch 128 pairs as 8 micro-batches of 16, grad-norm clip 10, one epoch, checkpoints
+at 21.5/43/64.5/86/100% of the epoch, starting from an SFT run
+(`--config.init_from=SFT_RUN_DIR`) or HF weights (`--config.hf_model=EleutherAI/pythia-1b`).
 
   python -m daa_jax.main --config configs/daa.py:size=1b,objective=ipo,beta=0.05 \
       --config.init_from=runs/sft_1b --config.data.source=comparisons/ \

@@ -27,9 +27,16 @@ def get_config(arg=None):
   c.mesh = config_dict.placeholder(tuple)  # None: the run's config.mesh
 
   c.eval = config_dict.ConfigDict()
-  c.eval.num_prompts = 500        # distinct held-out prompts (SYNTHETIC.md: 500)
+  c.eval.num_prompts = 500        # distinct held-out prompts (±0.035 on a win rate)
   c.eval.samples_per_prompt = 1
-  c.eval.max_new_tokens = 0       # 0: 32 on the synthetic task, else max_length - prompt length
+  # New tokens per sample, the same for every sample. 0: 32 on the synthetic task, else
+  # data.max_length - data.max_prompt_length (512 - 256 = 256 for TL;DR, the longest response
+  # training could hold; human TL;DRs are < ~50 tokens). summary.json: truncation_rate.
+  c.eval.max_new_tokens = 0
+  # Human references for TL;DR win rates: TL;DR SFT files (format tldr_sft), joined to the
+  # comparisons on the post id (else the prompt text). None: the data's `reference` column,
+  # else each prompt's first chosen summary (mostly a model sample). summary.json: reference.
+  c.eval.reference_source = config_dict.placeholder(str)
   # Exact samples from the policy (temperature 1, no truncation): what the KL estimators need.
   c.eval.temperature = 1.0        # 0: greedy
   c.eval.top_k = 0                # 0: off

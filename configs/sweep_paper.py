@@ -9,7 +9,7 @@ runs it locally, one run after another (finished runs are skipped, interrupted o
 
 writes `runs/sweep/commands.sh` with one launch line per run, for a cluster. Each run is then
 evaluated (`configs/eval.py`, the LLM judge: set $OPENAI_API_KEY) and `python -m
-daa_jax.scaling runs/sweep` fits and plots. PAPER.md: four of the seven β are known (0.01,
+daa_jax.scaling runs/sweep` fits and plots. README, "Reproducing the paper": four of the seven β are known (0.01,
 0.0175, 0.025, 0.0375); the other three here (0.05, 0.075, 0.1) are a guess, documented as such.
 """
 
@@ -32,6 +32,8 @@ def get_config(arg=None):
   c.policy_pairs = config_dict.ConfigDict(dict(num_pairs=0, num_eval_pairs=0, seed=0,
                                                batch_size=64))
   c.fit_r0 = "sft"
+  # Data-order seeds of every DAA run: several give seed-level intervals in summary.csv.
+  c.seeds = (0,)
 
   tldr = dict(source="", format="tldr", tokenizer="EleutherAI/pythia-1b", max_length=512,
               max_prompt_length=256)

@@ -30,7 +30,7 @@ def get_config(arg=None):
   c.job = "tree_mdp"
   c.seed = a.seed  # the 'random' reference and the 'linear' policy's features
 
-  # The MDP. PAPER.md: depth, reference and optimizer are not published; a depth-3, 3-action
+  # The MDP. README, "Reproducing the paper": depth, reference and optimizer are not published; a depth-3, 3-action
   # tree with a uniform reference and a tabular softmax policy is the reconstruction.
   c.depth = a.depth
   c.branching = a.branching

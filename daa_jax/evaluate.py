@@ -60,21 +60,24 @@ import numpy as np
 from daa_jax import checkpoint as ckpt_lib
 from daa_jax import config_lib
 from daa_jax import data as data_lib
+from daa_jax.data import pipeline as data_pipeline
+from daa_jax.data import readers as data_readers
 from daa_jax import judges
 from daa_jax import llm_judge
 from daa_jax import metrics as metrics_lib
 from daa_jax import model as model_lib
 from daa_jax import packing as packing_lib
 from daa_jax import sampling
+from daa_jax import scaling
 from daa_jax import sharding
 from daa_jax import step as step_lib
 from daa_jax import train
-from daa_jax.errors import CheckpointError, ConfigError, warn_misfit
+from daa_jax.errors import CheckpointError, ConfigError, DataError, warn_misfit
 
 SUMMARY_KEYS = ("step", "kl", "kl_stderr", "sqrt_kl", "forward_kl", "forward_kl_stderr",
                 "win_rate", "win_rate_ci", "reward_acc", "heldout_loss", "length_r2",
                 "chosen_logp_drift", "rejected_logp_drift", "num_samples", "mean_sample_length",
-                "epoch_fraction", "sampling", "judge")
+                "truncation_rate", "epoch_fraction", "sampling", "judge", "reference")
 _SYNTHETIC_MAX_NEW_TOKENS = 32  # 2x the task's longest reference (16 symbols + EOS)
 
 
@@ -138,24 +141,71 @@ def _kl_stats(scores: dict[str, np.ndarray], lengths: np.ndarray, prefix: str,
 
 @dataclasses.dataclass
 class PromptSet:
-  """Held-out prompts, left-padded: `tokens`/`mask` `[N,P]`, with their texts and references."""
+  """Held-out prompts, left-padded: `tokens`/`mask` `[N,P]`, with their texts and references.
+
+  `reference` says what the references are: {'kind': 'synthetic' | 'human' | 'chosen',
+  'source', 'human', 'prompts'} (human: how many prompts have a human-written reference).
+  """
   tokens: np.ndarray
   mask: np.ndarray
   texts: list[str]
   references: list[str]
+  reference: dict = dataclasses.field(default_factory=dict)
 
 
-def prompt_set(data_config, workdir: str, num_prompts: int, pad_id: int) -> PromptSet:
-  """The first `num_prompts` distinct prompts of the eval split and their references (the
-  synthetic task's reference summaries; the chosen/reference column otherwise)."""
+def _human_references(source: str) -> dict[str, str]:
+  """{post id or prompt text: reference} of TL;DR SFT files (format 'tldr_sft': the filtered
+  TL;DR posts with their human summaries, or CarperAI/openai_summarize_tldr)."""
+  try:
+    files = data_pipeline.resolve_files(source)
+  except DataError as err:
+    raise ConfigError(f"config.eval.reference_source={source!r}: {err} Give TL;DR SFT files "
+                      "(format tldr_sft) with the human reference summaries.") from None
+  out = {}
+  for e in data_readers.read_sft(files, "tldr_sft"):
+    out.setdefault(e.prompt.strip(), e.response)
+    if e.id and not e.id.startswith(os.path.basename(e.source) + ":"):
+      out.setdefault(e.id, e.response)
+  return out
+
+
+def prompt_set(data_config, workdir: str, num_prompts: int, pad_id: int,
+               reference_source: str | None = None) -> PromptSet:
+  """The first `num_prompts` distinct prompts of the eval split and their references.
+
+  References, in order of preference: a human reference per prompt from `reference_source`
+  (TL;DR SFT files joined on the post id, else on the prompt text; the paper judges against
+  the human-written TL;DR), the data's own `reference` column, the synthetic task's reference
+  summaries, else the chosen response of the prompt's first comparison (mostly a model sample
+  in TL;DR: named 'chosen' in `reference`).
+  """
   ds = data_lib.load_sft(data_config, "eval", workdir=workdir)
-  texts, refs, seen, index = [], [], set(), []
-  for i, (text, ref) in enumerate(zip(ds.prompt_texts, ds.reference_texts)):
+  human = _human_references(reference_source) if reference_source else {}
+  texts, refs, seen, index, joined = [], [], set(), [], 0
+  for i, (text, ref, id_) in enumerate(zip(ds.prompt_texts, ds.reference_texts, ds.ids)):
     if text not in seen and len(index) < num_prompts:
       seen.add(text)
+      found = human.get(id_) or human.get(text.strip())
+      joined += found is not None
       texts.append(text)
-      refs.append(ref)
+      refs.append(found if found is not None else ref)
       index.append(i)
+  if data_config.source == "synthetic":
+    reference = {"kind": "synthetic", "source": "the task's reference summaries"}
+  elif reference_source:
+    reference = {"kind": "human", "source": f"config.eval.reference_source={reference_source}",
+                 "human": joined}
+    if joined < len(index):
+      logging.warning("eval: %d of %d prompts have no human reference in %s (joined on the post "
+                      "id, then the prompt text); they use their chosen response.",
+                      len(index) - joined, len(index), reference_source)
+  elif ds.stats.get("references"):
+    reference = {"kind": "human", "source": "the data's reference column",
+                 "human": int(ds.stats["references"])}
+  else:
+    reference = {"kind": "chosen", "source": "the chosen response of each prompt's first pair; "
+                 "give human references with config.eval.reference_source"}
+  reference["prompts"] = len(index)
   if len(index) < num_prompts:
     logging.warning("eval: %d distinct held-out prompts, fewer than config.eval.num_prompts=%d.",
                     len(index), num_prompts)
@@ -166,7 +216,27 @@ def prompt_set(data_config, workdir: str, num_prompts: int, pad_id: int) -> Prom
   for row, p in enumerate(prompts):  # left padding: every row's last prompt token is last
     tokens[row, width - len(p):] = p
     mask[row, width - len(p):] = 1
-  return PromptSet(tokens, mask, texts, refs)
+  return PromptSet(tokens, mask, texts, refs, reference)
+
+
+def generation_budget(config) -> int:
+  """New tokens each evaluation sample may have: the same for every sample, whatever the other
+  prompts of the set (left padding puts them all at one width).
+
+  `config.eval.max_new_tokens` when > 0; else 32 on the synthetic task (twice its longest
+  reference); else `data.max_length − data.max_prompt_length` (the paper's 512 − 256 = 256):
+  the longest response the training data could hold. Human TL;DR references are under ~50
+  tokens, so only samples that ramble past what training ever showed are cut, and the
+  `truncation_rate` of each checkpoint reports how many were (a cut sample under-estimates
+  its KL and shows the judge a clipped response).
+  """
+  e, d = config.eval, config.data
+  if int(e.max_new_tokens) > 0:
+    return int(e.max_new_tokens)
+  if d.source == "synthetic":
+    return _SYNTHETIC_MAX_NEW_TOKENS
+  prompt = d.get("max_prompt_length")
+  return max(int(d.max_length) - int(prompt if prompt else int(d.max_length) // 2), 1)
 
 
 def load_run_config(run_dir: str, eval_config) -> ml_collections.ConfigDict:
@@ -299,7 +369,7 @@ def _draw(setup: _Setup, params, stream: int) -> dict[str, np.ndarray]:
   for b, rows in enumerate(_row_batches(len(setup.rows), setup.batch_size)):
     p = setup.rows[rows]
     batch = _to_mesh({"t": setup.prompts.tokens[p], "m": setup.prompts.mask[p]}, setup.mesh)
-    out.append(_fetch(setup.sampler(params, batch["t"], batch["m"], jax.random.fold_in(key, b))))
+    out.append(sharding.fetch(setup.sampler(params, batch["t"], batch["m"], jax.random.fold_in(key, b))))
   return {k: np.concatenate([o[k] for o in out])[:len(setup.rows)] for k in out[0]}
 
 
@@ -311,32 +381,28 @@ def _score(setup: _Setup, params, samples: dict) -> dict[str, np.ndarray]:
       p = setup.rows[rows]
       batch = _to_mesh({"t": setup.prompts.tokens[p], "m": setup.prompts.mask[p],
                         "y": samples["tokens"][rows], "n": samples["lengths"][rows]}, setup.mesh)
-      out.append(_fetch(setup.scorer(params, setup.ref_params, batch["t"], batch["m"],
+      out.append(sharding.fetch(setup.scorer(params, setup.ref_params, batch["t"], batch["m"],
                                      batch["y"], batch["n"])))
   return {k: np.concatenate([o[k] for o in out])[:len(setup.rows)] for k in out[0]}
 
 
 def _heldout(setup: _Setup, params) -> tuple[dict[str, float], dict[str, np.ndarray]]:
   """Held-out loss, reward accuracy, margins, likelihood drift and the length R²."""
-  keys = ("loss", "rewards_chosen", "rewards_rejected", "policy_logps", "ref_logps")
-  per = {k: [] for k in keys + ("lengths",)}
+  keys = ("loss", "rewards_chosen", "rewards_rejected", "accuracy", "policy_logps", "ref_logps")
   with sharding.activate(setup.mesh):
-    for host, valid in setup.pair_batches:
-      _, m = setup.eval_fn(params, None, _to_mesh(host, setup.mesh), setup.hparams)
-      m = _fetch({**{k: m["per_pair"][k] for k in keys[:3]},
-                  "policy_logps": m["policy_logps"], "ref_logps": m["ref_logps"]})
-      for k in keys:
-        per[k].append(np.asarray(m[k], np.float64)[valid])
-      per["lengths"].append(host["lengths"][valid])
-  cat = {k: np.concatenate(v) for k, v in per.items()}
+    cat = train.heldout_per_pair(setup.eval_fn, params, None, setup.hparams, setup.pair_batches,
+                                 setup.mesh, keys)
+  cat = {k: np.asarray(v, np.float64) for k, v in cat.items()}
+  cat["lengths"] = np.concatenate([host["lengths"][valid] for host, valid in setup.pair_batches])
   # Accuracy and margin as the trainer logs them (the objective's rewards, so length-normalized
-  # under normalize='mean'), ties counting half.
+  # under normalize='mean'); accuracy is the objective's per pair (ties within float32
+  # resolution counting half: objectives.tie_half_accuracy).
   margin = cat["rewards_chosen"] - cat["rewards_rejected"]
   # The length R² uses the paper's implicit reward β·log πθ/π_ref of the raw summed log-probs.
   rewards = float(setup.config.objective.beta) * (cat["policy_logps"] - cat["ref_logps"])
   drift = (cat["policy_logps"] - cat["ref_logps"]).mean(0)  # [2] chosen, rejected
   out = {"heldout_loss": float(cat["loss"].mean()),
-         "reward_acc": float(np.mean((margin > 0) + 0.5 * (margin == 0))),
+         "reward_acc": float(cat["accuracy"].mean()),
          "heldout_margin": float(margin.mean()), "heldout_margin_std": float(margin.std()),
          "chosen_logp_drift": float(drift[0]), "rejected_logp_drift": float(drift[1]),
          "length_r2": length_r2(rewards.reshape(-1), cat["lengths"].reshape(-1)),
@@ -353,11 +419,10 @@ def _prepare(config, run_dir: str, out_dir: str) -> _Setup:
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
   tokenizer = data_lib.get_tokenizer(config.data.tokenizer)
   judge_name, judge = make_judge(config, tokenizer, mesh, out_dir)
-  prompts = prompt_set(config.data, run_dir, int(e.num_prompts), tokenizer.pad_id)
+  prompts = prompt_set(config.data, run_dir, int(e.num_prompts), tokenizer.pad_id,
+                       e.get("reference_source") or None)
   pairs = data_lib.load_pairs(config.data, "eval", workdir=run_dir)
-  max_new = int(e.max_new_tokens) or (
-      _SYNTHETIC_MAX_NEW_TOKENS if config.data.source == "synthetic"
-      else max(int(config.data.max_length) - prompts.tokens.shape[1], 1))
+  max_new = generation_budget(config)
   scfg = sampling.SamplingConfig(
       max_new_tokens=max_new, temperature=float(e.temperature), top_k=int(e.top_k),
       top_p=float(e.top_p), eos_id=int(tokenizer.eos_id), pad_id=int(tokenizer.pad_id))
@@ -397,7 +462,7 @@ def _prepare(config, run_dir: str, out_dir: str) -> _Setup:
       host = pack({k: v for k, v in pairs.batch(rows_).items() if k in keys})
       host["ref_logps"] = np.zeros(host["lengths"].shape, np.float32)
       _, m = eval_fn(ref, None, _to_mesh(host, mesh), hparams)
-      host["ref_logps"] = np.asarray(_fetch(m["policy_logps"]), np.float32)
+      host["ref_logps"] = np.asarray(sharding.fetch(m["policy_logps"]), np.float32)
       valid = np.arange(len(rows_)) < num_pairs - start  # padding copies come last
       pair_batches.append((host, valid))
   return _Setup(
@@ -453,7 +518,9 @@ def evaluate_params(setup: _Setup, params, step: int, spe: float | None = None,
   summary.update(num_samples=int(len(lengths)), mean_sample_length=float(lengths.mean()),
                  sample_length_std=float(lengths.std()), min_sample_length=int(lengths.min()),
                  max_sample_length=int(lengths.max()),
-                 eos_rate=float(samples["finished"].mean()))
+                 eos_rate=float(samples["finished"].mean()),
+                 # Samples cut at max_new_tokens without EOS: their KL is a lower bound.
+                 truncation_rate=float(1.0 - samples["finished"].mean()))
   texts = [setup.tokenizer.decode(t[:n - int(f)]) for t, n, f in
            zip(samples["tokens"], lengths, samples["finished"])]
   prompts = [setup.prompts.texts[i] for i in setup.rows]
@@ -479,7 +546,7 @@ def evaluate_params(setup: _Setup, params, step: int, spe: float | None = None,
   summary.update(
       epoch_fraction=None if spe is None else step / spe, objective=config.objective.name,
       beta=float(config.objective.beta), size=config.get("hf_model") or config.model.size,
-      judge=setup.judge_name,
+      judge=setup.judge_name, reference=setup.prompts.reference,
       sampling={**setup.sampling_cfg.to_dict(), "samples_per_prompt": int(e.samples_per_prompt),
                 "num_prompts": len(setup.prompts.texts), "seed": int(e.seed),
                 "batch_size": setup.batch_size},
@@ -502,28 +569,15 @@ def evaluate_params(setup: _Setup, params, step: int, spe: float | None = None,
 # --- Files ------------------------------------------------------------------------------------
 
 
-def _jsonable(x):
-  """NaN/inf -> None (strict JSON), numpy scalars -> Python."""
-  if isinstance(x, dict):
-    return {k: _jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, np.generic):
-    x = x.item()
-  if isinstance(x, float) and not math.isfinite(x):
-    return None
-  return x
-
-
 def write_step(out_dir: str, step: int, summary: dict, arrays: dict, rows: list[dict]) -> None:
   """Writes `eval/<step>/{arrays, samples.jsonl, summary.json}`; summary.json last."""
   d = epath.Path(out_dir) / "eval" / str(step)
   ckpt_lib.save_arrays(d / "arrays", arrays)
   if jax.process_index() == 0:
-    text = "".join(json.dumps(_jsonable(r), ensure_ascii=False) + "\n" for r in rows)
+    text = "".join(json.dumps(scaling.jsonable(r), ensure_ascii=False) + "\n" for r in rows)
     (d / "samples.jsonl").write_text(text)
     tmp = d / "summary.json.tmp"
-    tmp.write_text(json.dumps(_jsonable(summary), indent=2, sort_keys=True))
+    tmp.write_text(json.dumps(scaling.jsonable(summary), indent=2, sort_keys=True))
     tmp.replace(d / "summary.json")
 
 

@@ -150,7 +150,7 @@ def _to_numpy(value) -> np.ndarray:
 
 
 def _check_against_abstract(config: ModelConfig, params, dtype) -> None:
-  """Structure, shapes and dtypes must equal the model's abstract init (STYLE.md rule 12)."""
+  """Structure, shapes and dtypes must equal the model's abstract init (a silent mismatch would train the wrong model)."""
   abstract = model_lib.abstract_params(config)
   ours = jax.tree_util.tree_map(lambda x: (tuple(x.shape), np.dtype(x.dtype)), params)
   want = jax.tree_util.tree_map(lambda x: (tuple(x.shape), np.dtype(dtype)), abstract)

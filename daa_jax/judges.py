@@ -135,6 +135,13 @@ def check_lengths(prompts, samples, references):
         "references; pass one sample and one reference per prompt.")
 
 
+def outcomes_from_rewards(sample_rewards, reference_rewards, tie_tol: float = 0.0) -> np.ndarray:
+  """The outcome rule of reward judges: 1 if the sample's reward is higher, 0 if lower, 0.5
+  when |r(sample) − r(reference)| ≤ tie_tol. [N] float64."""
+  diff = np.asarray(sample_rewards, np.float64) - np.asarray(reference_rewards, np.float64)
+  return np.where(np.abs(diff) <= tie_tol, 0.5, np.where(diff > 0, 1.0, 0.0))
+
+
 # --- Gold reward ----------------------------------------------------------------------------
 
 
@@ -158,9 +165,8 @@ class GoldJudge:
     check_lengths(prompts, samples, references)
     r_sample = np.array([float(self.reward_fn(p, s)) for p, s in zip(prompts, samples)])
     r_ref = np.array([float(self.reward_fn(p, r)) for p, r in zip(prompts, references)])
-    diff = r_sample - r_ref
-    outcomes = np.where(np.abs(diff) <= self.tie_tol, 0.5, np.where(diff > 0, 1.0, 0.0))
-    return outcomes, {"sample_rewards": r_sample, "reference_rewards": r_ref}
+    return (outcomes_from_rewards(r_sample, r_ref, self.tie_tol),
+            {"sample_rewards": r_sample, "reference_rewards": r_ref})
 
 
 # --- Reward-model judge ---------------------------------------------------------------------
@@ -337,6 +343,5 @@ class RewardModelJudge:
     check_lengths(prompts, samples, references)
     r_sample = self.rewards(prompts, samples)
     r_ref = self.rewards(prompts, references)
-    diff = r_sample - r_ref
-    outcomes = np.where(np.abs(diff) <= self.tie_tol, 0.5, np.where(diff > 0, 1.0, 0.0))
-    return outcomes, {"sample_rewards": r_sample, "reference_rewards": r_ref}
+    return (outcomes_from_rewards(r_sample, r_ref, self.tie_tol),
+            {"sample_rewards": r_sample, "reference_rewards": r_ref})

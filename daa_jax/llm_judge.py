@@ -64,6 +64,11 @@ DIALOGUE_PROMPT = (
     "More helpful: <\"A\" or \"B\">")
 
 PROMPTS = {"tldr": TLDR_PROMPT, "dialogue": DIALOGUE_PROMPT}
+# A malformed answer is re-asked as a follow-up turn (question, answer, this), not by resending
+# the identical temperature-0 request, which would most likely return the same answer again.
+FOLLOW_UP = ("Your answer does not end with the required line. Reply with that line only: "
+             "\"{label}: A\" or \"{label}: B\".")
+_LABELS = {"tldr": "Preferred", "dialogue": "More helpful"}
 
 _VERDICT_RE = re.compile(
     r"^\W*(?:preferred|more\s+helpful)\W*:\W*([AB])\b", re.IGNORECASE | re.MULTILINE)
@@ -179,7 +184,10 @@ class LLMJudge:
   re-asks; the outcome is the mean over the orders, so a judge that always says "A" scores 0.5.
 
   Every final answer (malformed ones included) is appended to `cache_path` as soon as it
-  arrives, keyed by sha256 of (model, full prompt text); a rerun sends only the missing ones.
+  arrives, keyed by sha256 of everything that changes the answer: endpoint (base_url), model,
+  temperature, max_tokens, the follow-up used on malformed answers and the full question text
+  (template included); a rerun sends only the missing ones. A malformed answer is re-asked as
+  a follow-up turn that shows the model its answer and asks for the verdict line alone.
   """
 
   def __init__(self, config: LLMJudgeConfig | None = None, **overrides):
@@ -275,7 +283,12 @@ class LLMJudge:
   # -- cache ----------------------------------------------------------------------------------
 
   def _cache_key(self, text: str) -> str:
-    payload = json.dumps({"model": self.config.model, "prompt": text}, sort_keys=True)
+    cfg = self.config
+    payload = json.dumps({"endpoint": self._endpoint, "model": cfg.model, "prompt": text,
+                          "temperature": float(cfg.temperature),
+                          "max_tokens": int(cfg.max_tokens),
+                          "follow_up": FOLLOW_UP if cfg.max_malformed_retries else None},
+                         sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
   def _load_cache(self) -> dict[str, dict]:
@@ -351,22 +364,28 @@ class LLMJudge:
   def _ask(self, key, text, stats, stop) -> dict | None:
     """Final answer for one question: transient errors and malformed answers retried."""
     cfg = self.config
-    answer = ""
+    question = [{"role": "user", "content": text}]
+    messages, answers = question, []
     for malformed_try in range(cfg.max_malformed_retries + 1):
       if malformed_try:
         with self._lock:
           stats["malformed_retries"] += 1
-      answer = self._request_with_retries(text, stats, stop)
+        follow_up = FOLLOW_UP.format(label=_LABELS[cfg.task])
+        messages = question + [{"role": "assistant", "content": answers[0]},
+                               {"role": "user", "content": follow_up}]
+      answer = self._request_with_retries(messages, stats, stop)
       if answer is None:
         return None
+      answers.append(answer)
       verdict = parse_verdict(answer)
       if verdict is not None:
         break
       logging.warning("LLM judge answer has no A/B verdict (try %d): %r",
                       malformed_try + 1, self._redact(answer)[:200])
-    return {"key": key, "model": cfg.model, "verdict": verdict, "answer": self._redact(answer)}
+    return {"key": key, "model": cfg.model, "verdict": verdict,
+            "answer": self._redact("\n---\n".join(answers))}
 
-  def _request_with_retries(self, text, stats, stop) -> str | None:
+  def _request_with_retries(self, messages, stats, stop) -> str | None:
     cfg = self.config
     for attempt in range(cfg.max_retries + 1):
       with self._lock:
@@ -380,7 +399,7 @@ class LLMJudge:
       if wait > 0:
         time.sleep(wait)
       try:
-        return self._post(text)
+        return self._post(messages)
       except _Transient as e:
         if attempt == cfg.max_retries:
           raise JudgeRequestError(self._redact(
@@ -398,12 +417,12 @@ class LLMJudge:
           return None  # another question failed for good; the run stops, this one resumes later
     return None
 
-  def _post(self, text: str) -> str:
+  def _post(self, messages: list[dict]) -> str:
     """One HTTP attempt; returns the message content or raises _Transient/JudgeRequestError."""
     cfg = self.config
     body = json.dumps({
         "model": cfg.model,
-        "messages": [{"role": "user", "content": text}],
+        "messages": messages,
         "temperature": cfg.temperature,
         "max_tokens": cfg.max_tokens,
     }).encode("utf-8")

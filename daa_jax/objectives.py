@@ -8,7 +8,7 @@ Preference Optimization", GPO): loss = E[g(β·h)] with g convex and
 where y_w is the chosen and y_l the rejected response. The implicit reward of a response is
 r̂(x, y) = β·log πθ(y|x)/π_ref(y|x) (Rafailov et al. 2023), so β·h is the reward margin.
 
-Objectives take log-probs, not models (DESIGN.md): a live reference forward and cached
+Objectives take log-probs, not models: a live reference forward and cached
 reference log-probs go through the same code. Each registered objective is a pure function
 
   fn(policy_logps [B,2], ref_logps [B,2], lengths [B,2], params: LossParams, normalize='sum')
@@ -22,7 +22,7 @@ the objective name and `normalize` are static Python strings.
 every sequence log-prob (policy and reference) by its response length before forming h, the
 length-normalized variant (as in SimPO / the "mean" option of several DPO codebases).
 
-This module imports only jax and numpy (DESIGN.md: it is pure math, leftmost of the trainer).
+This module imports only jax and numpy (pure math, the leftmost layer of the trainer).
 """
 
 from __future__ import annotations
@@ -158,6 +158,7 @@ class _PairTerms(NamedTuple):
   length_chosen: Array
   length_rejected: Array
   nll_chosen: Array  # −log πθ(y_w), normalized like the log-ratios
+  magnitude: Array  # Σ |log-probs| behind h (normalized like it): its float32 resolution
 
 
 def _pair_terms(policy_logps: Array, ref_logps: Array, lengths: Array,
@@ -183,7 +184,26 @@ def _pair_terms(policy_logps: Array, ref_logps: Array, lengths: Array,
       logratio_chosen=logratios[:, 0], logratio_rejected=logratios[:, 1],
       h=logratios[:, 0] - logratios[:, 1],
       length_chosen=lengths[:, 0], length_rejected=lengths[:, 1],
-      nll_chosen=-policy_n[:, 0])
+      nll_chosen=-policy_n[:, 0],
+      magnitude=jnp.abs(policy_n).sum(-1) + jnp.abs(ref_n).sum(-1))
+
+
+# A margin within this many float32 epsilons of the summed |log-probs| behind it is a tie.
+TIE_EPS = 2.0
+
+
+def tie_half_accuracy(h: Array, magnitude: Array) -> Array:
+  """Per-pair preference accuracy [B]: 1 if h > 0, 0 if h < 0, 1/2 for a tie.
+
+  A tie is |h| ≤ TIE_EPS · ε_float32 · magnitude, with magnitude = |log πθ(y_w)| + |log πθ(y_l)|
+  + |log π_ref(y_w)| + |log π_ref(y_l)| (normalized like h): a difference below the float32
+  resolution of those sums says nothing. When πθ = π_ref their log-probs may still come from
+  two compiled programs (the trainer's gradient step and the reference pass) and differ by
+  roundoff (~1e-5 nats on 500-token rows); without the tolerance such a step-0 batch reads
+  anywhere in 0.3–0.8 instead of 0.5. Works on numpy and jax arrays alike.
+  """
+  tol = TIE_EPS * 1.1920929e-07 * magnitude
+  return (h > tol) + 0.5 * (abs(h) <= tol)
 
 
 def _finish(per_pair_loss: Array, t: _PairTerms, params: LossParams) -> tuple[Array, Metrics]:
@@ -193,9 +213,9 @@ def _finish(per_pair_loss: Array, t: _PairTerms, params: LossParams) -> tuple[Ar
   rewards_rejected = beta * t.logratio_rejected  # [B]
   margins = rewards_chosen - rewards_rejected  # [B] = β·h
   loss = per_pair_loss.mean()
-  # Ties count half: at initialization πθ == π_ref, every margin is exactly 0 and accuracy
-  # reads 0.5 (chance), not 0 — so a curve starting at 0.5 means "no preference yet".
-  acc = jnp.where(margins > 0, 1.0, jnp.where(margins == 0, 0.5, 0.0))
+  # Ties count half: at initialization πθ == π_ref, every margin is 0 up to roundoff and
+  # accuracy reads 0.5 (chance), not 0 — so a curve starting at 0.5 means "no preference yet".
+  acc = tie_half_accuracy(t.h, t.magnitude).astype(t.h.dtype)
   metrics = {
       "loss": loss,
       "rewards_chosen": rewards_chosen.mean(),
@@ -210,6 +230,7 @@ def _finish(per_pair_loss: Array, t: _PairTerms, params: LossParams) -> tuple[Ar
       "per_pair": {
           "loss": per_pair_loss,
           "h": t.h,
+          "accuracy": acc,
           "rewards_chosen": rewards_chosen,
           "rewards_rejected": rewards_rejected,
           "logratio_chosen": t.logratio_chosen,
@@ -297,7 +318,7 @@ def rdpo_loss(policy_logps: Array, ref_logps: Array, lengths: Array, params: Los
               normalize: str = "sum") -> tuple[Array, Metrics]:
   """Length-regularized DPO (R-DPO, Park et al. 2024, eq. 9): −log σ(β·h + α(|y_w| − |y_l|)).
 
-  Sign convention (PAPER.md, Park et al.'s eq. 9): R-DPO optimizes the length-penalized reward
+  Sign convention (Park et al. 2024, eq. 9): R-DPO optimizes the length-penalized reward
   r − α|y|. Its Bradley–Terry logit for y_w over y_l is written with the policy's implicit
   reward β·h plus α(|y_w| − |y_l|): when the chosen response is longer, the length term
   already supplies part of the logit, so the policy needs less margin β·h — it gains less
@@ -397,10 +418,10 @@ def compute_loss(name: str, policy_logps: Array, ref_logps: Array, lengths: Arra
     loss: [] float32 mean over the B pairs.
     metrics: float32 scalars `loss`, `rewards_chosen`, `rewards_rejected` (batch means of
       β·logratio), `margin` (mean of β·h), `margin_std`, `reward_acc` (fraction of margins
-      > 0, ties counting 1/2), `logps_chosen`, `logps_rejected`, `ref_logps_chosen`,
+      > 0, ties — |h| within float32 resolution, `tie_half_accuracy` — counting 1/2), `logps_chosen`, `logps_rejected`, `ref_logps_chosen`,
       `ref_logps_rejected` (raw summed log-probs, not normalized), and `per_pair`, a dict of
-      [B] arrays: `loss`, `h`, `rewards_chosen`, `rewards_rejected`, `logratio_chosen`,
-      `logratio_rejected`, `length_chosen`, `length_rejected`.
+      [B] arrays: `loss`, `h`, `accuracy`, `rewards_chosen`, `rewards_rejected`,
+      `logratio_chosen`, `logratio_rejected`, `length_chosen`, `length_rejected`.
   """
   fn = get_objective(name)
   params = LossParams.create(beta, alpha, epsilon, sft_weight)
@@ -409,5 +430,5 @@ def compute_loss(name: str, policy_logps: Array, ref_logps: Array, lengths: Arra
 
 
 __all__ = ["LossParams", "NORMALIZATIONS", "OBJECTIVES", "compute_loss", "get_objective",
-           "sequence_logps", "dpo_loss", "ipo_loss", "ipo_azar_loss", "slic_loss", "rdpo_loss",
-           "cdpo_loss", "robust_loss"]
+           "tie_half_accuracy", "sequence_logps", "dpo_loss", "ipo_loss", "ipo_azar_loss",
+           "slic_loss", "rdpo_loss", "cdpo_loss", "robust_loss"]

@@ -2,7 +2,8 @@
 
 Command line (no JAX needed or imported; `python -m daa_jax.scaling` is the same):
   python -m daa_jax.report SWEEP_DIR [--r0 fit|sft|0.17] [--out DIR]
-reads SWEEP_DIR/summary.csv and writes fits.json, figures/*.png|pdf and report.md.
+reads SWEEP_DIR/summary.csv (and prompt_outcomes.json when present) and writes fits.json,
+figures/*.png|pdf and report.md.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from daa_jax.errors import DaaError
-from daa_jax.scaling import (by_group, final_rows, fit_all, is_reference, load_summary,
-                             predict, run_id, size_key, write_fits)
+from daa_jax.scaling import (FORMS, by_group, final_rows, fit_all, is_reference,
+                             load_prompt_outcomes, load_summary, predict, run_id, size_key,
+                             write_fits)
 
 # --- Figures --------------------------------------------------------------------------------
 
@@ -455,6 +457,55 @@ _ON_POLICY = (" Here both responses of every pair are samples of the reference (
               "points above it less.")
 
 
+def _ci(ci, digits: int = 3) -> str:
+  return "—" if not ci else f"[{_fmt(ci[0], digits)}, {_fmt(ci[1], digits)}]"
+
+
+def _interval_table(groups) -> list[str]:
+  """The log-form fits' 95% bootstrap intervals, and how often it beats the best-of-n form."""
+  rows = [g for g in groups if not g["skipped"] and g["log"].get("alpha_ci") is not None]
+  if not rows:
+    return []
+  lines = ["", "Log-form 95% bootstrap intervals (resampling "
+           f"{rows[0].get('bootstrap', {}).get('method', 'checkpoints')}; fits weighted by "
+           "1/σ² of each win rate where every point has an interval):", "",
+           "| objective | size | set | weighted | a | b | d* | peak win rate | log RMSE < "
+           "best-of-n | log RMSE < quadratic |", "|---|---|---|---|---|---|---|---|---|---|"]
+  for g in rows:
+    log, boot = g["log"], g.get("bootstrap", {})
+    share = lambda v: "—" if v is None else f"{v:.0%}"  # noqa: E731
+    lines.append(
+        f"| {g['objective']} | {g['size']} | {g['set']} | {'yes' if g.get('weighted') else 'no'} "
+        f"| {_ci(log['alpha_ci'])} | {_ci(log['beta_ci'])} | {_ci(log['d_star_ci'], 2)} | "
+        f"{_ci(log['peak_win_rate_ci'])} | {share(boot.get('log_beats_bon'))} | "
+        f"{share(boot.get('log_beats_quadratic'))} |")
+  return lines
+
+
+TRUNCATION_FLAG = 0.05  # a checkpoint with more samples cut at the budget is flagged
+
+
+def _measurement_lines(rows) -> list[str]:
+  """What the win rates are judged against, and checkpoints whose samples hit the budget."""
+  lines = []
+  kinds = sorted({r.get("reference") for r in rows if r.get("reference")})
+  if kinds:
+    names = {"human": "human-written references", "chosen": "the chosen response of each "
+             "prompt's first pair (not human references: set config.eval.reference_source)",
+             "synthetic": "the synthetic task's reference summaries"}
+    lines.append("Win rates are judged against " + "; ".join(names.get(k, k) for k in kinds)
+                 + ".")
+  cut = [r for r in rows if r.get("truncation_rate", math.nan) > TRUNCATION_FLAG]
+  if cut:
+    worst = max(cut, key=lambda r: r["truncation_rate"])
+    lines.append(f"**Truncated samples**: {len(cut)} checkpoints have more than "
+                 f"{TRUNCATION_FLAG:.0%} of their samples cut at the generation budget (worst "
+                 f"{worst['truncation_rate']:.0%}: {worst['objective']} {worst['size']} "
+                 f"{_checkpoint(worst)}); their KL is a lower bound and the judge saw clipped "
+                 "responses. Raise config.eval.max_new_tokens.")
+  return ["", *lines] if lines else []
+
+
 def write_report(rows, fits, figures: Mapping[str, Sequence[str]], out_path: str,
                  extra_lines: Sequence[str] | None = None, win_rate_against: str = "",
                  pairs_on_policy: bool = False) -> str:
@@ -486,8 +537,9 @@ def write_report(rows, fits, figures: Mapping[str, Sequence[str]], out_path: str
       f"size, on each run's final checkpoint and on all checkpoints, next to {_LAWS['bon']} "
       f"and {_LAWS['quadratic']}. R0 (the win rate at d = 0): "
       f"{_R0_TEXT.get(fits.get('r0_mode') or 'fit', fits.get('r0_mode'))}. The fits' "
-      "coefficients are a and b; β always means the objective's β.", "", _COLUMNS,
+      "coefficients are a and b; β always means the objective's β.", "", _COLUMNS, *_measurement_lines(rows),
       "", "## Fits on √KL(πθ‖π_ref)", ""] + _fit_table(fits["groups"])
+  lines += _interval_table(fits["groups"])
   if fits.get("forward_kl_groups"):
     lines += ["", "## Fits on √KL(π_ref‖πθ) (forward KL)", ""] + _fit_table(
         fits["forward_kl_groups"])
@@ -539,7 +591,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   out_dir = args.out or args.sweep_dir
   try:
     rows = load_summary(os.path.join(args.sweep_dir, "summary.csv"))
-    fits = fit_all(rows, r0=None if r0 == "fit" else r0)
+    outcomes = load_prompt_outcomes(os.path.join(args.sweep_dir, "prompt_outcomes.json"))
+    fits = fit_all(rows, r0=None if r0 == "fit" else r0, outcomes=outcomes)
     fits_path = write_fits(fits, os.path.join(out_dir, "fits.json"))
     figures = make_figures(rows, fits, os.path.join(out_dir, "figures"))
     report = write_report(rows, fits, figures, os.path.join(out_dir, "report.md"))

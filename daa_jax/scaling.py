@@ -21,9 +21,18 @@ Peaks: log: dR/dd = α − β ln d − β = 0 ⇒ d* = exp(α/β − 1), R* = R0
 Fits run per (objective, size), once on each run's final checkpoint and once on all
 checkpoints, against √KL and against √forward-KL (KL(π_ref‖πθ)).
 
+Uncertainty: each point is weighted by 1/σ² of its win rate (σ from its 95% interval), and
+every fit gets percentile bootstrap intervals of its coefficients, d* and peak win rate
+(`bootstrap_group`: checkpoints resampled and, with per-prompt outcomes, prompts too — every
+checkpoint is judged on the same prompts, so one prompt resample moves them together). Whether
+the win rate rises then falls is a paired test on split halves of the prompts
+(`paired_peak_test`), not a comparison of overlapping intervals around the maximum of ~20
+noisy points.
+
 Figures and report.md: `daa_jax.report`. Command line (no JAX needed or imported):
   python -m daa_jax.scaling SWEEP_DIR [--r0 fit|sft|0.17] [--out DIR]
-reads SWEEP_DIR/summary.csv and writes fits.json, figures/*.png|pdf and report.md.
+reads SWEEP_DIR/summary.csv (and prompt_outcomes.json when present) and writes fits.json,
+figures/*.png|pdf and report.md.
 """
 
 from __future__ import annotations
@@ -43,7 +52,8 @@ from daa_jax.errors import DataError
 
 NUMERIC_COLUMNS = ("beta", "step", "epoch_fraction", "kl", "sqrt_kl", "forward_kl", "win_rate",
                    "win_rate_lo", "win_rate_hi", "reward_acc", "heldout_loss", "length_r2",
-                   "chosen_logp_drift")
+                   "chosen_logp_drift", "truncation_rate", "num_seeds", "seed_win_rate_lo",
+                   "seed_win_rate_hi", "seed_kl_lo", "seed_kl_hi")
 _MISSING = ("", "nan", "na", "n/a", "none", "null")
 # Rows of the reference policy itself: a source of R0, never a fitted group.
 REFERENCE_OBJECTIVES = ("sft", "reference", "ref")
@@ -141,14 +151,15 @@ def peak(form: str, coef: Mapping[str, float]) -> tuple[float | None, float | No
   return math.sqrt(kl_star), r0 - c1 * c1 / (4 * c2), None
 
 
-def fit_form(form: str, d, win_rate, r0: float | None = None) -> dict[str, Any]:
-  """Least-squares fit of one form.
+def fit_form(form: str, d, win_rate, r0: float | None = None, weights=None) -> dict[str, Any]:
+  """(Weighted) least-squares fit of one form.
 
   Args:
     form: 'log', 'bon' or 'quadratic'.
     d: [N] √KL.
     win_rate: [N] win rates.
     r0: the offset R(0); None fits it.
+    weights: [N] or None: each squared residual's weight (1/σ² of the point's win rate).
 
   Returns:
     dict with coef ({'r0', 'alpha', 'beta'} or {'r0', 'c1', 'c2'}), rmse (root mean squared
@@ -163,6 +174,9 @@ def fit_form(form: str, d, win_rate, r0: float | None = None) -> dict[str, Any]:
     target = y
   else:
     target = y - r0
+  if weights is not None:
+    root = np.sqrt(np.asarray(weights, dtype=np.float64))
+    x, target = x * root[:, None], target * root
   sol, _, rank, _ = np.linalg.lstsq(x, target, rcond=None)
   if r0 is None:
     r0_fit, c = float(sol[0]), sol[1:]
@@ -177,7 +191,7 @@ def fit_form(form: str, d, win_rate, r0: float | None = None) -> dict[str, Any]:
               n=int(len(d)), rank=int(rank))
 
 
-def fit_group(d, win_rate, r0: float | None = None) -> dict[str, Any]:
+def fit_group(d, win_rate, r0: float | None = None, weights=None) -> dict[str, Any]:
   """All three forms on one group's points, or `{'skipped': reason}` when they cannot be fitted.
 
   A group needs one more point than free coefficients (so an RMSE means something) and enough
@@ -186,13 +200,13 @@ def fit_group(d, win_rate, r0: float | None = None) -> dict[str, Any]:
   d = np.asarray(d, dtype=np.float64)
   y = np.asarray(win_rate, dtype=np.float64)
   n_free = 3 if r0 is None else 2
-  out: dict[str, Any] = {"n": int(len(d)), "skipped": None}
+  out: dict[str, Any] = {"n": int(len(d)), "skipped": None, "weighted": weights is not None}
   if len(d) < n_free + 1:
     out["skipped"] = f"{len(d)} points; need at least {n_free + 1} for {n_free} coefficients"
     return out
   out["d_range"] = [float(d.min()), float(d.max())]
   for form in FORMS:
-    result = fit_form(form, d, y, r0)
+    result = fit_form(form, d, y, r0, weights)
     if result["rank"] < n_free:
       out = {"n": int(len(d)), "skipped": f"degenerate: {len(np.unique(d))} distinct d values"}
       return out
@@ -257,7 +271,129 @@ def _resolve_r0(r0, rows, size) -> tuple[float | None, str]:
   return float(r0), "given"
 
 
-def fit_all(rows: Sequence[Mapping[str, Any]], r0=None) -> dict[str, Any]:
+def point_sigmas(rows) -> np.ndarray | None:
+  """σ of each row's win rate, (win_rate_hi − win_rate_lo)/(2·1.96); None when a row lacks
+  its interval. A zero-width interval (every outcome equal) takes the narrowest positive
+  width of the group, so that no point gets an infinite weight."""
+  lo = np.array([r.get("win_rate_lo", math.nan) for r in rows], dtype=np.float64)
+  hi = np.array([r.get("win_rate_hi", math.nan) for r in rows], dtype=np.float64)
+  width = hi - lo
+  if not len(rows) or not np.all(np.isfinite(width)) or not np.any(width > 0):
+    return None
+  width = np.where(width > 0, width, width[width > 0].min())
+  return width / (2 * 1.959964)
+
+
+def point_weights(rows) -> np.ndarray | None:
+  """1/σ² of each row's win rate (`point_sigmas`), normalized to mean 1; None without σ."""
+  sigma = point_sigmas(rows)
+  if sigma is None:
+    return None
+  w = 1.0 / sigma**2
+  return w / w.mean()
+
+
+def outcome_key(row) -> str:
+  """Key of a checkpoint's per-prompt outcomes (`prompt_outcomes.json`): '<run>@<step>'."""
+  return f"{row.get('run') or '/'.join(map(str, run_id(row)))}@{int(row['step'])}"
+
+
+def load_prompt_outcomes(path: str) -> dict[str, np.ndarray] | None:
+  """{outcome_key: [P] mean outcome per prompt} from a sweep's prompt_outcomes.json; None if
+  the file does not exist."""
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    data = json.load(f)
+  return {k: np.asarray(v, dtype=np.float64) for k, v in data.items()}
+
+
+def _percentile_ci(values, confidence: float = 0.95) -> list[float] | None:
+  v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
+  if v.size < 10:
+    return None
+  a = (1 - confidence) / 2
+  return [float(np.quantile(v, a)), float(np.quantile(v, 1 - a))]
+
+
+def bootstrap_group(d, win_rate, r0: float | None, weights=None, outcomes=None, sigmas=None,
+                    num_samples: int = 1000, seed: int = 0) -> dict[str, Any]:
+  """Percentile intervals of every form's coefficients, d* and peak win rate.
+
+  Each replicate resamples the checkpoints (with replacement) and, when `outcomes` is given,
+  the prompts too: every checkpoint's win rate is recomputed on the same resampled prompts
+  (they were judged on the same prompts, so the resampling keeps their correlation). Without
+  outcomes each resampled win rate gets Gaussian noise of its own σ (`sigmas`), if given.
+
+  Args:
+    d: [N] √KL. win_rate: [N]. r0: fixed offset or None (fitted).
+    weights: [N] or None (as `fit_form`).
+    outcomes: [N, P] per-prompt mean outcomes of the N checkpoints, or None.
+    sigmas: [N] σ of each win rate (`point_sigmas`), used only without outcomes.
+    num_samples: bootstrap replicates. seed: of the resampling.
+
+  Returns:
+    {form: {'alpha_ci', 'beta_ci' (quadratic: 'c1_ci', 'c2_ci'), 'd_star_ci',
+    'peak_win_rate_ci', 'peak_frac' (share of replicates with a maximum)}, 'num_samples',
+    'method', 'log_beats_bon' (share of replicates where the log form's RMSE is below the
+    best-of-n form's), 'log_beats_quadratic'}.
+  """
+  d = np.asarray(d, dtype=np.float64)
+  y = np.asarray(win_rate, dtype=np.float64)
+  n = len(d)
+  rng = np.random.default_rng(seed)
+  n_free = 3 if r0 is None else 2
+  rows = rng.integers(0, n, (num_samples, n))  # [S, N] resampled checkpoints
+  if outcomes is not None:
+    prompts = rng.integers(0, outcomes.shape[1], (num_samples, outcomes.shape[1]))
+    # [S, N]: checkpoint rows[s, i]'s mean outcome on the prompts of replicate s.
+    yb = np.take_along_axis(outcomes[rows], prompts[:, None, :], axis=2).mean(axis=2)
+  else:
+    yb = y[rows]
+    if sigmas is not None:
+      yb = yb + rng.normal(0.0, 1.0, yb.shape) * np.asarray(sigmas)[rows]
+  db = d[rows]
+  keep = np.array([len(np.unique(r)) >= n_free + 1 for r in db])  # a full-rank design
+  db, yb = db[keep], yb[keep]
+  wb = np.ones_like(db) if weights is None else np.asarray(weights, np.float64)[rows][keep]
+  draws: dict[str, dict[str, list]] = {}
+  rmse = {}
+  for form in FORMS:
+    x = _features(form, db.reshape(-1)).reshape(db.shape + (2,))  # [S, N, 2]
+    if r0 is None:
+      x = np.concatenate([np.ones(db.shape + (1,)), x], axis=2)
+      target = yb
+    else:
+      target = yb - r0
+    root = np.sqrt(wb)[..., None]
+    sol = np.linalg.pinv(x * root) @ (target * root[..., 0])[..., None]  # [S, k, 1]
+    sol = sol[..., 0]
+    rmse[form] = np.sqrt(np.mean((np.einsum("snk,sk->sn", x, sol) - target) ** 2, axis=1))
+    names = ("c1", "c2") if form == "quadratic" else ("alpha", "beta")
+    offset = sol[:, 0] if r0 is None else np.full(len(sol), float(r0))
+    c = sol[:, -2:]
+    bucket = draws[form] = {names[0]: list(c[:, 0]), names[1]: list(c[:, 1]),
+                            "d_star": [], "peak_win_rate": []}
+    for r, (c1, c2) in zip(offset, c):
+      d_star, r_star, _ = peak(form, {"r0": r, names[0]: c1, names[1]: c2})
+      bucket["d_star"].append(d_star)
+      bucket["peak_win_rate"].append(r_star)
+  beats = {other: list(rmse["log"] < rmse[other]) for other in ("bon", "quadratic")}
+  method = ("checkpoints and prompts" if outcomes is not None else
+            "checkpoints and interval noise" if sigmas is not None else "checkpoints")
+  out: dict[str, Any] = {"num_samples": len(beats["bon"]), "method": method}
+  for form, bucket in draws.items():
+    out[form] = {f"{k}_ci": _percentile_ci(v) for k, v in bucket.items()}
+    peaks = bucket.get("d_star", [])
+    out[form]["peak_frac"] = (float(np.mean([p is not None for p in peaks])) if peaks
+                              else None)
+  out["log_beats_bon"] = float(np.mean(beats["bon"])) if beats["bon"] else None
+  out["log_beats_quadratic"] = float(np.mean(beats["quadratic"])) if beats["bon"] else None
+  return out
+
+
+def fit_all(rows: Sequence[Mapping[str, Any]], r0=None, outcomes=None, weighted: bool = True,
+            num_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
   """Fits every (objective, size) group on final and on all checkpoints, for √KL and √fwd-KL.
 
   Args:
@@ -266,12 +402,21 @@ def fit_all(rows: Sequence[Mapping[str, Any]], r0=None) -> dict[str, Any]:
       gives the paper's literal d(α − β ln d)); {size: float} fixes it per model size; 'sft'
       takes the mean win rate of the rows whose objective is 'sft' (or 'reference') of the
       same size, falling back to fitting.
+    outcomes: {outcome_key(row): [P] per-prompt outcomes} (`load_prompt_outcomes`) or None:
+      with them the bootstrap resamples prompts as well as checkpoints.
+    weighted: weight each point by 1/σ² of its win rate (from win_rate_lo/hi) when every
+      point of the group has an interval.
+    num_bootstrap: replicates of the intervals (0: none).
+    seed: of the bootstrap.
 
   Returns:
     JSON-serializable dict: forms, r0_mode, groups and forward_kl_groups. Each group: objective,
     size, set ('final' | 'all'), x ('sqrt_kl' | 'sqrt_forward_kl'), n, r0_source, skipped
-    (None or the reason) and, when fitted, d_range, log / bon / quadratic (see `fit_form`),
-    rmse_ratio (log RMSE / quadratic RMSE) and rmse_ratio_bon.
+    (None or the reason), weighted and, when fitted, d_range, log / bon / quadratic (see
+    `fit_form`; each with alpha_ci, beta_ci (quadratic: c1_ci, c2_ci), d_star_ci,
+    peak_win_rate_ci as [lo, hi] 95% bootstrap intervals, or None), bootstrap (method,
+    num_samples, log_beats_bon, log_beats_quadratic), rmse_ratio (log RMSE / quadratic RMSE)
+    and rmse_ratio_bon.
   """
   out: dict[str, Any] = {"forms": dict(FORMS), "r0_mode": r0 if isinstance(r0, (str, type(None)))
                          else ("per size" if isinstance(r0, Mapping) else float(r0)),
@@ -286,30 +431,105 @@ def fit_all(rows: Sequence[Mapping[str, Any]], r0=None) -> dict[str, Any]:
         ok = np.isfinite(x) & np.isfinite(y)
         if x_col == "forward_kl" and not ok.any():
           continue  # the sweep measured no forward KL: nothing to report
+        kept = [r for r, k in zip(subset, ok) if k]
+        weights = point_weights(kept) if weighted else None
         group_r0, source = _resolve_r0(r0, rows, size)
-        result = fit_group(x[ok], y[ok], group_r0)
+        result = fit_group(x[ok], y[ok], group_r0, weights)
         entry = {"objective": objective, "size": size, "set": set_name,
                  "x": "sqrt_kl" if x_col == "sqrt_kl" else "sqrt_forward_kl",
                  "r0_source": source, **result}
         if entry["skipped"]:  # info, not a warning: the report's fit table lists it
           logging.info("scaling fit %s/%s/%s/%s skipped: %s", objective, size, set_name,
                        entry["x"], entry["skipped"])
+        elif num_bootstrap:
+          per_prompt = None
+          if outcomes is not None and all(outcome_key(r) in outcomes for r in kept):
+            arrays = [outcomes[outcome_key(r)] for r in kept]
+            if len({a.shape for a in arrays}) == 1:
+              per_prompt = np.stack(arrays)
+          boot = bootstrap_group(x[ok], y[ok], group_r0, weights, per_prompt,
+                                 point_sigmas(kept), num_samples=num_bootstrap, seed=seed)
+          for form in FORMS:
+            entry[form].update(boot.pop(form))
+          entry["bootstrap"] = boot
         out[key].append(entry)
-  return _jsonable(out)
+  return jsonable(out)
 
 
-def _jsonable(obj):
-  """nan/inf → None and numpy scalars → Python, so json.dump writes strict JSON."""
+def _paired(diff: np.ndarray) -> dict[str, float]:
+  """Mean of per-prompt differences, its standard error, and the one-sided p-value of
+  mean ≤ 0 (normal approximation: a mean over hundreds of prompts)."""
+  n = diff.size
+  mean = float(diff.mean())
+  se = float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+  if not se > 0:
+    p = 0.0 if mean > 0 else 1.0
+  else:
+    p = 0.5 * math.erfc(mean / se / math.sqrt(2))  # 1 − Φ(mean/se)
+  return {"diff": mean, "stderr": se, "p_value": p, "lo95": mean - 1.644854 * se}
+
+
+def paired_peak_test(group_rows, outcomes: Mapping[str, np.ndarray], sft_row=None,
+                     seed: int = 0) -> dict[str, Any] | None:
+  """Does the win rate rise then fall? Paired tests on split halves of the prompts.
+
+  Every checkpoint is judged on the same prompts, so checkpoints compare prompt by prompt
+  (paired), not by overlapping intervals. Taking the best of ~20 noisy checkpoints and
+  testing it on the same prompts would be biased upward: the peak is chosen on one random
+  half of the prompts (`seed`) and tested on the other half, against the SFT policy (rises)
+  and against the largest-KL checkpoint (falls).
+
+  Args:
+    group_rows: one (objective, size)'s checkpoint rows (with sqrt_kl, run, step).
+    outcomes: {outcome_key(row): [P] per-prompt mean outcome}.
+    sft_row: the reference policy's row of this size, or None.
+    seed: of the split.
+
+  Returns:
+    None without per-prompt outcomes for every row; else {'peak': key, 'peak_sqrt_kl',
+    'peak_win_rate_test' (on the test half), 'largest_kl': key, 'num_test_prompts',
+    'vs_sft' and 'vs_largest_kl' ({'diff', 'stderr', 'p_value', 'lo95'}: the peak minus the
+    other on the test half; p one-sided), 'rises' and 'falls' (p < 0.05)}.
+  """
+  rows = [r for r in group_rows if math.isfinite(r.get("sqrt_kl", math.nan))]
+  keys = [outcome_key(r) for r in rows]
+  if not rows or any(k not in outcomes for k in keys):
+    return None
+  if sft_row is not None and outcome_key(sft_row) not in outcomes:
+    sft_row = None
+  table = np.stack([outcomes[k] for k in keys])  # [C, P]
+  num_prompts = table.shape[1]
+  order = np.random.default_rng(seed).permutation(num_prompts)
+  pick, test = order[:num_prompts // 2], order[num_prompts // 2:]
+  best = int(np.argmax(table[:, pick].mean(axis=1)))
+  far = int(np.argmax([r["sqrt_kl"] for r in rows]))
+  out: dict[str, Any] = {
+      "peak": keys[best], "peak_sqrt_kl": rows[best]["sqrt_kl"],
+      "peak_win_rate_test": float(table[best, test].mean()), "largest_kl": keys[far],
+      "largest_kl_sqrt_kl": rows[far]["sqrt_kl"], "num_test_prompts": int(test.size),
+      "split_seed": int(seed)}
+  out["vs_largest_kl"] = (None if far == best else
+                          _paired(table[best, test] - table[far, test]))
+  out["vs_sft"] = (None if sft_row is None else
+                   _paired(table[best, test] - outcomes[outcome_key(sft_row)][test]))
+  out["rises"] = bool(out["vs_sft"] and out["vs_sft"]["p_value"] < 0.05)
+  out["falls"] = bool(out["vs_largest_kl"] and out["vs_largest_kl"]["p_value"] < 0.05)
+  return out
+
+
+def jsonable(obj):
+  """Strict-JSON form of results: nan/inf → None, numpy scalars and arrays → Python, keys →
+  str (evaluation summaries, fits, checks)."""
   if isinstance(obj, Mapping):
-    return {str(k): _jsonable(v) for k, v in obj.items()}
+    return {str(k): jsonable(v) for k, v in obj.items()}
   if isinstance(obj, (list, tuple)):
-    return [_jsonable(v) for v in obj]
-  if isinstance(obj, (np.floating, float)):
-    return float(obj) if math.isfinite(obj) else None
-  if isinstance(obj, np.integer):
-    return int(obj)
-  if isinstance(obj, np.bool_):
-    return bool(obj)
+    return [jsonable(v) for v in obj]
+  if isinstance(obj, np.ndarray):
+    return jsonable(obj.tolist())
+  if isinstance(obj, np.generic):
+    obj = obj.item()
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None
   return obj
 
 
@@ -317,7 +537,7 @@ def write_fits(fits: Mapping[str, Any], path: str) -> str:
   """Writes `fits` (from `fit_all`) as indented strict JSON; returns the path."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w", encoding="utf-8") as f:
-    json.dump(_jsonable(fits), f, indent=2, allow_nan=False)
+    json.dump(jsonable(fits), f, indent=2, allow_nan=False)
   return path
 
 

@@ -247,6 +247,11 @@ def _from_json(x):
   return x
 
 
+def fetch(tree):
+  """Global arrays -> numpy, whole on every process (`global_to_host`)."""
+  return global_to_host(tree)
+
+
 def cache_shardings(mesh: jax.sharding.Mesh, cache):
   """Shardings of a `model.init_cache` tree: batch over data x fsdp, heads over tensor."""
   def one(x):

@@ -1,6 +1,6 @@
 """Pure training and evaluation steps (jitted by the caller, `train.py`).
 
-Conventions (DESIGN.md):
+Conventions:
   * `TrainState(step, params, opt_state)` is a plain pytree; the reference params are a separate,
     never-donated argument with no optimizer state.
   * Batches follow the data contract: `tokens [B,2,L]` for pairs (0 = chosen, 1 = rejected),
@@ -177,7 +177,7 @@ def train_step(state: TrainState, ref_params: PyTree, batch: dict, hparams: dict
                lr_fn=None):
   """One optimizer step on a global batch.
 
-  Returns `(new_state, metrics)`; metrics are float32 scalars with DESIGN.md names. A
+  Returns `(new_state, metrics)`; metrics are float32 scalars with flat `group/name` names. A
   non-finite loss or gradient leaves the state unchanged (the update is skipped) and sets
   `train/nonfinite` = 1, so the loop can stop naming this step with earlier checkpoints intact.
   """
@@ -199,7 +199,7 @@ def train_step(state: TrainState, ref_params: PyTree, batch: dict, hparams: dict
 
 
 def named_metrics(m: dict, kind: str) -> dict:
-  """objectives' metric keys -> DESIGN.md's flat `group/name` keys."""
+  """objectives' metric keys -> the flat `group/name` keys of metrics.jsonl."""
   if kind == "sft":
     return {"sft/nll": m["loss"], "data/response_tokens": m["tokens"]}
   table = {"loss": "daa/loss", "reward_acc": "daa/reward_acc", "margin": "daa/margin",

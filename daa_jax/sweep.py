@@ -3,9 +3,12 @@
   sweep directory/
     sft_<size>/                   the SFT reference of each size (or none: HF weights)
     pairs_<size>/                 preference pairs sampled from that SFT policy (synthetic)
-    <objective>_<size>_b<β>/      one DAA run each (a normal run workdir, with eval/<step>/)
-    summary.csv                   one row per evaluated checkpoint
-    fits.json, figures/, report.md
+    <objective>_<size>_b<β>[_s<seed>]/  one DAA run each (a run workdir, with eval/<step>/);
+                                  the _s<seed> suffix when config.seeds has several seeds
+    summary.csv                   one row per evaluated checkpoint (seed-level intervals
+                                  when several seeds)
+    prompt_outcomes.json          each checkpoint's judge outcome per prompt (paired tests)
+    fits.json, checks.json, figures/, report.md
 
 `run(config, workdir)` runs everything locally, one run after another: finished runs are
 skipped, interrupted ones resume from their checkpoints, evaluated checkpoints are not
@@ -41,7 +44,10 @@ from daa_jax import scaling
 SUMMARY_COLUMNS = ("objective", "size", "beta", "step", "epoch_fraction", "kl", "kl_stderr",
                    "sqrt_kl", "forward_kl", "win_rate", "win_rate_lo", "win_rate_hi",
                    "reward_acc", "heldout_loss", "length_r2", "chosen_logp_drift",
-                   "rejected_logp_drift", "mean_sample_length", "run")
+                   "rejected_logp_drift", "mean_sample_length", "truncation_rate",
+                   "reference", "run",
+                   "seed", "num_seeds", "seed_win_rate_lo", "seed_win_rate_hi", "seed_kl_lo",
+                   "seed_kl_hi")
 
 
 def _beta_tag(beta: float) -> str:
@@ -72,8 +78,10 @@ def sft_config(config, size: str) -> ml_collections.ConfigDict:
   return c
 
 
-def daa_config(config, size: str, objective: str, beta: float, workdir: str):
+def daa_config(config, size: str, objective: str, beta: float, workdir: str, seed=None):
   c = _unlocked_copy(config.daa)
+  if seed is not None:
+    c.seed = int(seed)  # the data order of the DAA run (it starts from the SFT weights)
   c.model.size = size
   c.objective.name = objective
   c.objective.beta = float(beta)
@@ -94,12 +102,14 @@ def expand(config, workdir: str) -> list[dict[str, Any]]:
       runs.append(dict(kind="sft", size=size, name=f"sft_{size}",
                        dir=os.path.join(workdir, f"sft_{size}"),
                        config=sft_config(config, size)))
+    seeds = tuple(config.get("seeds") or ()) or (None,)
     for objective in config.objectives:
       for beta in config.betas:
-        name = run_name(objective, size, beta)
-        runs.append(dict(kind="daa", size=size, objective=objective, beta=float(beta),
-                         name=name, dir=os.path.join(workdir, name),
-                         config=daa_config(config, size, objective, beta, workdir)))
+        for seed in seeds:
+          name = run_name(objective, size, beta) + (f"_s{seed}" if len(seeds) > 1 else "")
+          runs.append(dict(kind="daa", size=size, objective=objective, beta=float(beta),
+                           seed=seed, name=name, dir=os.path.join(workdir, name),
+                           config=daa_config(config, size, objective, beta, workdir, seed)))
   return runs
 
 
@@ -115,10 +125,11 @@ def eval_config(config, run_dir: str, include_reference: bool = False):
 
 def policy_pairs(config, size: str, workdir: str) -> str:
   """Samples two responses per prompt from the SFT policy and labels them with the synthetic
-  task's Bradley–Terry labeler (SYNTHETIC.md). Writes `pairs.jsonl` and `eval_pairs.jsonl`.
+  task's Bradley–Terry labeler. Writes `pairs.jsonl` and `eval_pairs.jsonl`.
 
   Pairs where either sample has no EOS within the budget are dropped: the data pipeline
-  appends EOS to every response, which would misrepresent them.
+  appends EOS to every response, which would misrepresent them. A sample that is EOS alone is
+  kept (an empty response is a legitimate sample and row; the data statistics count them).
   """
   # Imports here keep `python -m daa_jax.scaling`-style uses of this module jax-free.
   import jax  # pylint: disable=g-import-not-at-top
@@ -186,7 +197,7 @@ def policy_pairs(config, size: str, workdir: str) -> str:
 
   def write(name, prompts, samples, stream, limit):
     (a, b), (ea, eb) = samples
-    keep = [i for i in range(len(prompts)) if ea[i] and eb[i] and a[i] and b[i]]
+    keep = [i for i in range(len(prompts)) if ea[i] and eb[i]]
     labeled = task.label_pairs([prompts[i] for i in keep], [a[i] for i in keep],
                                [b[i] for i in keep], seed=[pp.seed, stream])
     rows = [dict(zip(labeled, values)) for values in zip(*labeled.values())][:limit]
@@ -196,6 +207,8 @@ def policy_pairs(config, size: str, workdir: str) -> str:
                             for k, v in row.items()}) + "\n")
     gaps = np.array([r["gold_chosen"] - r["gold_rejected"] for r in rows])
     return dict(pairs=len(rows), drawn=len(prompts), kept=len(keep),
+                empty_responses=sum(not r[k].strip() for r in rows
+                                    for k in ("chosen", "rejected")),
                 label_agrees_with_gold=float(np.mean(gaps > 0)),
                 gold_ties=float(np.mean(gaps == 0)))
 
@@ -225,9 +238,48 @@ def _exists(path: str) -> bool:
 
 # --- collection --------------------------------------------------------------------------
 
+def _prompt_outcomes(step_dir: str) -> list[float] | None:
+  """Mean judge outcome per prompt (indexed by prompt) of one `eval/<step>/samples.jsonl`."""
+  path = os.path.join(step_dir, "samples.jsonl")
+  if not os.path.exists(path):
+    return None
+  sums: dict[int, list] = {}
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      s = json.loads(line)
+      if s.get("outcome") is None:
+        return None
+      sums.setdefault(int(s["prompt_index"]), []).append(float(s["outcome"]))
+  return [float(np.mean(sums[i])) for i in sorted(sums)]
+
+
+def _seed_intervals(rows: list[dict]) -> None:
+  """Across the seeds of one (objective, size, β, step): num_seeds and 95% t-intervals of the
+  seeds' mean win rate and KL (blank with one seed)."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  cells: dict[tuple, list] = {}
+  for row in rows:
+    cells.setdefault((row["objective"], row["size"], row["beta"], row["step"]), []).append(row)
+  for cell in cells.values():
+    for row in cell:
+      row["num_seeds"] = len(cell)
+    if len(cell) < 2:
+      continue
+    t = float(stats.t.ppf(0.975, len(cell) - 1))
+    for col in ("win_rate", "kl"):
+      values = np.array([r[col] for r in cell if r.get(col) is not None], np.float64)
+      if len(values) < 2:
+        continue
+      half = t * values.std(ddof=1) / math.sqrt(len(values))
+      for row in cell:
+        row[f"seed_{col}_lo"], row[f"seed_{col}_hi"] = (values.mean() - half,
+                                                        values.mean() + half)
+
+
 def collect(runs: list[dict], workdir: str) -> list[dict]:
-  """Rows of summary.csv from every run's `eval/<step>/summary.json`."""
-  rows = []
+  """Rows of summary.csv from every run's `eval/<step>/summary.json`; writes summary.csv and
+  prompt_outcomes.json (`scaling.outcome_key` → per-prompt outcomes)."""
+  rows, outcomes = [], {}
   for r in runs:
     eval_dir = os.path.join(r["dir"], "eval")
     if not os.path.isdir(eval_dir):
@@ -248,14 +300,23 @@ def collect(runs: list[dict], workdir: str) -> list[dict]:
                  heldout_loss=s.get("heldout_loss"), length_r2=s.get("length_r2"),
                  chosen_logp_drift=s.get("chosen_logp_drift"),
                  rejected_logp_drift=s.get("rejected_logp_drift"),
-                 mean_sample_length=s.get("mean_sample_length"), run=r["name"])
+                 mean_sample_length=s.get("mean_sample_length"),
+                 truncation_rate=s.get("truncation_rate"),
+                 reference=(s.get("reference") or {}).get("kind"), run=r["name"],
+                 seed=r.get("seed"))
       if step == 0:  # the reference policy itself (KL 0), once per size
         if any(x["objective"] == "sft" and x["size"] == r["size"] for x in rows):
           continue
-        row.update(objective="sft", beta=0.0, run=f"sft_{r['size']}")
+        row.update(objective="sft", beta=0.0, run=f"sft_{r['size']}", seed=None)
+      per_prompt = _prompt_outcomes(os.path.join(eval_dir, name))
+      if per_prompt is not None:
+        outcomes[scaling.outcome_key(row)] = per_prompt
       rows.append(row)
+  _seed_intervals(rows)
   path = os.path.join(workdir, "summary.csv")
   write_summary(rows, path)
+  with open(os.path.join(workdir, "prompt_outcomes.json"), "w", encoding="utf-8") as f:
+    json.dump(outcomes, f)
   return scaling.load_summary(path)
 
 
@@ -270,8 +331,17 @@ def write_summary(rows: list[dict], path: str) -> None:
 
 # --- the study's checks --------------------------------------------------------------------
 
-def checks(rows: list[dict], fits: dict) -> dict[str, dict]:
-  """The paper's findings, tested on this sweep's numbers (stated in report.md)."""
+def checks(rows: list[dict], fits: dict, outcomes: dict | None = None) -> dict[str, dict]:
+  """The paper's findings, tested on this sweep's numbers (stated in report.md).
+
+  With per-prompt outcomes (`prompt_outcomes.json`), "rises then falls" is the paired
+  split-half test of `scaling.paired_peak_test` (peak chosen on one half of the prompts,
+  compared on the other with the SFT policy and with the largest-KL checkpoint, p < 0.05
+  each); without them, the best and the largest-KL win rates must differ by more than their
+  intervals' half-width. The log form is judged against the best-of-n form d(α − β d) (which
+  fits about as well) and the quadratic: `log_beats_bon` is the share of bootstrap replicates
+  where its RMSE is lower.
+  """
   out: dict[str, dict] = {}
   daa = [r for r in rows if r["objective"] != "sft" and r.get("win_rate") is not None
          and r.get("kl") is not None]
@@ -292,19 +362,28 @@ def checks(rows: list[dict], fits: dict) -> dict[str, dict]:
       fit = _fit_of(fits, objective, size, "all")
       log_fit = (fit or {}).get("log") or {}
       quad = (fit or {}).get("quadratic") or {}
+      bon = (fit or {}).get("bon") or {}
+      boot = (fit or {}).get("bootstrap") or {}
       coef = log_fit.get("coef") or {}
+      sft = next((r for r in rows if r["objective"] == "sft" and r["size"] == size), None)
+      paired = scaling.paired_peak_test(group, outcomes or {}, sft)
+      overlap = bool(best["win_rate"] - far["win_rate"] > half and best["kl"] < far["kl"])
       out[f"{objective}/{size}"] = dict(
           best_win_rate=best["win_rate"], best_sqrt_kl=best["sqrt_kl"], best_step=best["step"],
           best_beta=best["beta"], largest_kl_win_rate=far["win_rate"],
           largest_sqrt_kl=far["sqrt_kl"], interval_half_width=half,
-          rises_then_falls=bool(best["win_rate"] - far["win_rate"] > half
-                                and best["kl"] < far["kl"]),
+          paired=paired, rises_then_falls_test="paired split-half" if paired else "intervals",
+          rises_then_falls=(bool(paired["rises"] and paired["falls"]) if paired else overlap),
           final_kl_by_beta=dict(zip(map(str, betas), kls)), kl_beta_spearman=rank,
           smaller_beta_larger_kl=bool(len(betas) >= 2 and kls[0] > kls[-1] and not rank > 0),
           log_alpha=coef.get("alpha"), log_beta=coef.get("beta"),
-          log_rmse=log_fit.get("rmse"), quadratic_rmse=quad.get("rmse"),
+          log_alpha_ci=log_fit.get("alpha_ci"), log_beta_ci=log_fit.get("beta_ci"),
+          log_rmse=log_fit.get("rmse"), bon_rmse=bon.get("rmse"), quadratic_rmse=quad.get("rmse"),
+          log_beats_bon=boot.get("log_beats_bon"),
+          log_beats_quadratic=boot.get("log_beats_quadratic"),
           log_fit_ok=bool(coef and coef.get("alpha", 0) > 0 and coef.get("beta", 0) > 0
-                          and log_fit.get("rmse", math.inf) < quad.get("rmse", -math.inf)))
+                          and log_fit.get("rmse", math.inf) < quad.get("rmse", -math.inf)),
+          log_beats_bon_95=bool((boot.get("log_beats_bon") or 0) >= 0.95))
   return out
 
 
@@ -344,20 +423,42 @@ def win_rate_against(config) -> str:
   return "No judge (config.judge.name='none'): win rates are empty."
 
 
+def _fmt_ci(ci) -> str:
+  return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "[—]"
+
+
 def _check_lines(results: dict[str, dict]) -> list[str]:
   lines = ["## Checks of the paper's findings", ""]
   for key, c in results.items():
+    p = c.get("paired")
+    if p:
+      tests = []
+      for name, label in (("vs_sft", "vs SFT"), ("vs_largest_kl", "vs the largest-KL checkpoint")):
+        t = p.get(name)
+        tests.append(f"{label} {t['diff']:+.3f} ± {t['stderr']:.3f}, p = {t['p_value']:.3g}"
+                     if t else f"{label}: —")
+      rise = (f"peak chosen on half the prompts at √KL {p['peak_sqrt_kl']:.2f}, tested on the "
+              f"other {p['num_test_prompts']} (paired): win rate {p['peak_win_rate_test']:.3f}; "
+              + "; ".join(tests))
+    else:
+      rise = (f"vs {c['largest_kl_win_rate']:.3f} at the largest √KL {c['largest_sqrt_kl']:.2f} "
+              f"(interval half-width {c['interval_half_width']:.3f}; no per-prompt outcomes "
+              "for a paired test)")
     lines.append(
         f"- **{key}**: best win rate {c['best_win_rate']:.3f} at √KL {c['best_sqrt_kl']:.2f} "
-        f"(β={c['best_beta']:g}, step {int(c['best_step'])}) vs {c['largest_kl_win_rate']:.3f} at "
-        f"the largest √KL {c['largest_sqrt_kl']:.2f} (interval half-width "
-        f"{c['interval_half_width']:.3f}) → rises then falls: "
+        f"(β={c['best_beta']:g}, step {int(c['best_step'])}); {rise} → rises then falls: "
         f"**{'yes' if c['rises_then_falls'] else 'no'}**. Final KL by β "
         + ", ".join(f"{b}: {v:.2f}" for b, v in c["final_kl_by_beta"].items())
         + f" → smaller β, larger KL: **{'yes' if c['smaller_beta_larger_kl'] else 'no'}**. "
-        + ("Log-form fit (all checkpoints) a={:.3f}, b={:.3f}, RMSE {:.4f} vs quadratic "
-           "{:.4f} → **{}**.".format(c["log_alpha"], c["log_beta"], c["log_rmse"],
-                                     c["quadratic_rmse"], "yes" if c["log_fit_ok"] else "no")
+        + ("Log-form fit (all checkpoints) a={:.3f} {}, b={:.3f} {}, RMSE {:.4f} vs best-of-n "
+           "{:.4f} and quadratic {:.4f}; log form lower than best-of-n in {} of bootstrap "
+           "replicates → log form preferred over quadratic: **{}**, over best-of-n at 95%: "
+           "**{}**.".format(c["log_alpha"], _fmt_ci(c["log_alpha_ci"]), c["log_beta"],
+                            _fmt_ci(c["log_beta_ci"]), c["log_rmse"], c["bon_rmse"],
+                            c["quadratic_rmse"],
+                            "—" if c["log_beats_bon"] is None else f"{c['log_beats_bon']:.0%}",
+                            "yes" if c["log_fit_ok"] else "no",
+                            "yes" if c["log_beats_bon_95"] else "no")
            if c["log_alpha"] is not None else "Log-form fit: skipped (too few points)."))
   return lines + [""]
 
@@ -378,6 +479,8 @@ def write_commands(config, workdir: str, runs: list[dict]) -> str:
     for key in ("init_from", "hf_model"):
       if c.get(key):
         flags.append(f"--config.{key}={c[key]}")
+    if r.get("seed") is not None:
+      flags.append(f"--config.seed={r['seed']}")
     if c.data.source != "synthetic":
       flags += [f"--config.data.source={c.data.source}", f"--config.data.format={c.data.format}",
                 f"--config.data.tokenizer={c.data.tokenizer}"]
@@ -442,14 +545,15 @@ def _write_marker(run_dir: str, step) -> None:
 def _report(config, runs: list[dict], workdir: str) -> dict:
   """summary.csv, fits.json, figures, checks.json and report.md; the job's summary."""
   rows = collect(runs, workdir)
-  fits = scaling.fit_all(rows, r0=config.get("fit_r0", "sft"))
+  outcomes = scaling.load_prompt_outcomes(os.path.join(workdir, "prompt_outcomes.json"))
+  fits = scaling.fit_all(rows, r0=config.get("fit_r0", "sft"), outcomes=outcomes)
   scaling.write_fits(fits, os.path.join(workdir, "fits.json"))
   on_policy = config.pairs == "policy_samples"
   figures = report_lib.make_figures(rows, fits, os.path.join(workdir, "figures"),
                                     pairs_on_policy=on_policy)
-  results = checks(rows, fits)
+  results = checks(rows, fits, outcomes)
   with open(os.path.join(workdir, "checks.json"), "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=2)
+    json.dump(scaling.jsonable(results), f, indent=2)
   report = os.path.join(workdir, "report.md")
   report_lib.write_report(rows, fits, figures, report, extra_lines=_check_lines(results),
                           win_rate_against=win_rate_against(config), pairs_on_policy=on_policy)

@@ -1,13 +1,13 @@
 """The paper's Tree-MDP toy: where a DAA puts the probability that one preference leaves free.
 
-A deterministic tree MDP (Rafailov et al. 2024, §"mechanism"; PAPER.md finding 6): one start
+A deterministic tree MDP (Rafailov et al. 2024, §"mechanism"; the paper's finding 6): one start
 state, `branching` actions per state, each action leads to its own child state; after `depth`
 actions a leaf moves to an absorbing state with probability 1 (so it adds nothing to a
 trajectory's log-prob). A trajectory is therefore a root-to-leaf path, i.e. a sequence of
 `depth` actions, and there are branching**depth of them.
 
 The policy is tabular by default: one logit per (internal state, action), softmax over
-actions (PAPER.md's reconstruction). `policy='linear'` instead shares parameters across
+actions (a reconstruction: the paper does not publish them). `policy='linear'` instead shares parameters across
 states, logits(s) = ref_logits(s) + φ(s)·W with fixed random features φ(s) ∈ R^F, the way a
 language model's states share weights. The reference π_ref is uniform by default (or random /
 concentrated on the data paths); the policy starts at π_ref. The data is a single preference

@@ -237,3 +237,32 @@ def test_pythia_like_pad_equals_eos_through_load_pairs(tmp_path):
   ends = batch["prompt_lengths"][:, None] + batch["lengths"] - 1
   np.testing.assert_array_equal(np.take_along_axis(batch["tokens"], ends[..., None], -1), 0)
   assert (batch["tokens"][batch["attention_mask"] == 0] == 0).all()
+
+
+def test_a_file_named_test_is_data_to_train_on(tmp_path):
+  # HH's harmless-base/test.jsonl.gz alone: its file name names no train file, so its rows are
+  # split like unlabelled rows (or are all training rows when eval has its own source).
+  directory = tmp_path / "harmless-base"
+  directory.mkdir()
+  write_jsonl(directory / "test.jsonl", generic_pairs(40) + [dict(prompt="q", chosen="",
+                                                                     rejected="bad")])
+  cfg = config(tmp_path, str(directory), eval_fraction=0.5)
+  train = data.load_pairs(cfg, "train")
+  assert len(train) + len(data.load_pairs(cfg, "eval")) == 41
+  cfg.eval_source = write_jsonl(tmp_path / "eval.jsonl", generic_pairs(3, seed=5))
+  train = data.load_pairs(cfg, "train")
+  assert len(train) == 41 and train.stats["empty_responses"] == 1
+
+
+def test_rows_of_another_domain_and_missing_splits_say_so(tmp_path):
+  cnndm = {"info": {"id": "dm-1", "article": "LONDON (CNN) -- ...", "site": "dailymail"},
+           "split": "train", "choice": 0, "summaries": [{"text": "a"}, {"text": "b"}]}
+  path = write_jsonl(tmp_path / "batch9.json", [cnndm, cnndm])
+  with pytest.raises(DataError, match=r"config.data.source: all 2 rows of .*batch9.json were "
+                     r"skipped as another domain \(2 CNN/DailyMail rows"):
+    data.load_pairs(config(tmp_path, path, fmt="tldr"), "train")
+  valid_only = write_jsonl(tmp_path / "batch2.json", [tldr_row(split="valid1")])
+  with pytest.raises(DataError, match=r"no examples of split 'train' .*\['valid1'\].*label "
+                     "training rows split 'train'"):
+    data.load_pairs(config(tmp_path, valid_only, fmt="tldr", max_length=256,
+                           max_prompt_length=200), "train")

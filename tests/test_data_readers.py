@@ -122,7 +122,7 @@ GOOD = {"prompt": "p", "chosen": "a", "rejected": "b"}
 BAD_ROWS = [
     ('{"prompt": "p", "chosen": "a", ', "line 2: the line is not valid JSON"),
     ({"prompt": "p", "chosen": "a"}, "line 2: missing field 'rejected'"),
-    ({"prompt": "p", "chosen": "  ", "rejected": "b"}, "line 2: the chosen response is empty"),
+    ({"prompt": "  ", "chosen": "a", "rejected": "b"}, "line 2: the prompt is empty"),
     ({"prompt": "p", "chosen": "a", "rejected": "a"},
      "line 2: chosen and rejected responses are identical"),
     ({"prompt": "p", "chosen": 3, "rejected": "b"},
@@ -157,8 +157,7 @@ def test_tldr_bad_rows(tmp_path):
   cases = [(wrong_choice, "line 2: field 'choice' should be int, got str"),
            (tldr_row(texts=(" Same.", "Same.")), "line 2: chosen and rejected responses are "
             "identical"),
-           (no_post, "line 2: missing field 'info.post'"),
-           (tldr_row(texts=(" ok", "")), "line 2: the chosen summary is empty")]
+           (no_post, "line 2: missing field 'info.post'")]
   for k, (bad, message) in enumerate(cases):
     path = write_jsonl(tmp_path / f"batch{k}.json", [tldr_row(), bad])
     with pytest.raises(DataError) as info:
@@ -197,3 +196,22 @@ def test_parquet_bad_rows_name_the_row(tmp_path):
 def test_missing_file_is_a_data_error(tmp_path):
   with pytest.raises(DataError, match="does not exist"):
     list(readers.read_pairs([os.path.join(tmp_path, "nope.jsonl")], "jsonl"))
+
+
+def test_empty_responses_are_rows_and_are_counted(tmp_path):
+  # A one-token sample of an SFT policy (" " or EOS alone) is a legitimate rejected response,
+  # and the real HH test file has empty chosen responses: kept, counted, never an error.
+  path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD, {"prompt": "p", "chosen": "a",
+                                                       "rejected": " "},
+                                                {"prompt": "q", "chosen": "", "rejected": "b"}])
+  stats = collections.Counter()
+  rows = list(readers.read_pairs([path], "jsonl", stats=stats))
+  assert [r.rejected for r in rows] == ["b", " ", "b"] and stats["empty_responses"] == 2
+  hh = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": "\n\nHuman: hi\n\nAssistant:",
+                                            "rejected": "\n\nHuman: hi\n\nAssistant: Hello."}])
+  stats = collections.Counter()
+  (row,) = readers.read_pairs([hh], "hh", stats=stats)
+  assert (row.chosen, row.rejected, stats["empty_responses"]) == ("", " Hello.", 1)
+  tldr = write_jsonl(tmp_path / "batch1.json", [tldr_row(texts=(" ok", ""))])
+  (row,) = readers.read_pairs([tldr], "tldr")
+  assert row.chosen == " "  # choice=1: the empty summary, after the joining space

@@ -204,3 +204,72 @@ def test_second_run_skips_evaluated_steps(evaluated_run):
   result = main_lib.dispatch(eval_config, workdir)  # the CLI's path for job 'eval'
   assert result["evaluated"] == [] and result["skipped"] == [0, 4, 6]
   assert read_summary(workdir, 4) == before
+
+
+# --- Generation budget and references (no model needed) -----------------------------------
+
+
+def _data_config(tmp_path, source, fmt):
+  from daa_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  c = data_lib.default_config()
+  c.update(source=source, format=fmt, max_length=512, max_prompt_length=256,
+           cache_dir=str(tmp_path / "cache"))
+  return c
+
+
+def test_generation_budget_is_fixed_per_sample_not_set_by_the_widest_prompt(tmp_path):
+  config = load_config("eval")
+  with config.unlocked():
+    config.data = _data_config(tmp_path, "x.json", "tldr")
+  # Today's TL;DR setting (512 / 256): every sample may have 256 new tokens, whatever the
+  # longest prompt of the set is (a 470-token post used to cut every sample to ~40).
+  assert evaluate.generation_budget(config) == 256
+  config.data.max_prompt_length = None
+  assert evaluate.generation_budget(config) == 256  # half of max_length
+  config.eval.max_new_tokens = 64
+  assert evaluate.generation_budget(config) == 64
+  config.eval.max_new_tokens = 0
+  config.data.source = "synthetic"
+  assert evaluate.generation_budget(config) == 32
+
+
+def _comparison(post_id, post, chosen, split="valid1"):
+  return {"info": {"id": post_id, "post": post, "title": "T", "subreddit": "r"}, "split": split,
+          "choice": 0, "summaries": [{"text": chosen}, {"text": "a model's other summary"}]}
+
+
+def test_tldr_win_rates_use_human_references_joined_on_the_post_id(tmp_path):
+  comparisons = tmp_path / "batch1.json"
+  comparisons.write_text("\n".join(json.dumps(r) for r in [
+      _comparison("t3_a", "First post.", "model summary a"),
+      _comparison("t3_a", "First post.", "another model summary a"),
+      _comparison("t3_b", "Second post.", "model summary b"),
+      _comparison("t3_c", "Third post.", "model summary c", split="train")]) + "\n")
+  sft = tmp_path / "tldr_sft.jsonl"
+  sft.write_text("\n".join(json.dumps(r) for r in [
+      {"id": "t3_a", "subreddit": "r", "title": "T", "post": "First post.",
+       "summary": "Human TL;DR of the first post."},
+      {"id": "t3_zz", "subreddit": "r", "title": "T", "post": "Second post.",
+       "summary": "Human TL;DR of the second post."}]) + "\n")
+  data = _data_config(tmp_path, str(comparisons), "tldr")
+  tok = tokenize.get_tokenizer("bytes")
+  chosen = evaluate.prompt_set(data, str(tmp_path), 10, tok.pad_id)
+  assert chosen.references == [" model summary a", " model summary b"]
+  assert chosen.reference["kind"] == "chosen"
+  human = evaluate.prompt_set(data, str(tmp_path), 10, tok.pad_id, reference_source=str(sft))
+  # t3_a joins on its id, t3_b (another id in the SFT file) on the prompt text.
+  assert human.references == [" Human TL;DR of the first post.",
+                              " Human TL;DR of the second post."]
+  assert human.reference == {"kind": "human", "human": 2, "prompts": 2,
+                             "source": f"config.eval.reference_source={sft}"}
+  # A generic file's `reference` column is used by default.
+  generic = tmp_path / "pairs.jsonl"
+  generic.write_text(json.dumps({"prompt": "Q?", "chosen": "a", "rejected": "b",
+                                 "reference": "the human answer"}) + "\n")
+  generic_data = _data_config(tmp_path, str(generic), "jsonl")
+  generic_data.eval_source = str(generic)
+  col = evaluate.prompt_set(generic_data, str(tmp_path), 10, tok.pad_id)
+  assert col.references == ["the human answer"] and col.reference["kind"] == "human"
+  with pytest.raises(evaluate.ConfigError, match="config.eval.reference_source"):
+    evaluate.prompt_set(data, str(tmp_path), 10, tok.pad_id,
+                        reference_source=str(tmp_path / "missing.jsonl"))

@@ -6,6 +6,7 @@ chat-completions endpoint. It prefers the summary that starts with "good" and ot
 post ask for a 429, a 500, a timeout or a malformed answer on a question's first attempt.
 """
 
+import dataclasses
 import http.server
 import json
 import math
@@ -122,7 +123,8 @@ def test_parse_verdict(answer, verdict):
 
 # --- The fake chat-completions server -------------------------------------------------------
 
-_SLOTS = re.compile(r"Summary A:\n(.*?)\n\nSummary B:\n(.*?)\n\nFIRST", re.S)
+_SLOTS = re.compile(r"(?:Summary|Response) A:\n(.*?)\n\n(?:Summary|Response) B:\n(.*?)\n\nFIRST",
+                    re.S)
 
 
 class FakeChat:
@@ -131,6 +133,7 @@ class FakeChat:
   def __init__(self):
     self.lock = threading.Lock()
     self.requests = []  # (authorization header, prompt text) per HTTP request
+    self.bodies = []  # the JSON body of every request
     self.attempts = {}  # prompt text -> attempts so far
     self.times = {}  # prompt text -> arrival times
     self.active = 0
@@ -147,6 +150,7 @@ class FakeChat:
     auth = handler.headers.get("Authorization")
     with self.lock:
       self.requests.append((auth, text))
+      self.bodies.append(body)
       self.times.setdefault(text, []).append(time.monotonic())
       attempt = self.attempts.get(text, 0)
       self.attempts[text] = attempt + 1
@@ -322,9 +326,30 @@ def test_cache_second_run_makes_no_requests(server, tmp_path):
   assert n == 10 and len(server.requests) == n
   assert s1["requests"] == 10 and s2["requests"] == 0 and s2["cache_hits"] == 10
   np.testing.assert_array_equal(out1, out2)
-  # Another model is another cache key.
-  _, s3 = _judge(server, tmp_path, model="other-judge").judge(prompts, samples, refs)
-  assert s3["requests"] == 10
+  # Everything that changes the answer is in the cache key: model, temperature, max_tokens,
+  # the endpoint, the template (task).
+  host = server.base_url.replace("127.0.0.1", "localhost")
+  for change in (dict(model="other-judge"), dict(temperature=0.7), dict(max_tokens=64),
+                 dict(base_url=host), dict(task="dialogue")):
+    n = len(server.requests)
+    kw = dict(max_concurrency=2, cache_path=str(tmp_path / "judge_cache.jsonl"))
+    judge = llm_judge.LLMJudge(dataclasses.replace(_judge(server, tmp_path).config, **kw,
+                                                   **change))
+    _, s3 = judge.judge(prompts, samples, refs)
+    assert s3["requests"] == 10 and s3["cache_hits"] == 0, change
+    assert len(server.requests) == n + 10
+  assert _judge(server, tmp_path).judge(prompts, samples, refs)[1]["requests"] == 0
+
+
+def test_a_malformed_answer_is_re_asked_differently(server, tmp_path):
+  outcomes, stats = _judge(server, tmp_path, both_orders=False, max_malformed_retries=1).judge(
+      ["post [malformed]"], ["good s"], ["bad r"])
+  assert outcomes.tolist() == [1.0] and stats["malformed_retries"] == 1
+  first, second = server.bodies
+  assert first["messages"] != second["messages"]  # not the identical temperature-0 request
+  assert second["messages"][:2] == first["messages"] + [
+      {"role": "assistant", "content": "I like both of them."}]
+  assert "Preferred: A" in second["messages"][2]["content"]
 
 
 def test_resume_after_max_requests(server, tmp_path):

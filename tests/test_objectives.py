@@ -208,9 +208,33 @@ def test_metrics():
                           "reward_acc", "logps_chosen", "logps_rejected", "ref_logps_chosen",
                           "ref_logps_rejected"}
   assert all(v.shape == () and v.dtype == jnp.float32 for v in scalars.values())
-  assert set(m["per_pair"]) == {"loss", "h", "rewards_chosen", "rewards_rejected",
+  assert set(m["per_pair"]) == {"loss", "h", "accuracy", "rewards_chosen", "rewards_rejected",
                                 "logratio_chosen", "logratio_rejected", "length_chosen",
                                 "length_rejected"}
+
+
+def test_roundoff_between_two_programs_is_a_tie_a_real_margin_is_not():
+  # πθ = π_ref, but the two log-probs come from different compiled programs: each differs by
+  # up to one float32 ulp (~6e-5 nats at 500 nats). Those margins are ties: accuracy 0.5.
+  rng = np.random.default_rng(0)
+  ref = -rng.uniform(100.0, 600.0, (256, 2)).astype(np.float32)
+  ulps = rng.integers(-1, 2, ref.shape).astype(np.float32)
+  policy = np.nextafter(ref, np.where(ulps > 0, np.inf, -np.inf).astype(np.float32))
+  policy = np.where(ulps == 0, ref, policy)
+  assert np.any(policy != ref)
+  lengths = np.full((256, 2), 300, np.int32)
+  for normalize in ("sum", "mean"):
+    _, m = objectives.compute_loss("dpo", policy, ref, lengths, beta=0.1, normalize=normalize)
+    assert float(m["reward_acc"]) == 0.5, normalize
+    np.testing.assert_array_equal(m["per_pair"]["accuracy"], 0.5)
+  # A margin of 0.01 nats on 500-nat responses is a real preference.
+  _, m = objectives.compute_loss("dpo", ref + np.array([0.01, 0.0], np.float32), ref, lengths,
+                                 beta=0.1)
+  assert float(m["reward_acc"]) == 1.0
+  # The same rule on numpy arrays (held-out metrics on the host).
+  np.testing.assert_array_equal(
+      objectives.tie_half_accuracy(np.array([1e-5, -1e-5, 0.01, -0.01]), np.full(4, 2000.0)),
+      [0.5, 0.5, 1.0, 0.0])
 
 
 @pytest.mark.parametrize("name", NAMES)

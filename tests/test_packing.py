@@ -14,7 +14,7 @@ from daa_jax import packing
 from daa_jax import step as step_lib
 
 PAD_ID = 1
-# Odd sizes catch layout bugs (STYLE.md rule 17); vocab large enough for distinct tokens.
+# Odd sizes catch layout bugs (a square shape hides a transposed axis); vocab large enough for distinct tokens.
 CFG = config_lib.ModelConfig(vocab_size=97, hidden_size=40, num_hidden_layers=2,
                              num_attention_heads=5, intermediate_size=72,
                              max_position_embeddings=128)

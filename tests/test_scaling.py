@@ -184,3 +184,105 @@ def test_load_summary_errors(tmp_path):
   (tmp_path / "nokl.csv").write_text("objective,win_rate\ndpo,0.3\n")
   with pytest.raises(DataError, match="kl or sqrt_kl"):
     scaling.load_summary(str(tmp_path / "nokl.csv"))
+
+
+def _group_rows(tmp_path, d, y, lo, hi, objective="dpo"):
+  path = tmp_path / f"{objective}.csv"
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=["objective", "size", "beta", "step", "kl", "sqrt_kl",
+                                           "win_rate", "win_rate_lo", "win_rate_hi", "run"])
+    writer.writeheader()
+    for i in range(len(d)):
+      writer.writerow(dict(objective=objective, size="1b", beta=0.1, step=10 * (i + 1),
+                           kl=d[i] ** 2, sqrt_kl=d[i], win_rate=y[i], win_rate_lo=lo[i],
+                           win_rate_hi=hi[i], run=f"{objective}_{i % 3}"))
+  return scaling.load_summary(str(path))
+
+
+def test_weighted_fit_discounts_a_point_with_a_wide_interval(tmp_path):
+  rng = np.random.default_rng(2)
+  d = np.linspace(0.1, 3.0, 25)
+  y = _law("log", d, 0.17, 0.25, 0.2) + rng.normal(0, 0.004, d.shape)
+  lo, hi = y - 0.02, y + 0.02
+  y[[20, 22]] += 0.25  # two wild points that their intervals say to trust little
+  lo[[20, 22]], hi[[20, 22]] = y[[20, 22]] - 0.5, y[[20, 22]] + 0.5
+  rows = _group_rows(tmp_path, d, y, lo, hi)
+  weighted = next(g for g in scaling.fit_all(rows, num_bootstrap=0)["groups"] if g["set"] == "all")
+  plain = next(g for g in scaling.fit_all(rows, weighted=False, num_bootstrap=0)["groups"]
+               if g["set"] == "all")
+  assert weighted["weighted"] and not plain["weighted"]
+  err = lambda g: abs(g["log"]["coef"]["alpha"] - 0.25) + abs(g["log"]["coef"]["beta"] - 0.2)
+  assert err(weighted) < 0.02 < err(plain)
+
+
+def test_bootstrap_intervals_cover_the_truth_over_prompts_and_checkpoints(tmp_path):
+  rng = np.random.default_rng(3)
+  d = np.linspace(0.1, 3.0, 21)
+  p = _law("log", d, 0.17, 0.25, 0.2)
+  num_prompts = 400
+  outcomes_table = (rng.uniform(size=(len(d), num_prompts)) < p[:, None]).astype(float)
+  y = outcomes_table.mean(1)
+  half = 1.96 * np.sqrt(y * (1 - y) / num_prompts)
+  rows = _group_rows(tmp_path, d, y, y - half, y + half)
+  outcomes = {scaling.outcome_key(r): outcomes_table[i] for i, r in enumerate(rows)}
+  fits = scaling.fit_all(rows, outcomes=outcomes, num_bootstrap=400)
+  g = next(g for g in fits["groups"] if g["set"] == "all")
+  assert g["bootstrap"]["method"] == "checkpoints and prompts"
+  log = g["log"]
+  truth = dict(alpha=0.25, beta=0.2, d_star=math.exp(0.25 / 0.2 - 1),
+               peak_win_rate=0.17 + 0.2 * math.exp(0.25 / 0.2 - 1))
+  for name, value in truth.items():
+    lo, hi = log[f"{name}_ci"]
+    assert lo < value < hi, (name, lo, hi)
+    point = log["coef"][name] if name in ("alpha", "beta") else log[name]
+    assert lo <= point <= hi
+  for form in ("bon", "quadratic"):
+    assert g[form]["d_star_ci"] is not None and "peak_win_rate_ci" in g[form]
+  assert 0 <= g["bootstrap"]["log_beats_bon"] <= 1
+  json.dumps(fits, allow_nan=False)
+  # Without per-prompt outcomes: checkpoints resampled, win rates perturbed by their intervals.
+  g2 = next(g for g in scaling.fit_all(rows, num_bootstrap=200)["groups"] if g["set"] == "all")
+  assert g2["bootstrap"]["method"] == "checkpoints and interval noise"
+  report = report_lib.write_report(rows, fits, {}, str(tmp_path / "report.md"))
+  text = open(report).read()
+  assert "Log-form 95% bootstrap intervals" in text
+  a_lo, a_hi = log["alpha_ci"]
+  assert f"[{a_lo:.3f}, {a_hi:.3f}]" in text
+
+
+def test_paired_split_half_peak_test(tmp_path):
+  rng = np.random.default_rng(4)
+  num_prompts = 600
+  d = np.linspace(0.2, 3.5, 12)
+  p = _law("log", d, 0.17, 0.25, 0.2)  # peak 0.42 at d = 1.28, 0.17 + … falling after
+  u = rng.uniform(size=num_prompts)  # a prompt's difficulty, shared by every checkpoint
+  table = (u[None, :] < p[:, None]).astype(float)
+  rows = _group_rows(tmp_path, d, table.mean(1), table.mean(1) - 0.04, table.mean(1) + 0.04)
+  sft = dict(objective="sft", size="1b", step=0.0, run="sft_1b", sqrt_kl=0.0)
+  outcomes = {scaling.outcome_key(r): table[i] for i, r in enumerate(rows)}
+  outcomes[scaling.outcome_key(sft)] = (u < 0.17).astype(float)
+  result = scaling.paired_peak_test(rows, outcomes, sft, seed=0)
+  assert result["rises"] and result["falls"]
+  assert 0.8 < result["peak_sqrt_kl"] < 2.0 and result["num_test_prompts"] == 300
+  assert result["vs_sft"]["diff"] > 0 and result["vs_sft"]["p_value"] < 1e-6
+  # Every checkpoint as good as SFT, outcomes independent: the best-looking checkpoint of one
+  # half is no better on the other half.
+  flat = (rng.uniform(size=table.shape) < 0.3).astype(float)
+  outcomes = {scaling.outcome_key(r): flat[i] for i, r in enumerate(rows)}
+  outcomes[scaling.outcome_key(sft)] = (rng.uniform(size=num_prompts) < 0.3).astype(float)
+  result = scaling.paired_peak_test(rows, outcomes, sft, seed=0)
+  assert not result["rises"] and result["vs_sft"]["p_value"] > 0.05
+  assert scaling.paired_peak_test(rows, {}, sft) is None  # no per-prompt outcomes
+
+
+def test_report_says_which_reference_and_flags_truncated_checkpoints(tmp_path):
+  path = tmp_path / "summary.csv"
+  path.write_text("objective,size,beta,step,kl,win_rate,truncation_rate,reference,run\n"
+                  "dpo,1b,0.1,10,0.5,0.3,0.01,chosen,a\n"
+                  "dpo,1b,0.1,20,4.0,0.2,0.40,chosen,a\n")
+  rows = scaling.load_summary(str(path))
+  text = open(report_lib.write_report(rows, scaling.fit_all(rows), {},
+                                      str(tmp_path / "report.md"))).read()
+  assert "judged against the chosen response of each prompt's first pair" in text
+  assert "**Truncated samples**: 1 checkpoints have more than 5%" in text
+  assert "worst 40%: dpo 1b β=0.1, step 20" in text

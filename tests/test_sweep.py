@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from daa_jax import config_lib
@@ -114,9 +115,9 @@ def test_collect_writes_summary_csv_with_the_contract_columns(tmp_path):
 def test_shrunk_quickstart_shows_overoptimization(tmp_path):
   """The quickstart's pipeline end to end without IPO: the paper's findings must show.
 
-  Everything else is the README's quickstart (SFT 1500 steps, β 0.1/0.3/1, 500 judged
-  prompts). A weaker SFT reference (800 steps) or 300 prompts leaves a hump of ~0.01 in win
-  rate under ±0.035 of sampling noise, where the fit's signs are a coin flip.
+  Everything else is the README's quickstart (size tiny2, SFT 1500 steps, β 0.1/0.3/1, 500
+  judged prompts). "Rises then falls" is the paired split-half test: the peak picked on 250
+  prompts beats both the SFT policy and the largest-KL checkpoint on the other 250 (p < 0.05).
   """
   workdir = str(tmp_path)
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
@@ -132,9 +133,77 @@ def test_shrunk_quickstart_shows_overoptimization(tmp_path):
   with open(os.path.join(workdir, "checks.json")) as f:
     checks = json.load(f)
   for objective in ("dpo", "slic"):
-    c = checks[f"{objective}/tiny"]
+    c = checks[f"{objective}/tiny2"]
+    assert c["rises_then_falls_test"] == "paired split-half"
     assert c["rises_then_falls"], (objective, c)
     assert c["smaller_beta_larger_kl"], (objective, c)
     assert c["log_fit_ok"], (objective, c)  # α, β > 0 and lower RMSE than the quadratic
   report = open(os.path.join(workdir, "report.md")).read()
   assert "rises then falls" in report
+
+
+def test_seeds_expand_to_runs_and_give_seed_level_intervals(tmp_path):
+  c = config_lib.load_sibling(CONFIGS, "sweep_paper", "mode=commands,sizes=1b")
+  with c.unlocked():
+    c.seeds = (0, 1, 2)
+    c.betas = (0.1,)
+  runs = [r for r in sweep.expand(c, str(tmp_path)) if r["kind"] == "daa"]
+  assert [r["name"] for r in runs[:3]] == ["dpo_1b_b0p1_s0", "dpo_1b_b0p1_s1", "dpo_1b_b0p1_s2"]
+  assert [r["config"].seed for r in runs[:3]] == [0, 1, 2]
+  lines = open(sweep.write_commands(c, str(tmp_path), runs)).read().splitlines()
+  assert sum("--config.seed=2" in l for l in lines) == 3  # one per objective
+  rows = [dict(objective="dpo", size="1b", beta=0.1, step=10, win_rate=w, kl=k, run=f"r{i}")
+          for i, (w, k) in enumerate(((0.30, 1.0), (0.34, 1.2), (0.32, 1.1)))]
+  rows.append(dict(objective="dpo", size="1b", beta=0.1, step=20, win_rate=0.3, kl=2.0, run="r0"))
+  sweep._seed_intervals(rows)  # pylint: disable=protected-access
+  half = 4.302653 * 0.02 / 3 ** 0.5  # t(0.975, 2) · std / √3
+  assert rows[0]["num_seeds"] == 3 and rows[3]["num_seeds"] == 1
+  assert rows[0]["seed_win_rate_lo"] == pytest.approx(0.32 - half)
+  assert rows[1]["seed_win_rate_hi"] == pytest.approx(0.32 + half)
+  assert "seed_win_rate_lo" not in rows[3]
+
+
+def test_checks_use_the_paired_split_half_test_with_per_prompt_outcomes(tmp_path):
+  rng = np.random.default_rng(0)
+  u = rng.uniform(size=500)  # prompt difficulty, shared by every checkpoint
+  curve = [(0.2, 0.20), (1.0, 0.33), (3.0, 0.26), (8.0, 0.12)]
+  rows = _rows(curve) + [dict(objective="sft", size="tiny", beta=0.0, step=0, kl=0.0,
+                              sqrt_kl=0.0, win_rate=0.17, win_rate_lo=0.14, win_rate_hi=0.2,
+                              run="sft_tiny")]
+  rows = _load(rows, tmp_path)
+  p = {scaling.outcome_key(r): r["win_rate"] for r in rows}
+  outcomes = {k: (u < v).astype(float) for k, v in p.items()}
+  fits = scaling.fit_all(rows, r0="sft", outcomes=outcomes, num_bootstrap=100)
+  result = sweep.checks(rows, fits, outcomes)["dpo/tiny"]
+  assert result["rises_then_falls_test"] == "paired split-half"
+  assert result["paired"]["rises"] and result["paired"]["falls"] and result["rises_then_falls"]
+  assert result["paired"]["peak_sqrt_kl"] == 1.0
+  assert 0 <= result["log_beats_bon"] <= 1
+  text = "\n".join(sweep._check_lines({"dpo/tiny": result}))  # pylint: disable=protected-access
+  assert "tested on the other 250 (paired)" in text and "best-of-n" in text
+  # The same win rates, but every checkpoint's outcomes independent noise around 0.25: no
+  # paired evidence, although the point estimates still rise and fall.
+  flat = {k: (rng.uniform(size=500) < 0.25).astype(float) for k in p}
+  assert not sweep.checks(rows, fits, flat)["dpo/tiny"]["rises_then_falls"]
+
+
+@pytest.mark.study
+def test_full_quickstart_reaches_its_report(tmp_path):
+  """The README's larger study, `configs/quickstart.py:full`, end to end: three model sizes,
+  including the policy-sampled pairs whose one-token (empty) responses once stopped it."""
+  workdir = str(tmp_path)
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  args = [sys.executable, "-m", "daa_jax.main", "--config=configs/quickstart.py:full",
+          f"--workdir={workdir}", "--config.sft.train.progress=False",
+          "--config.daa.train.progress=False"]
+  proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=5400)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "report.md" in proc.stdout
+  with open(os.path.join(workdir, "checks.json")) as f:
+    checks = json.load(f)
+  assert {f"{o}/{s}" for o in ("dpo", "ipo", "slic") for s in ("tiny", "tiny2", "tiny4")} <= set(
+      checks)
+  for c in checks.values():
+    assert c["rises_then_falls_test"] == "paired split-half"
+  report = open(os.path.join(workdir, "report.md")).read()
+  assert "Log-form 95% bootstrap intervals" in report and "tiny4" in report

@@ -112,7 +112,7 @@ def test_demo_pair_labels_are_noisy_but_informative():
   assert all(c != r for c, r in zip(pairs["chosen"], pairs["rejected"]))
   contradict = np.mean(pairs["gold_chosen"] < pairs["gold_rejected"])
   agree = np.mean(pairs["gold_chosen"] > pairs["gold_rejected"])
-  assert 0.15 < contradict < 0.3 and agree > 2 * contradict  # SYNTHETIC.md measured ~23%.
+  assert 0.15 < contradict < 0.3 and agree > 2 * contradict  # a prototype measured ~23%.
 
 
 def _with(**overrides):

@@ -36,10 +36,10 @@ from daa_jax.errors import DataError
 
 Ragged = tokenize_lib.Ragged
 # Bump when the cache layout or the tokenization/truncation semantics change.
-CACHE_VERSION = 2
-_STAT_KEYS = ("read", "invalid_skipped", "skipped_other_domain", "other_split",
-              "duplicates_removed", "truncated", "prompt_truncated", "response_truncated",
-              "dropped", "examples", "fitting_length")
+CACHE_VERSION = 3  # 2: empty responses kept and counted; lengths fitted to the data
+_STAT_KEYS = ("read", "invalid_skipped", "skipped_other_domain", "empty_responses",
+              "other_split", "duplicates_removed", "truncated", "prompt_truncated",
+              "response_truncated", "dropped", "examples", "fitting_length", "references")
 
 
 class _Dataset:
@@ -80,7 +80,8 @@ class _Dataset:
 
   @property
   def reference_texts(self) -> list[str]:
-    """Reference responses for win rates: the file's reference column, else chosen/response."""
+    """Reference responses for win rates: the file's reference column, else chosen/response
+    (`stats['references']` counts the examples with their own reference)."""
     return self._text_list("reference")
 
   @property
@@ -245,6 +246,7 @@ class _Dataset:
       texts[name] = [getattr(e, name) for e in kept]
     texts["reference"] = [getattr(e, "reference", None) or getattr(e, cls._RESPONSE_NAMES[0])
                           for e in kept]
+    stats["references"] = sum(bool(getattr(e, "reference", None)) for e in kept)
     origins = np.array([(file_index[e.source], e.line) for e in kept], np.int64).reshape(-1, 2)
     full_stats = {key: int(stats.get(key, 0)) for key in _STAT_KEYS}
     logging.info("Loaded %d examples (%s): %s", len(kept), cls.__name__, full_stats)

@@ -13,6 +13,7 @@ disjoint contiguous slice of every global batch. Its state, `{'epoch': e, 'posit
 from __future__ import annotations
 
 import collections
+import dataclasses
 import glob
 import hashlib
 import json
@@ -181,8 +182,26 @@ def _held_out_prompts(examples: list, fraction: float) -> set:
   return held
 
 
+def _file_labels_only(examples: list) -> bool:
+  """True when every split label comes from a file name and none of them is 'train': a lone
+  `test.jsonl.gz` (HH's) is data to split or train on, not a test set without a train set."""
+  labels = {e.split for e in examples if e.split}
+  return bool(labels) and "train" not in labels and all(
+      e.split is None or e.split == readers.split_from_filename(e.source) for e in examples)
+
+
 def _select(examples: list, split: str, cfg, separate_eval: bool) -> tuple[list, int]:
-  """The examples of `split` ('train', 'eval' or a split name present in the data)."""
+  """The examples of `split` ('train', 'eval' or a split name present in the data).
+
+  Split labels come from the rows' `split` field or from split names in file names. File-name
+  labels that name no 'train' file are ignored: the rows are then split like unlabelled rows
+  (all training data with config.data.eval_source, else a held-out eval_fraction of prompts).
+  """
+  if split in ("train", "eval") and _file_labels_only(examples):
+    named = sorted({e.split for e in examples if e.split})
+    logging.info("config.data.source: ignoring the split name(s) %s of its file names (no "
+                 "'train' file); splitting its rows as unlabelled data.", named)
+    examples = [dataclasses.replace(e, split=None) for e in examples]
   labels = {e.split for e in examples if e.split}
   held_out = _held_out_prompts(examples, cfg.eval_fraction) if not separate_eval else set()
 
@@ -202,10 +221,16 @@ def _select(examples: list, split: str, cfg, separate_eval: bool) -> tuple[list,
     wanted = {split}
   selected = [e for e in examples if effective(e) in wanted]
   if not selected:
+    if split == "eval":
+      fix = ("set config.data.eval_split to one of the splits present, or give evaluation files "
+             "with config.data.eval_source")
+    elif split == "train":
+      fix = ("label training rows split 'train' (a `split` field or a file name such as "
+             "train.jsonl), or load that split by name")
+    else:
+      fix = f"use one of the splits present; {split!r} is none of them"
     raise DataError(f"no examples of split {split!r} in config.data.source (splits present: "
-                    f"{sorted(labels) or 'none'}; {len(examples)} examples); set "
-                    "config.data.eval_split to one of those, give held-out files with "
-                    "config.data.eval_source, or raise config.data.eval_fraction.")
+                    f"{sorted(labels) or 'none'}; {len(examples)} rows); {fix}.")
   return selected, len(examples) - len(selected)
 
 
@@ -333,6 +358,12 @@ def _load(cfg, kind: str, split: str, workdir: Optional[str]):
     return cached
   stats = collections.Counter()
   examples = _read_examples(plan, kind, cfg.skip_invalid, stats)
+  if not examples and stats["skipped_other_domain"]:
+    raise DataError(
+        f"config.data.{'eval_source' if plan['select'] is None and split == 'eval' else 'source'}"
+        f": all {stats['read']} rows of {', '.join(plan['files'])} were skipped as another "
+        f"domain ({stats['skipped_other_domain']} CNN/DailyMail rows: `info.post` is null); "
+        "give files with TL;DR rows (`info.post` set).")
   if plan["select"] is not None:
     examples, stats["other_split"] = _select(examples, cfg=cfg, **plan["select"])
   if kind == "sft" and plan["fmt"] == "tldr":

@@ -71,6 +71,7 @@ class SFTExample:
   split: Optional[str]
   source: str
   line: int
+  reference: Optional[str] = None  # A human reference for win rates, when the file has one.
 
 
 class _RowError(Exception):
@@ -104,6 +105,12 @@ def _nonempty(text: str, what: str) -> str:
   if not text.strip():
     raise _RowError(f"the {what} is empty", f"remove the row or give it a non-empty {what}")
   return text
+
+
+# A response that is empty or only whitespace is a legitimate row (a policy sample that is only
+# EOS; the real HH test file has four empty chosen responses; the DPO reference code trains on
+# them): it is kept, tokenized as EOS alone, and counted in the data statistics.
+_RESPONSE_FIELDS = ("chosen", "rejected", "response")
 
 
 def _distinct(chosen: str, rejected: str) -> None:
@@ -164,8 +171,6 @@ def _tldr_comparison(row: Mapping[str, Any]) -> dict:
   if choice not in (0, 1):
     raise _RowError(f"'choice' is {choice}, not 0 or 1", "choice indexes the preferred summary")
   chosen, rejected = texts[choice], texts[1 - choice]
-  _nonempty(chosen, "chosen summary")
-  _nonempty(rejected, "rejected summary")
   _distinct(chosen.strip(), rejected.strip())
   split = row.get("split")
   return dict(prompt=prompt, chosen=join_space(prompt, chosen),
@@ -183,7 +188,6 @@ def _tldr_sft(row: Mapping[str, Any]) -> dict:
     raise _RowError("the row has neither 'prompt'/'label' nor 'subreddit'/'title'/'post'/"
                     "'summary'", "check config.data.format ('tldr_sft')")
   _nonempty(prompt, "prompt")
-  _nonempty(response, "response")
   return dict(prompt=prompt, response=join_space(prompt, response), id=str(row.get("id", "")))
 
 
@@ -195,15 +199,13 @@ def _hh_pair(row: Mapping[str, Any]) -> dict:
                     "'\\n\\nAssistant:' of the chosen one",
                     "both dialogues must differ only in the final assistant turn")
   rejected_response = rejected[len(prompt):]
-  _nonempty(chosen_response, "chosen response")
-  _nonempty(rejected_response, "rejected response")
   _distinct(chosen_response, rejected_response)
   return dict(prompt=prompt, chosen=chosen_response, rejected=rejected_response)
 
 
 def _hh_sft(row: Mapping[str, Any]) -> dict:
   prompt, response = hh_split(_field(row, "chosen"))
-  return dict(prompt=prompt, response=_nonempty(response, "response"))
+  return dict(prompt=prompt, response=response)
 
 
 def _columns_fix(name: str) -> str:
@@ -212,9 +214,8 @@ def _columns_fix(name: str) -> str:
 
 def _generic_pair(row: Mapping[str, Any], columns: Mapping[str, str]) -> dict:
   prompt = _nonempty(_field(row, columns["prompt"], fix=_columns_fix("prompt")), "prompt")
-  chosen = _nonempty(_field(row, columns["chosen"], fix=_columns_fix("chosen")), "chosen response")
-  rejected = _nonempty(_field(row, columns["rejected"], fix=_columns_fix("rejected")),
-                       "rejected response")
+  chosen = _field(row, columns["chosen"], fix=_columns_fix("chosen"))
+  rejected = _field(row, columns["rejected"], fix=_columns_fix("rejected"))
   _distinct(chosen, rejected)
   reference = row.get(columns["reference"])
   if reference is not None and not isinstance(reference, str):
@@ -226,14 +227,18 @@ def _generic_sft(row: Mapping[str, Any], columns: Mapping[str, str]) -> dict:
   prompt = _nonempty(_field(row, columns["prompt"], fix=_columns_fix("prompt")), "prompt")
   # A pairs file serves SFT through its chosen responses.
   name = columns["response"] if columns["response"] in row else columns["chosen"]
-  response = _field(row, name, fix=_columns_fix("response"))
-  return dict(prompt=prompt, response=_nonempty(response, "response"))
+  reference = row.get(columns["reference"]) if name != columns["reference"] else None
+  if reference is not None and not isinstance(reference, str):
+    raise _RowError(f"field {columns['reference']!r} should be str", "store it as a string")
+  return dict(prompt=prompt, response=_field(row, name, fix=_columns_fix("response")),
+              reference=reference)
 
 
 # --- Files -> rows. ------------------------------------------------------------------------
 
 
-def _split_from_filename(path: str) -> Optional[str]:
+def split_from_filename(path: str) -> Optional[str]:
+  """The split name in a file's name (`test.jsonl.gz` -> 'test'), or None."""
   for token in re.split(r"[-_.]", os.path.basename(path).lower()):
     if token in _FILE_SPLITS:
       return token
@@ -310,7 +315,7 @@ def _read(paths: Iterable[str], parse, skip_invalid: bool, stats: collections.Co
       if not os.path.isfile(path):
         raise DataError(f"data file {path} does not exist; check config.data.source.")
       rows = _iter_rows(path)
-      file_split = _split_from_filename(path)
+      file_split = split_from_filename(path)
       unit = "row" if path.endswith((".parquet", ".arrow")) else "line"
     for number, row, error in rows:
       stats["read"] += 1
@@ -330,6 +335,8 @@ def _read(paths: Iterable[str], parse, skip_invalid: bool, stats: collections.Co
         if stats["invalid_skipped"] <= _MAX_LOGGED_INVALID:
           logging.warning("Skipping invalid row: %s", message)
         continue
+      stats["empty_responses"] += sum(
+          not fields[k].strip() for k in _RESPONSE_FIELDS if isinstance(fields.get(k), str))
       fields.setdefault("id", "")
       if not fields["id"]:
         row_id = row.get("id")
@@ -356,7 +363,8 @@ def read_pairs(paths: Iterable[str], fmt: str, columns: Optional[Mapping[str, st
       column reader; the file extension picks the file type).
     columns: generic column names (keys of `DEFAULT_COLUMNS`); missing keys take the defaults.
     skip_invalid: skip and count malformed rows instead of raising `DataError`.
-    stats: a Counter updated with 'read', 'invalid_skipped', 'skipped_other_domain'.
+    stats: a Counter updated with 'read', 'invalid_skipped', 'skipped_other_domain',
+      'empty_responses' (kept: responses that are empty or only whitespace).
 
   Yields:
     `PairExample`s in file order.
@@ -387,7 +395,8 @@ def read_sft(paths: Iterable[str], fmt: str, columns: Optional[Mapping[str, str]
     columns: generic column names; a generic file without the response column serves its
       chosen column instead.
     skip_invalid: skip and count malformed rows instead of raising `DataError`.
-    stats: a Counter updated with 'read', 'invalid_skipped', 'skipped_other_domain'.
+    stats: a Counter updated with 'read', 'invalid_skipped', 'skipped_other_domain',
+      'empty_responses' (kept: responses that are empty or only whitespace).
 
   Yields:
     `SFTExample`s in file order.

@@ -3,7 +3,7 @@
 A prompt is a string of symbols in which a few "key" symbols hide among "filler" symbols; a good
 response lists the prompt's keys, each once, and stops. Because the gold reward is a closed
 form, over-optimization (win rate against √KL rising then falling) can be measured on a CPU in
-minutes. The design follows shared/SYNTHETIC.md, where a prototype showed the hump.
+minutes. The design is one a prototype found to show the hump (README, "The synthetic task").
 
 Every symbol is one printable ASCII character (keys 'A'..'T', fillers from lowercase letters,
 digits and punctuation), and the prompt ends with a separator ('='), so the task's files are
@@ -16,7 +16,7 @@ Gold reward of a response y to a prompt x with key set K(x):
 Its maximum is |K(x)| (each key once, then EOS).
 
 The labeler: P(a ≻ b) = σ((gold_a − gold_b + λ · (len_a − len_b)) / T), with λ =
-`length_bias` (gold-reward units per token; 0 by default, because SYNTHETIC.md found λ ≥ 0.5
+`length_bias` (gold-reward units per token; 0 by default, because a prototype found λ ≥ 0.5
 blurs the over-optimization hump — λ > 0 is the variant for length analyses) and T =
 `label_temperature`.
 """
@@ -44,7 +44,7 @@ _SFT, _PAIRS, _EVAL = 1, 2, 3
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The synthetic task's knobs (`config.data.synthetic`); defaults follow SYNTHETIC.md."""
+  """The synthetic task's knobs (`config.data.synthetic`); defaults are the prototype's (README)."""
   c = ml_collections.ConfigDict()
   c.seed = 0  # Seeds the generated files.
   c.num_keys = 20  # Key symbols 'A'.. (at most 26).
@@ -124,7 +124,7 @@ class SyntheticTask:
 
   def reference_summary(self, prompt: str, rng: np.random.Generator) -> str:
     """The prompt's keys in order, each dropped with `reference_drop_prob` (never empty:
-    an all-dropped draw is redrawn, as an empty response is not a valid data row)."""
+    an all-dropped draw is redrawn, so every reference names at least one key)."""
     keys = self.prompt_keys(prompt)
     while True:
       kept = [k for k, u in zip(keys, rng.random(len(keys))) if u >= self.cfg.reference_drop_prob]
