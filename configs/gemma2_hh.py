@@ -30,7 +30,7 @@ def get_config(arg=None):
   size = "tiny-gemma2" if a.runlocal else "gemma-2-2b"
   if a.stage == "sft":
     c = config_lib.load_sibling(__file__, "sft", f"size={size},runlocal={a.runlocal}")
-    c.optim.lr = 1e-3 if a.runlocal else 5e-6  # PAPER.md: SFT settings unknown
+    c.optim.lr = 1e-3 if a.runlocal else 5e-6  # the paper's SFT settings are not published (README)
     c.train.batch_size = 32 if a.runlocal else 64
   else:
     c = config_lib.load_sibling(

@@ -168,11 +168,11 @@ def test_hf_datasets_directory_with_splits_and_column_mapping(tmp_path):
 
 def test_hf_rows_are_validated_like_file_rows(tmp_path):
   rows = _rows(5)
-  rows[2]["good"] = "  "
+  rows[2]["good"] = None  # (an empty response is a legitimate row; a missing one is not)
   path = _save_hf_dataset(tmp_path, {"train": rows})
   cfg = config(tmp_path, path, format="hf")
   cfg.columns.update(dict(prompt="question", chosen="good", rejected="bad"))
-  with pytest.raises(DataError, match=r"hf_pairs\[train\], row 3: the chosen response is empty"):
+  with pytest.raises(DataError, match=r"hf_pairs\[train\], row 3: missing field 'good'"):
     data.load_pairs(cfg, "train")
   not_saved = tmp_path / "plain_dir"
   not_saved.mkdir()

@@ -40,7 +40,7 @@ EXACT = ("step", "num_samples", "num_pairs", "mean_sample_length", "sample_lengt
          "mean_reference_reward")
 # The quickstart, shrunk: SFT long enough that most samples end with EOS (the pairs keep
 # only those), one DPO run of 2 steps (no warmup: both move the policy) exported at 1 and 2.
-CHAIN = ["--config=configs/quickstart.py:sft_steps=150,epochs=1",
+CHAIN = ["--config=configs/quickstart.py:sft_steps=150,epochs=1", "--config.sizes=('tiny',)",
          "--config.objectives=('dpo',)", "--config.betas=(0.1,)",
          "--config.sft.train.progress=False", "--config.daa.train.progress=False",
          "--config.sft.train.batch_size=32", "--config.sft.train.log_every=50",
