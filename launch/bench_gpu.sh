@@ -14,7 +14,7 @@
 # Needs a CUDA build of jax in the active environment (pip install -U "jax[cuda12]").
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
-# shellcheck source=launch/common.sh
+# shellcheck source=launch/common.sh disable=SC1091  # checked on its own (tests/test_launch.py)
 . launch/common.sh
 
 OUT="${OUT:-/tmp/daa_bench_gpu}"

@@ -10,7 +10,7 @@
 #   SMOKE=1 bash launch/bench_tpu.sh    # tiny models, fixed micro-batches (any host)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
-# shellcheck source=launch/common.sh
+# shellcheck source=launch/common.sh disable=SC1091  # checked on its own (tests/test_launch.py)
 . launch/common.sh
 
 OUT="${OUT:-/tmp/daa_bench_tpu}"
