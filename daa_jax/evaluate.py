@@ -294,9 +294,12 @@ def make_judge(config, tokenizer, mesh, out_dir: str):
     if not synthetic:
       raise ConfigError("config.judge.name='gold' needs the synthetic task (its gold reward); "
                         "use 'reward_model' or 'llm' for real data.")
-    gold = data_lib.gold_reward_fn(config.data.synthetic)
-    # Samples come as (text, has_eos): the gold reward penalizes a response that never ends.
-    return name, judges.GoldJudge(lambda p, s: gold(p, *s) if isinstance(s, tuple) else gold(p, s))
+    task = data_lib.SyntheticTask(config.data.synthetic)
+    # Samples come as (token ids, has_eos): ids are scored as they are (a decode would drop the
+    # non-byte ids of a padded vocabulary), and a response that never ends is penalized.
+    # References are texts of the task's own alphabet.
+    return name, judges.GoldJudge(lambda p, s: task.gold_reward_ids(p, *s)
+                                  if isinstance(s, tuple) else task.gold_reward(p, s))
   if name == "reward_model":
     if not j.reward_model:
       raise ConfigError("config.judge.reward_model is empty; give a local "
@@ -527,7 +530,8 @@ def evaluate_params(setup: _Setup, params, step: int, spe: float | None = None,
   refs = [setup.prompts.references[i] for i in setup.rows]
   outcomes, info = None, {}
   if setup.judge is not None:
-    judged = ([(t, bool(f)) for t, f in zip(texts, samples["finished"])]
+    judged = ([(list(t[:n - int(f)]), bool(f)) for t, n, f in
+               zip(samples["tokens"], lengths, samples["finished"])]
               if setup.judge_name == "gold" else texts)
     outcomes, info = judges.judge_once(setup.judge, prompts, judged, refs)
     wr = judges.win_rate(outcomes)

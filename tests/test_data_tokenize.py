@@ -32,6 +32,9 @@ def test_byte_tokenizer():
   ids = tok.encode("TL;DR: é")
   assert ids == list("TL;DR: é".encode("utf-8")) and len(ids) == 9
   assert tok.decode(ids + [256, 257]) == "TL;DR: é"
+  # An id past the bytes (a padded vocabulary's 258..263) is shown, one U+FFFD per id.
+  assert tok.decode([65, 260, 66, 263, 256]) == "A\ufffdB\ufffd"
+  assert tok.decode(list("é".encode("utf-8")) + [258]) == "é\ufffd"
 
 
 @pytest.fixture(scope="module")

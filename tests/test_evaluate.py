@@ -273,3 +273,24 @@ def test_tldr_win_rates_use_human_references_joined_on_the_post_id(tmp_path):
   with pytest.raises(evaluate.ConfigError, match="config.eval.reference_source"):
     evaluate.prompt_set(data, str(tmp_path), 10, tok.pad_id,
                         reference_source=str(tmp_path / "missing.jsonl"))
+
+
+def test_gold_judge_counts_a_non_byte_id_as_one_off_key_symbol():
+  # The tiny models' vocabulary is 264: ids 258..263 are no bytes. Scored from a decode they
+  # vanished and escaped the off-key penalty; the judge a user's evaluation builds scores ids.
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from daa_jax import data  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(dict(judge=load_config("eval").judge,
+                                          data=data.default_config()))
+  config.data.source, config.judge.name = "synthetic", "gold"
+  name, judge = evaluate.make_judge(config, tokenize.ByteTokenizer(), None, "/tmp")
+  assert name == "gold"
+  prompt = "abAcdBefCgh0123456789="  # Keys A, B, C.
+  clean = [ord(c) for c in "ABC"]
+  outcomes, info = judges.judge_once(judge, [prompt, prompt], [(clean, True),
+                                                               (clean + [260], True)],
+                                     ["ABC", "ABC"])
+  penalty = config.data.synthetic.off_key_penalty
+  assert info["sample_rewards"][0] == 3.0
+  assert info["sample_rewards"][1] == 3.0 - penalty
+  assert list(outcomes) == [0.5, 0.0]

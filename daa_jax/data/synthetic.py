@@ -203,6 +203,18 @@ class SyntheticTask:
     return (cfg.coverage_reward * covered - cfg.off_key_penalty * off
             - cfg.repeat_penalty * repeated - cfg.no_eos_penalty * no_eos).astype(np.float32)
 
+  def gold_reward_ids(self, prompt: str, response_ids: Sequence[int],
+                      has_eos: bool = True) -> float:
+    """`gold_reward` of a response given as `bytes`-tokenizer ids (EOS not included).
+
+    Scores the ids themselves, so an id that is no byte (a padded vocabulary's 258+) counts
+    as one off-key symbol instead of vanishing in a decode.
+    """
+    prompt_ids = np.asarray(list(prompt.encode("utf-8")), np.int64)[None]
+    ids = np.asarray([int(i) for i in response_ids], np.int64).reshape(1, -1)
+    return float(self.gold_reward_tokens(prompt_ids, np.array([prompt_ids.shape[1]]), ids,
+                                         np.array([ids.shape[1]]), np.array([bool(has_eos)]))[0])
+
   # --- Labels. -------------------------------------------------------------------------------
 
   def label_pairs(self, prompts: Sequence[str], responses_a: Sequence[str],

@@ -43,8 +43,20 @@ class ByteTokenizer:
     return [list(t.encode("utf-8")) for t in texts]
 
   def decode(self, ids: Sequence[int]) -> str:
-    """Decodes bytes, skipping EOS/PAD; invalid UTF-8 (a sampled half-character) becomes U+FFFD."""
-    return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+    """Decodes bytes, skipping EOS/PAD; invalid UTF-8 (a sampled half-character) becomes U+FFFD.
+
+    Any other id (a model's vocabulary may be padded past 258) is rendered as U+FFFD too, one
+    per id: dropping it would hide exactly the junk an over-optimized policy emits.
+    """
+    out, run = [], []
+    for i in (int(i) for i in ids):
+      if 0 <= i < 256:
+        run.append(i)
+      elif i not in (self.eos_id, self.pad_id):
+        out.append(bytes(run).decode("utf-8", errors="replace") + "\ufffd")
+        run = []
+    out.append(bytes(run).decode("utf-8", errors="replace"))
+    return "".join(out)
 
 
 class HFTokenizer:
