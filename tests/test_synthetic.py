@@ -171,3 +171,16 @@ def test_load_pairs_and_sft_generate_and_read_the_files(tmp_path):
                                                   eval_pairs.reference_texts))
   again = data.load_pairs(cfg, "train", workdir=str(tmp_path))
   assert again.from_cache and len(os.listdir(tmp_path / "data_cache")) == 5  # 1 dir + 4 npz.
+
+
+def test_a_non_byte_id_costs_one_off_key_penalty_by_ids_and_through_decode():
+  # The sweep labels its policy pairs from decoded texts: a non-byte id must not vanish there.
+  task = synthetic.SyntheticTask()
+  tok = data.get_tokenizer("bytes")
+  prompt = "abAcdBefCgh0123456789="  # Keys A, B, C.
+  ids = [ord(c) for c in "ABC"]
+  penalty = task.cfg.off_key_penalty
+  assert task.gold_reward_ids(prompt, ids) == 3.0
+  assert task.gold_reward_ids(prompt, ids + [260]) == 3.0 - penalty
+  assert task.gold_reward(prompt, tok.decode(ids + [260, 261])) == 3.0 - 2 * penalty
+  assert task.gold_reward_ids(prompt, ids, has_eos=False) == 3.0 - task.cfg.no_eos_penalty
