@@ -191,6 +191,10 @@ def fit_form(form: str, d, win_rate, r0: float | None = None, weights=None) -> d
               n=int(len(d)), rank=int(rank))
 
 
+# Fewest distinct √KL values a group needs before a curve is fitted and drawn.
+MIN_DISTINCT_D = 4
+
+
 def fit_group(d, win_rate, r0: float | None = None, weights=None) -> dict[str, Any]:
   """All three forms on one group's points, or `{'skipped': reason}` when they cannot be fitted.
 
@@ -203,6 +207,13 @@ def fit_group(d, win_rate, r0: float | None = None, weights=None) -> dict[str, A
   out: dict[str, Any] = {"n": int(len(d)), "skipped": None, "weighted": weights is not None}
   if len(d) < n_free + 1:
     out["skipped"] = f"{len(d)} points; need at least {n_free + 1} for {n_free} coefficients"
+    return out
+  # Three distinct points pin any 3-coefficient curve exactly (a U through them): no fit.
+  # A given R0 is itself a point at d = 0, so it counts.
+  n_distinct = len(np.unique(d))
+  if n_distinct + (r0 is not None) < MIN_DISTINCT_D:
+    out["skipped"] = (f"not identifiable: {n_distinct} distinct sqrt(KL) points; "
+                      f"need at least {MIN_DISTINCT_D}")
     return out
   out["d_range"] = [float(d.min()), float(d.max())]
   for form in FORMS:

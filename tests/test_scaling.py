@@ -75,7 +75,7 @@ def test_peak_formulas():
 def test_too_few_points_and_degenerate_groups_are_skipped():
   assert "need at least 4" in scaling.fit_group([0.5, 1.0, 1.5], [0.2, 0.3, 0.25])["skipped"]
   assert scaling.fit_group([0.5, 1.0, 1.5], [0.2, 0.3, 0.25], r0=0.17)["skipped"] is None
-  assert "degenerate" in scaling.fit_group([1.0] * 5, [0.2, 0.3, 0.25, 0.2, 0.1])["skipped"]
+  assert "not identifiable" in scaling.fit_group([1.0] * 5, [0.2, 0.3, 0.25, 0.2, 0.1])["skipped"]
 
 
 # --- summary.csv → fits.json, figures, report -----------------------------------------------
@@ -286,3 +286,12 @@ def test_report_says_which_reference_and_flags_truncated_checkpoints(tmp_path):
   assert "judged against the chosen response of each prompt's first pair" in text
   assert "**Truncated samples**: 1 checkpoints have more than 5%" in text
   assert "worst 40%: dpo 1b β=0.1, step 20" in text
+
+
+def test_fit_group_three_distinct_points_not_identifiable():
+  # Six rows at three √KL values: fitting three coefficients would draw an exact U.
+  d = np.array([1.0, 1.0, 2.0, 2.0, 3.0, 3.0])
+  y = np.array([0.5, 0.52, 0.7, 0.68, 0.55, 0.57])
+  out = scaling.fit_group(d, y)
+  assert out["skipped"] == "not identifiable: 3 distinct sqrt(KL) points; need at least 4"
+  assert "log" not in out
