@@ -490,6 +490,9 @@ def paired_peak_test(group_rows, outcomes: Mapping[str, np.ndarray], sft_row=Non
     'peak_win_rate_test' (on the test half), 'largest_kl': key, 'num_test_prompts',
     'vs_sft' and 'vs_largest_kl' ({'diff', 'stderr', 'p_value', 'lo95'}: the peak minus the
     other on the test half; p one-sided), 'rises' and 'falls' (p < 0.05)}.
+
+  Raises:
+    DataError: the checkpoints (or the SFT row) were judged on different numbers of prompts.
   """
   rows = [r for r in group_rows if math.isfinite(r.get("sqrt_kl", math.nan))]
   keys = [outcome_key(r) for r in rows]
@@ -497,6 +500,17 @@ def paired_peak_test(group_rows, outcomes: Mapping[str, np.ndarray], sft_row=Non
     return None
   if sft_row is not None and outcome_key(sft_row) not in outcomes:
     sft_row = None
+  # The per-prompt arrays carry no prompt ids, so a checkpoint judged on fewer prompts cannot
+  # be aligned with the others: pairing by position would compare different prompts.
+  counts = {k: len(outcomes[k]) for k in keys + ([outcome_key(sft_row)] if sft_row else [])}
+  if len(set(counts.values())) > 1:
+    common = max(set(counts.values()), key=list(counts.values()).count)
+    odd = ", ".join(f"{k} ({n} prompts)" for k, n in counts.items() if n != common)
+    raise DataError(
+        f"paired peak test: the checkpoints of this group were judged on different prompt "
+        f"sets: {odd}, the others on {common} prompts; per-prompt outcomes carry no prompt "
+        f"ids, so they cannot be paired. Re-evaluate those checkpoints with the same "
+        f"evaluation num_prompts and prompt file as the rest of the sweep.")
   table = np.stack([outcomes[k] for k in keys])  # [C, P]
   num_prompts = table.shape[1]
   order = np.random.default_rng(seed).permutation(num_prompts)

@@ -286,3 +286,18 @@ def test_report_says_which_reference_and_flags_truncated_checkpoints(tmp_path):
   assert "judged against the chosen response of each prompt's first pair" in text
   assert "**Truncated samples**: 1 checkpoints have more than 5%" in text
   assert "worst 40%: dpo 1b β=0.1, step 20" in text
+
+
+def test_paired_peak_test_refuses_unequal_prompt_counts(tmp_path):
+  # One checkpoint evaluated on fewer prompts: no silent misalignment and no numpy crash,
+  # one paragraph naming the checkpoint, both counts and the fix.
+  d = np.linspace(0.2, 3.5, 4)
+  rows = _group_rows(tmp_path, d, np.full(4, 0.3), np.full(4, 0.25), np.full(4, 0.35))
+  outcomes = {scaling.outcome_key(r): np.zeros(10) for r in rows}
+  short = scaling.outcome_key(rows[2])
+  outcomes[short] = np.zeros(7)
+  with pytest.raises(DataError) as err:
+    scaling.paired_peak_test(rows, outcomes, None, seed=0)
+  text = str(err.value)
+  assert str(short) in text and "7" in text and "10" in text and "num_prompts" in text
+  assert "\n" not in text
