@@ -163,7 +163,7 @@ def fit_form(form: str, d, win_rate, r0: float | None = None, weights=None) -> d
 
   Returns:
     dict with coef ({'r0', 'alpha', 'beta'} or {'r0', 'c1', 'c2'}), rmse (root mean squared
-    residual), d_star, peak_win_rate, peak_note, peak_in_range, n, rank. A rank-deficient
+    residual, weighted by `weights` when given), d_star, peak_win_rate, peak_note, peak_in_range, n, rank. A rank-deficient
     design does not raise: `rank` below the number of free coefficients reports it.
   """
   d = np.asarray(d, dtype=np.float64)
@@ -184,7 +184,10 @@ def fit_form(form: str, d, win_rate, r0: float | None = None, weights=None) -> d
     r0_fit, c = float(r0), sol
   names = ("c1", "c2") if form == "quadratic" else ("alpha", "beta")
   coef = {"r0": r0_fit, names[0]: float(c[0]), names[1]: float(c[1])}
-  rmse = float(np.sqrt(np.mean((predict(form, coef, d) - y) ** 2)))
+  # The forms are compared by the same weights they were fitted with: an unweighted RMSE
+  # would rank them by the noisy points the fit chose to discount.
+  w = np.ones_like(d) if weights is None else np.asarray(weights, dtype=np.float64)
+  rmse = float(np.sqrt(np.sum(w * (predict(form, coef, d) - y) ** 2) / np.sum(w)))
   d_star, r_star, note = peak(form, coef)
   return dict(coef=coef, rmse=rmse, d_star=d_star, peak_win_rate=r_star, peak_note=note,
               peak_in_range=(d_star is not None and d.min() <= d_star <= d.max()),

@@ -301,3 +301,16 @@ def test_paired_peak_test_refuses_unequal_prompt_counts(tmp_path):
   text = str(err.value)
   assert str(short) in text and "7" in text and "10" in text and "num_prompts" in text
   assert "\n" not in text
+
+
+def test_fit_rmse_uses_the_fit_weights():
+  # The forms are compared by the same weights they are fitted with: weighted RMSE in closed
+  # form, sqrt(sum w r^2 / sum w).
+  d = np.linspace(0.2, 3.0, 9)
+  y = _law("log", d, 0.2, 0.3, 0.2) + np.array([0, .02, -.01, .05, 0, -.03, .01, 0, .02])
+  w = np.linspace(1.0, 9.0, 9)
+  for form in scaling.FORMS:
+    fit = scaling.fit_form(form, d, y, None, w)
+    resid = scaling.predict(form, fit["coef"], d) - y
+    assert fit["rmse"] == pytest.approx(math.sqrt(np.sum(w * resid ** 2) / np.sum(w)),
+                                        rel=1e-12)
