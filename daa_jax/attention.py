@@ -71,11 +71,12 @@ def attend(q: Array, k: Array, v: Array, mask: Array, scale: float | None = None
       logits = softcap * jnp.tanh(logits / softcap)
     masked = jnp.where(mm, logits, -jnp.inf)
     m_new = jnp.maximum(m_prev, jnp.max(masked, axis=-1))
-    # A row with no visible key so far keeps m = -inf; use 0 there so exp() stays finite.
+    # A row with no visible key so far keeps m = -inf; use 0 there so the subtraction is finite.
     m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-    p = jnp.where(mm, jnp.exp(logits - m_safe[..., None]), 0.0)  # float32 [B,H,T,blk]
-    correction = jnp.exp(jnp.where(jnp.isfinite(m_prev), m_prev, 0.0) - m_safe)
-    correction = jnp.where(jnp.isfinite(m_prev), correction, 0.0)
+    # Mask before exp: a masked key's logit may exceed m_safe by far (a fully masked block,
+    # padding with large logits), and where(mask, exp(overflow), 0) has gradient inf * 0 = nan.
+    p = jnp.exp(jnp.where(mm, logits - m_safe[..., None], -jnp.inf))  # float32 [B,H,T,blk]
+    correction = jnp.exp(jnp.where(jnp.isfinite(m_prev), m_prev - m_safe, -jnp.inf))
     l_new = l_prev * correction + jnp.sum(p, axis=-1)
     acc = acc * correction[..., None] + jnp.einsum(
         "bhts,bhsk->bhtk", p.astype(v.dtype), vv, preferred_element_type=jnp.float32)

@@ -202,11 +202,11 @@ def _scatter_figure(rows, panels, width: float = 3.8):
                            elinewidth=0.6, label=f"{objective} {size}", **err)
       for bar in handle[2]:
         bar.set_alpha(0.3)  # the intervals are wide: keep the points readable
-      xs.setdefault(size, []).extend(r[x_col] for r in pts)
-      ys.setdefault(size, []).extend(r[y_col] for r in pts)
-    # The rank correlations the report quotes (within each size), on the panel itself.
-    text = [f"ρ = {_fmt(_spearman(xs[k], ys[k]), 2)} ({k}, n={len(xs[k])})"
-            for k in sorted(xs, key=size_key)]
+      xs.setdefault((objective, size), []).extend(r[x_col] for r in pts)
+      ys.setdefault((objective, size), []).extend(r[y_col] for r in pts)
+    # The rank correlations the report quotes (per objective and size), on the panel itself.
+    text = [f"ρ = {_fmt(_spearman(xs[k], ys[k]), 2)} ({k[0]} {k[1]}, n={len(xs[k])})"
+            for k in sorted(xs, key=lambda k: (_objective_key(k[0]), size_key(k[1])))]
     if text:
       ax.set_title("Spearman " + ", ".join(text), fontsize=9)
     ax.set_xlabel(xlabel)
@@ -347,11 +347,10 @@ def figure_readings(rows, fits) -> dict[str, str]:
       parts.append(text + ".")
     out["epoch_" + re.sub(r"[^A-Za-z0-9._-]+", "_", size or "all")] = " ".join(parts)
 
-  by_size: dict[str, list] = {}
-  for (_, size), group_rows in groups.items():
-    by_size.setdefault(size, []).extend(group_rows)
+  # Per objective and size: pooling DPO, IPO and SLiC mixes their different KL scales and
+  # win-rate curves into one rank correlation that describes none of them.
   parts = []
-  for size, size_rows in by_size.items():
+  for (objective, size), size_rows in groups.items():
     cells = []
     for col, label in (("reward_acc", "reward acc"), ("heldout_loss", "held-out loss")):
       pts = _finite(size_rows, col, "win_rate")
@@ -359,9 +358,13 @@ def figure_readings(rows, fits) -> dict[str, str]:
       if pts:
         cells.append(f"ρ({label}, win rate) = {_fmt(rho, 2)} (n={len(pts)})")
     if cells:
-      parts.append(f"{size}: " + ", ".join(cells) + ".")
-  out["proxy_metrics"] = ("Spearman ρ within each size: " + " ".join(parts)) if parts else ""
+      parts.append(f"{objective.upper()} {size}: " + ", ".join(cells) + ".")
+  out["proxy_metrics"] = (("Spearman ρ per objective and size: " + " ".join(parts)) if parts
+                          else "")
 
+  by_size: dict[str, list] = {}
+  for (_, size), group_rows in groups.items():
+    by_size.setdefault(size, []).extend(group_rows)
   parts = []
   for size, size_rows in by_size.items():
     pts = _finite(size_rows, "kl", "length_r2")
@@ -440,8 +443,8 @@ _CAPTIONS = {
                 "the log-form fit.",
     "epoch": "Win rate (95% intervals) and KL over training, a line per β.",
     "proxy_metrics": "Win rate against the proxies a run logs without a judge: implicit-reward "
-                     "accuracy and loss on held-out preference pairs; Spearman ρ within each "
-                     "size on the panels.",
+                     "accuracy and loss on held-out preference pairs; Spearman ρ per objective "
+                     "and size on the panels.",
     "length_r2": "R² of a line fitting the implicit reward β·log(πθ/π_ref) of the held-out "
                  "responses on their length, against KL: how much of what a run learned is "
                  "response length.",

@@ -163,7 +163,7 @@ def fit_form(form: str, d, win_rate, r0: float | None = None, weights=None) -> d
 
   Returns:
     dict with coef ({'r0', 'alpha', 'beta'} or {'r0', 'c1', 'c2'}), rmse (root mean squared
-    residual), d_star, peak_win_rate, peak_note, peak_in_range, n, rank. A rank-deficient
+    residual, weighted by `weights` when given), d_star, peak_win_rate, peak_note, peak_in_range, n, rank. A rank-deficient
     design does not raise: `rank` below the number of free coefficients reports it.
   """
   d = np.asarray(d, dtype=np.float64)
@@ -184,7 +184,10 @@ def fit_form(form: str, d, win_rate, r0: float | None = None, weights=None) -> d
     r0_fit, c = float(r0), sol
   names = ("c1", "c2") if form == "quadratic" else ("alpha", "beta")
   coef = {"r0": r0_fit, names[0]: float(c[0]), names[1]: float(c[1])}
-  rmse = float(np.sqrt(np.mean((predict(form, coef, d) - y) ** 2)))
+  # The forms are compared by the same weights they were fitted with: an unweighted RMSE
+  # would rank them by the noisy points the fit chose to discount.
+  w = np.ones_like(d) if weights is None else np.asarray(weights, dtype=np.float64)
+  rmse = float(np.sqrt(np.sum(w * (predict(form, coef, d) - y) ** 2) / np.sum(w)))
   d_star, r_star, note = peak(form, coef)
   return dict(coef=coef, rmse=rmse, d_star=d_star, peak_win_rate=r_star, peak_note=note,
               peak_in_range=(d_star is not None and d.min() <= d_star <= d.max()),
@@ -501,6 +504,9 @@ def paired_peak_test(group_rows, outcomes: Mapping[str, np.ndarray], sft_row=Non
     'peak_win_rate_test' (on the test half), 'largest_kl': key, 'num_test_prompts',
     'vs_sft' and 'vs_largest_kl' ({'diff', 'stderr', 'p_value', 'lo95'}: the peak minus the
     other on the test half; p one-sided), 'rises' and 'falls' (p < 0.05)}.
+
+  Raises:
+    DataError: the checkpoints (or the SFT row) were judged on different numbers of prompts.
   """
   rows = [r for r in group_rows if math.isfinite(r.get("sqrt_kl", math.nan))]
   keys = [outcome_key(r) for r in rows]
@@ -508,6 +514,17 @@ def paired_peak_test(group_rows, outcomes: Mapping[str, np.ndarray], sft_row=Non
     return None
   if sft_row is not None and outcome_key(sft_row) not in outcomes:
     sft_row = None
+  # The per-prompt arrays carry no prompt ids, so a checkpoint judged on fewer prompts cannot
+  # be aligned with the others: pairing by position would compare different prompts.
+  counts = {k: len(outcomes[k]) for k in keys + ([outcome_key(sft_row)] if sft_row else [])}
+  if len(set(counts.values())) > 1:
+    common = max(set(counts.values()), key=list(counts.values()).count)
+    odd = ", ".join(f"{k} ({n} prompts)" for k, n in counts.items() if n != common)
+    raise DataError(
+        f"paired peak test: the checkpoints of this group were judged on different prompt "
+        f"sets: {odd}, the others on {common} prompts; per-prompt outcomes carry no prompt "
+        f"ids, so they cannot be paired. Re-evaluate those checkpoints with the same "
+        f"evaluation num_prompts and prompt file as the rest of the sweep.")
   table = np.stack([outcomes[k] for k in keys])  # [C, P]
   num_prompts = table.shape[1]
   order = np.random.default_rng(seed).permutation(num_prompts)

@@ -95,3 +95,29 @@ def test_blockwise_equals_dense_with_grouped_heads_scale_and_softcap():
     got = attention.attend(q, k, v, mask, scale, cap, block=16)
     np.testing.assert_allclose(np.asarray(got)[:, :, 5:], np.asarray(want)[:, :, 5:],
                                atol=1e-5, rtol=1e-5)
+
+
+def test_fully_masked_key_blocks_have_finite_grads_equal_to_dense():
+  # Left padding longer than a block: the first key blocks are entirely masked for row 0,
+  # and the padded keys carry large logits (~1e3), so exp() of a masked logit overflows
+  # unless the mask is applied before exp (inf * 0 = nan in the backward pass).
+  b, h, length, k, block, pad = 2, 2, 16, 4, 4, 9
+  keys = jax.random.split(jax.random.key(3), 3)
+  q, kk, v = (jax.random.normal(key, (b, h, length, k)) for key in keys)
+  valid = np.ones((b, length), bool)
+  valid[0, :pad] = False  # blocks 0 and 1 fully masked, block 2 partly, for row 0
+  kk = kk.at[0, :, :pad].multiply(100.0)
+  q = q * 10.0
+  causal = np.tril(np.ones((length, length), bool))
+  mask = jnp.asarray((causal[None] & valid[:, None, :]) | np.eye(length, dtype=bool)[None])
+  mask = mask[:, None]  # [B,1,T,S]; every query sees at least itself
+  dense = lambda q, k, v: jnp.sum(jnp.sin(layers.attend(q, k, v, mask)))  # noqa: E731
+  blockwise = lambda q, k, v: jnp.sum(jnp.sin(  # noqa: E731
+      attention.attend(q, k, v, mask, block=block)))
+  np.testing.assert_allclose(attention.attend(q, kk, v, mask, block=block),
+                             layers.attend(q, kk, v, mask), atol=1e-5, rtol=1e-5)
+  g_block = jax.grad(blockwise, argnums=(0, 1, 2))(q, kk, v)
+  g_dense = jax.grad(dense, argnums=(0, 1, 2))(q, kk, v)
+  for a, e in zip(g_block, g_dense):
+    assert np.all(np.isfinite(a))
+    np.testing.assert_allclose(a, e, atol=1e-5, rtol=1e-5)

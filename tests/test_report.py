@@ -75,9 +75,13 @@ def test_proxy_metrics_panels_state_spearman_rho(tmp_path):
   fig, axes = report_lib._scatter_figure(  # pylint: disable=protected-access
       rows, [("win_rate", "reward_acc", "win rate", "acc")])
   title = axes[0][0].get_title()
-  pts = [r for r in rows if r["size"] == "1b" and not scaling.is_reference(r)
-         and math.isfinite(r.get("reward_acc", math.nan)) and math.isfinite(r["win_rate"])]
-  rho = report_lib._spearman([r["win_rate"] for r in pts], [r["reward_acc"] for r in pts])  # pylint: disable=protected-access
-  assert title.startswith("Spearman ") and f"ρ = {rho:.2f} (1b, n={len(pts)})" in title
+  assert title.startswith("Spearman ")
+  objectives = {r["objective"] for r in rows if not scaling.is_reference(r)}
+  for objective in objectives:  # per objective, not pooled across DPO/IPO/SLiC
+    pts = [r for r in rows if r["size"] == "1b" and r["objective"] == objective
+           and math.isfinite(r.get("reward_acc", math.nan)) and math.isfinite(r["win_rate"])]
+    rho = report_lib._spearman([r["win_rate"] for r in pts], [r["reward_acc"] for r in pts])  # pylint: disable=protected-access
+    if pts:
+      assert f"ρ = {report_lib._fmt(rho, 2)} ({objective} 1b, n={len(pts)})" in title  # pylint: disable=protected-access
   assert axes[0][0].containers  # win-rate intervals as horizontal bars
   del fig

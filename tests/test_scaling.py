@@ -295,3 +295,31 @@ def test_fit_group_three_distinct_points_not_identifiable():
   out = scaling.fit_group(d, y)
   assert out["skipped"] == "not identifiable: 3 distinct sqrt(KL) points; need at least 4"
   assert "log" not in out
+
+
+def test_paired_peak_test_refuses_unequal_prompt_counts(tmp_path):
+  # One checkpoint evaluated on fewer prompts: no silent misalignment and no numpy crash,
+  # one paragraph naming the checkpoint, both counts and the fix.
+  d = np.linspace(0.2, 3.5, 4)
+  rows = _group_rows(tmp_path, d, np.full(4, 0.3), np.full(4, 0.25), np.full(4, 0.35))
+  outcomes = {scaling.outcome_key(r): np.zeros(10) for r in rows}
+  short = scaling.outcome_key(rows[2])
+  outcomes[short] = np.zeros(7)
+  with pytest.raises(DataError) as err:
+    scaling.paired_peak_test(rows, outcomes, None, seed=0)
+  text = str(err.value)
+  assert str(short) in text and "7" in text and "10" in text and "num_prompts" in text
+  assert "\n" not in text
+
+
+def test_fit_rmse_uses_the_fit_weights():
+  # The forms are compared by the same weights they are fitted with: weighted RMSE in closed
+  # form, sqrt(sum w r^2 / sum w).
+  d = np.linspace(0.2, 3.0, 9)
+  y = _law("log", d, 0.2, 0.3, 0.2) + np.array([0, .02, -.01, .05, 0, -.03, .01, 0, .02])
+  w = np.linspace(1.0, 9.0, 9)
+  for form in scaling.FORMS:
+    fit = scaling.fit_form(form, d, y, None, w)
+    resid = scaling.predict(form, fit["coef"], d) - y
+    assert fit["rmse"] == pytest.approx(math.sqrt(np.sum(w * resid ** 2) / np.sum(w)),
+                                        rel=1e-12)
