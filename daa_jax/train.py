@@ -401,9 +401,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   t = config.train
   global_batch = t.batch_size
+  # Processes that hold replicas of the same batch rows (a tensor axis across hosts) load
+  # the same rows.
+  shard_index, shard_count = sharding.data_shard(mesh)
   loader = data_lib.Loader(train_ds, batch_size=global_batch, seed=config.seed, shuffle=True,
-                           drop_remainder=True, process_index=jax.process_index(),
-                           process_count=jax.process_count())
+                           drop_remainder=True, process_index=shard_index,
+                           process_count=shard_count)
   steps_per_epoch = loader.steps_per_epoch
   if steps_per_epoch == 0:
     raise ConfigError(f"config.train.batch_size={global_batch} exceeds the {len(train_ds)} "
@@ -454,8 +457,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                 pack, agreement.stop_here)
     loader = data_lib.Loader(train_ds, batch_size=global_batch, seed=config.seed,
                              shuffle=True, drop_remainder=True,
-                             process_index=jax.process_index(),
-                             process_count=jax.process_count())
+                             process_index=shard_index, process_count=shard_count)
     if eval_ds is not None:
       eval_ds = attach_reference(config, workdir, model, reference, eval_ds, mesh, "eval",
                                  eval_pack, agreement.stop_here)
@@ -555,8 +557,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         host_batch.pop("index", None)
         batch = sharding.host_to_global(pack(host_batch) if pack else host_batch, mesh)
         state, m = train_fn(state, ref_params, batch, hparams)
-        # Tokens seen by all processes (each holds its slice; counts are per host * hosts).
-        tokens = float(host_batch["attention_mask"].sum()) * jax.process_count()
+        # Tokens of the global batch (each data shard holds its slice; replicas count once).
+        tokens = float(host_batch["attention_mask"].sum()) * shard_count
         window_tokens += tokens
         pending.append((step, m, metrics_lib.step_flops(model_cfg, tokens, seq_len, kind,
                                                         cached_ref)))
