@@ -8,9 +8,9 @@
   5. the reference: a frozen copy of the initial params (never donated, no optimizer state),
      or reference log-probs precomputed once and cached on disk;
   6. the jitted step with explicit shardings and donation, then an ordinary `for` loop with
-     logging, schedule checkpoints, SIGTERM handling and a non-finite guard.
+     logging, schedule checkpoints, SIGTERM/Ctrl-C handling and a non-finite guard.
 
-A SIGTERM to any process stops every process at the same point (`preemption`): inside the
+A SIGTERM or Ctrl-C to any process stops every process at the same point (`preemption`): inside the
 loop they all save the same step and return with status 'preempted'; before it they all
 raise `preemption.Preempted` (nothing half-written: checkpoints commit atomically, the
 reference cache is written aside and renamed).
@@ -509,6 +509,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   writer = metrics_lib.MetricsWriter(workdir, is_main)
   start = int(jax.device_get(state.step))
+  writer.resume_at(start)  # steps logged after the checkpoint are logged again below
   progress = metrics_lib.Progress(total_steps, start, bool(t.progress) and is_main,
                                   desc=f"{kind} {os.path.basename(os.path.normpath(workdir))}")
   peak = metrics_lib.peak_flops(jax.devices()[0].device_kind)
@@ -590,7 +591,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       writer.close()
   summary["step"] = int(jax.device_get(state.step))
   if summary["status"] == "preempted":
-    summary["message"] = (f"SIGTERM: every process saved step {summary['step']} in "
+    # The signalled process names its signal (SIGTERM or Ctrl-C); the others only agreed.
+    name = preemption.signal_name() if preemption.requested() else "preempted"
+    summary["message"] = (f"{name}: every process saved step {summary['step']} in "
                           f"{workdir}/checkpoints and stopped; run the same command again to "
                           "continue.")
   logging.info("run: %s at step %d", summary["status"], summary["step"])
