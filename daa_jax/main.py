@@ -11,8 +11,9 @@ warnings and a short summary; INFO logs go to `<workdir>/daa_jax.log` (`console.
 This is the only module with process-level side effects: flags, `jax.distributed`
 initialization for multi-process jobs, and jax config updates. A user error (bad config
 value, malformed data, incompatible checkpoint) ends with a one-paragraph message and exit
-code 2. A SIGTERM to any process of a job stops all of them at an agreed point (during
-training: every process saves the same step) and exits 0 with one line saying what was saved.
+code 2. A SIGTERM or Ctrl-C to any process of a job stops all of them at an agreed point (during
+training: every process saves the same step) and exits 0 with one line saying what was saved;
+a second Ctrl-C aborts at once (exit 130, the last committed checkpoint kept).
 """
 
 from __future__ import annotations
@@ -153,6 +154,10 @@ def main(argv) -> None:
   except preemption.Preempted as e:
     print(f"daa_jax: {e}")
     sys.exit(0)
+  except KeyboardInterrupt:  # a second Ctrl-C while the first waited for its save
+    sys.stderr.write("daa_jax: aborted by a second Ctrl-C without saving; the last committed "
+                     "checkpoint is kept. Run the same command again to continue from it.\n")
+    sys.exit(130)
   print(console.summary_text(_CONFIG.value, _WORKDIR.value, summary))
 
 

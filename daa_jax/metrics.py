@@ -103,6 +103,29 @@ class MetricsWriter:
         except ImportError:
           logging.info("tensorboard not installed; metrics go to metrics.jsonl only.")
 
+  def resume_at(self, step: int) -> None:
+    """Drops the rows logged after `step` (the checkpoint a run resumes from): a run stopped
+    after logging steps it had not checkpointed logs them again, so each step stays once.
+
+    Written aside and renamed, so a kill here never leaves a half-written file.
+    """
+    if not self.is_main or not self.path.exists():
+      return
+    lines = self.path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) == len(lines):
+      return
+    text = "".join(kept)
+    logging.info("metrics: dropped %d rows logged after step %d (resumed there)",
+                 len(lines) - len(kept), step)
+    if self._remote_text is not None:
+      self._remote_text = text
+      self.path.write_text(text)
+      return
+    tmp = self.path.parent / (self.path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(self.path)
+
   def write(self, step: int, values: dict[str, Any]) -> None:
     if not self.is_main:
       return

@@ -1,4 +1,4 @@
-"""SIGTERM, agreed by every process of the job.
+"""SIGTERM and Ctrl-C (SIGINT), agreed by every process of the job.
 
 On a pod each host is signalled at its own moment (a maintenance event, a Spot preemption),
 and a host that stops to save while the others run the next step hangs the whole job. So a
@@ -13,6 +13,9 @@ SIGTERM never acts on its own process alone:
   * Elsewhere (evaluation, a sweep between runs, outside any job) the handler raises
     `Preempted` at once. What is written aside and renamed, or committed by orbax, is never
     left half-written by that.
+  * Ctrl-C is a preemption like SIGTERM (the terminal sends SIGINT to every process of the
+    job it started); a second Ctrl-C, while the first waits for its agreement point, aborts at
+    once (KeyboardInterrupt) for a user who does not want to wait for the save.
 
 `main.py` (the only module with process-level side effects) calls `install()`; it prints
 `Preempted`'s message, one line saying what was and was not saved, and exits 0. A job run
@@ -33,25 +36,37 @@ from typing import Any, Callable
 from absl import logging
 
 _STATE: dict[str, Any] = {"installed": False, "deferred": 0, "requested": False,
-                          "phase": "starting", "saved": "nothing"}
+                          "phase": "starting", "saved": "nothing", "signal": "SIGTERM"}
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def signal_name() -> str:
+  """'SIGTERM' or 'SIGINT (Ctrl-C)': the signal that stopped (or is stopping) the job."""
+  return _STATE["signal"]
 
 
 class Preempted(Exception):
-  """A SIGTERM ended the job at an agreed point; the message says what was saved."""
+  """A SIGTERM or Ctrl-C ended the job at an agreed point; the message says what was saved."""
 
-  def __init__(self, phase: str, saved: str):
-    super().__init__(f"SIGTERM during {phase}: {saved}. Run the same command again to "
+  def __init__(self, phase: str, saved: str, name: str = "SIGTERM"):
+    super().__init__(f"{name} during {phase}: {saved}. Run the same command again to "
                      "continue from there.")
     self.phase = phase
     self.saved = saved
 
 
 def _handle(signum, frame):
-  del signum, frame
+  del frame
+  interrupt = signum == signal.SIGINT
+  if interrupt and _STATE["requested"]:
+    raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the save
+  if not _STATE["requested"]:
+    _STATE["signal"] = "SIGINT (Ctrl-C)" if interrupt else "SIGTERM"
   if _STATE["deferred"]:
     if not _STATE["requested"]:
-      logging.warning("SIGTERM during %s: stopping at the next point all processes agree on.",
-                      _STATE["phase"])
+      logging.warning("%s during %s: stopping at the next point all processes agree on%s.",
+                      _STATE["signal"], _STATE["phase"],
+                      " (Ctrl-C again to abort without saving)" if interrupt else "")
     _STATE["requested"] = True
     return
   raise preempted()
@@ -60,13 +75,15 @@ def _handle(signum, frame):
 def preempted() -> Preempted:
   """The `Preempted` error for the current phase."""
   saved = _STATE["saved"]
-  return Preempted(_STATE["phase"], saved() if callable(saved) else saved)
+  return Preempted(_STATE["phase"], saved() if callable(saved) else saved, _STATE["signal"])
 
 
 def install() -> None:
-  """Routes SIGTERM through this module for the rest of the process (main thread only)."""
+  """Routes SIGTERM and SIGINT through this module for the rest of the process (main thread
+  only)."""
   if threading.current_thread() is threading.main_thread():
-    signal.signal(signal.SIGTERM, _handle)
+    for signum in _SIGNALS:
+      signal.signal(signum, _handle)
     _STATE["installed"] = True
 
 
@@ -77,11 +94,11 @@ def requested() -> bool:
 
 @contextlib.contextmanager
 def deferred():
-  """SIGTERM only sets the flag inside; installs the handler for the duration if `install`
-  was not called (an in-process job) and restores the previous handler after."""
+  """SIGTERM and Ctrl-C only set the flag inside; installs the handler for the duration if
+  `install` was not called (an in-process job) and restores the previous handlers after."""
   previous = None
   if not _STATE["installed"] and threading.current_thread() is threading.main_thread():
-    previous = signal.signal(signal.SIGTERM, _handle)
+    previous = {signum: signal.signal(signum, _handle) for signum in _SIGNALS}
   _STATE["deferred"] += 1
   old_phase = _STATE["phase"], _STATE["saved"]
   try:
@@ -90,9 +107,11 @@ def deferred():
     _STATE["deferred"] -= 1
     _STATE["phase"], _STATE["saved"] = old_phase
     if previous is not None:
-      signal.signal(signal.SIGTERM, previous)
+      for signum, handler in previous.items():
+        signal.signal(signum, handler)
     if not _STATE["deferred"]:
       _STATE["requested"] = False
+      _STATE["signal"] = "SIGTERM"
 
 
 def set_phase(name: str, saved: str | Callable[[], str]) -> None:

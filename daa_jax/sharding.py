@@ -165,6 +165,35 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def data_shard(mesh: jax.sharding.Mesh) -> tuple[int, int]:
+  """Which rows of each global batch this process loads: `(shard_index, shard_count)`.
+
+  The batch is split over data x fsdp only, so where the tensor axis (or any replication)
+  spans processes, several processes hold replicas of the same rows and must load the same
+  ones: splitting by process index instead would feed each replica different rows (and
+  `make_array_from_process_local_data` would accept it silently). Processes are grouped by the
+  contiguous block of batch slices their devices hold; `shard_count` blocks, this process's is
+  `shard_index`. Single-process: (0, 1).
+
+  Raises:
+    ConfigError: the processes' devices do not hold equal contiguous blocks of the batch (a
+      device order this loader cannot feed); names `config.mesh`.
+  """
+  slices = mesh.shape["data"] * mesh.shape["fsdp"]
+  held: dict[int, set[int]] = {}
+  for device, index in batch_sharding(mesh, 1).devices_indices_map((slices,)).items():
+    held.setdefault(device.process_index, set()).add(index[0].start or 0)
+  blocks = sorted({tuple(sorted(v)) for v in held.values()})
+  size = len(blocks[0])
+  if any(b != tuple(range(k * size, (k + 1) * size)) for k, b in enumerate(blocks)):
+    raise ConfigError(
+        f"config.mesh={tuple(mesh.shape.values())}: the processes' devices hold batch slices "
+        f"{blocks} of the data x fsdp axes, not equal contiguous blocks, so no per-process "
+        "loading feeds them; order the mesh so each process's devices are adjacent along "
+        "data x fsdp (e.g. put the axis that spans processes first).")
+  return blocks.index(tuple(sorted(held[jax.process_index()]))), len(blocks)
+
+
 def host_to_global(batch, mesh: jax.sharding.Mesh, whole: bool = False):
   """Per-process numpy batch (this host's rows) -> global arrays sharded by `batch_sharding`.
 

@@ -8,9 +8,9 @@
   5. the reference: a frozen copy of the initial params (never donated, no optimizer state),
      or reference log-probs precomputed once and cached on disk;
   6. the jitted step with explicit shardings and donation, then an ordinary `for` loop with
-     logging, schedule checkpoints, SIGTERM handling and a non-finite guard.
+     logging, schedule checkpoints, SIGTERM/Ctrl-C handling and a non-finite guard.
 
-A SIGTERM to any process stops every process at the same point (`preemption`): inside the
+A SIGTERM or Ctrl-C to any process stops every process at the same point (`preemption`): inside the
 loop they all save the same step and return with status 'preempted'; before it they all
 raise `preemption.Preempted` (nothing half-written: checkpoints commit atomically, the
 reference cache is written aside and renamed).
@@ -401,9 +401,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   t = config.train
   global_batch = t.batch_size
+  # Processes that hold replicas of the same batch rows (a tensor axis across hosts) load
+  # the same rows.
+  shard_index, shard_count = sharding.data_shard(mesh)
   loader = data_lib.Loader(train_ds, batch_size=global_batch, seed=config.seed, shuffle=True,
-                           drop_remainder=True, process_index=jax.process_index(),
-                           process_count=jax.process_count())
+                           drop_remainder=True, process_index=shard_index,
+                           process_count=shard_count)
   steps_per_epoch = loader.steps_per_epoch
   if steps_per_epoch == 0:
     raise ConfigError(f"config.train.batch_size={global_batch} exceeds the {len(train_ds)} "
@@ -454,8 +457,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                 pack, agreement.stop_here)
     loader = data_lib.Loader(train_ds, batch_size=global_batch, seed=config.seed,
                              shuffle=True, drop_remainder=True,
-                             process_index=jax.process_index(),
-                             process_count=jax.process_count())
+                             process_index=shard_index, process_count=shard_count)
     if eval_ds is not None:
       eval_ds = attach_reference(config, workdir, model, reference, eval_ds, mesh, "eval",
                                  eval_pack, agreement.stop_here)
@@ -507,6 +509,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   writer = metrics_lib.MetricsWriter(workdir, is_main)
   start = int(jax.device_get(state.step))
+  writer.resume_at(start)  # steps logged after the checkpoint are logged again below
   progress = metrics_lib.Progress(total_steps, start, bool(t.progress) and is_main,
                                   desc=f"{kind} {os.path.basename(os.path.normpath(workdir))}")
   peak = metrics_lib.peak_flops(jax.devices()[0].device_kind)
@@ -555,8 +558,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         host_batch.pop("index", None)
         batch = sharding.host_to_global(pack(host_batch) if pack else host_batch, mesh)
         state, m = train_fn(state, ref_params, batch, hparams)
-        # Tokens seen by all processes (each holds its slice; counts are per host * hosts).
-        tokens = float(host_batch["attention_mask"].sum()) * jax.process_count()
+        # Tokens of the global batch (each data shard holds its slice; replicas count once).
+        tokens = float(host_batch["attention_mask"].sum()) * shard_count
         window_tokens += tokens
         pending.append((step, m, metrics_lib.step_flops(model_cfg, tokens, seq_len, kind,
                                                         cached_ref)))
@@ -588,7 +591,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       writer.close()
   summary["step"] = int(jax.device_get(state.step))
   if summary["status"] == "preempted":
-    summary["message"] = (f"SIGTERM: every process saved step {summary['step']} in "
+    # The signalled process names its signal (SIGTERM or Ctrl-C); the others only agreed.
+    name = preemption.signal_name() if preemption.requested() else "preempted"
+    summary["message"] = (f"{name}: every process saved step {summary['step']} in "
                           f"{workdir}/checkpoints and stopped; run the same command again to "
                           "continue.")
   logging.info("run: %s at step %d", summary["status"], summary["step"])

@@ -5,6 +5,8 @@ wrapping daa_jax functions before the job starts, so the product's loop carries 
 switches. Real signals, sent by the process to itself at a chosen point:
 
   {"sigterm_at_batch": N}           SIGTERM once the N-th training batch is drawn (1-based)
+  {"sigint_at_batch": [N, ...]}     SIGINT (Ctrl-C) once the N-th batch is drawn, once per entry
+                                    (a repeated N: a second Ctrl-C right after the first)
   {"sigterm_in_reference_pass": N}  SIGTERM before the N-th batch of the reference log-prob pass
   {"sigkill_after_commit": S}       SIGKILL once step S's checkpoint is committed
   {"sigkill_mid_save": S}           SIGKILL right after step S's asynchronous save starts
@@ -39,6 +41,19 @@ def install(faults: dict) -> None:
           os.kill(os.getpid(), signal.SIGTERM)
       return batch
     data_lib.Loader.__next__ = counting_next
+
+  if "sigint_at_batch" in faults:
+    counted = [0]
+    draw = data_lib.Loader.__next__
+
+    def interrupting_next(self):
+      batch = draw(self)
+      if self.shuffle:
+        counted[0] += 1
+        for _ in range(list(faults["sigint_at_batch"]).count(counted[0]) if _mine(faults) else 0):
+          os.kill(os.getpid(), signal.SIGINT)
+      return batch
+    data_lib.Loader.__next__ = interrupting_next
 
   if "sigterm_in_reference_pass" in faults:
     compute = train.compute_pair_logps

@@ -215,3 +215,19 @@ def test_empty_responses_are_rows_and_are_counted(tmp_path):
   tldr = write_jsonl(tmp_path / "batch1.json", [tldr_row(texts=(" ok", ""))])
   (row,) = readers.read_pairs([tldr], "tldr")
   assert row.chosen == " "  # choice=1: the empty summary, after the joining space
+
+
+def test_hh_identical_final_turns_are_a_row_error_or_counted_and_skipped(tmp_path):
+  # Final turns identical after the shared prefix, and whole dialogues identical: each is a
+  # DataError naming the file and line, or (skip_invalid) counted and skipped.
+  same_turn = hh_row(chosen=" Tom.", rejected=" Tom.")
+  same_dialogue = {"chosen": HH_PROMPT + " Felix.", "rejected": HH_PROMPT + " Felix."}
+  for k, bad in enumerate((same_turn, same_dialogue)):
+    path = write_jsonl(tmp_path / f"hh{k}.jsonl", [hh_row(), bad])
+    with pytest.raises(DataError) as info:
+      list(readers.read_pairs([path], "hh"))
+    assert str(info.value).startswith(
+        f"{path}, line 2: chosen and rejected responses are identical")
+    stats = collections.Counter()
+    rows = list(readers.read_pairs([path], "hh", skip_invalid=True, stats=stats))
+    assert len(rows) == 1 and stats["invalid_skipped"] == 1

@@ -9,6 +9,7 @@ gloo cross-process collectives on CPU. Faults are real signals, injected by test
     the same step and exit 0; the resumed 2-process job equals one uninterrupted process;
   * a mesh (1,2,4) whose fsdp and tensor axes span the processes, with checkpoints crossing
     topologies 1 -> 2 -> 1 processes;
+  * a mesh (1,1,8) whose tensor axis spans the processes: both load the same rows;
   * a SIGTERM during the cached reference log-prob pass: both processes leave at the same
     batch, nothing half-written, and the restart completes.
 
@@ -310,3 +311,19 @@ def test_sft_two_processes_match_one(tmp_path, jax_cache):
                        heldout=False)
   assert ckpt_lib.exported_steps(str(pod)) == ckpt_lib.exported_steps(str(reference)) == [4]
   assert_params_close(exported_params(pod, 4), exported_params(reference, 4), "SFT export")
+
+
+def test_tensor_axis_across_processes_feeds_every_replica_the_same_rows(tmp_path, jax_cache):
+  """Mesh (1,1,8): the tensor axis spans both processes and the batch is not split, so both
+  processes hold replicas of every row and must load the same ones (not half each): the
+  2-process job equals one process, the global batch included."""
+  flags = ["--config=configs/tiny.py:job=daa", "--config.mesh=(1,1,8)",
+           "--config.train.max_steps=2", "--config.train.eval_every=0",
+           "--config.checkpoint.epoch_fractions=()"]
+  run = functools.partial(launch, flags=flags, cache_dir=jax_cache,
+                          log_dir=str(tmp_path / "logs"))
+  reference, pod = tmp_path / "reference", tmp_path / "pod"
+  run(reference, 1)
+  run(pod, 2)
+  assert_metrics_close(metrics(pod), metrics(reference), range(1, 3),
+                       "mesh (1,1,8), 2 processes vs 1", heldout=False)

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -223,6 +224,11 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
   a, b = final_params(straight, 8), final_params(killed, 8)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # Steps logged after the last committed checkpoint were logged again after the resume:
+  # each step appears once, with the uninterrupted run's values.
+  assert [m["step"] for m in metrics(killed)] == list(range(1, 9))
+  for m, n in zip(metrics(killed), metrics(straight)):
+    assert m["loss/total"] == n["loss/total"], m["step"]
 
 
 def test_sigkill_after_a_schedule_commit_keeps_its_export_and_repairs_an_old_layout(tmp_path):
@@ -264,6 +270,52 @@ def test_sigterm_checkpoints_and_exits_zero_then_resumes(tmp_path):
   _cli(flags)
   steps = [m["step"] for m in metrics(workdir)]
   assert steps[-1] == 8 and steps.count(8) == 1
+
+
+def test_ctrl_c_on_a_schedule_step_with_an_async_save_saves_it_once_then_resumes(tmp_path):
+  """Ctrl-C is a preemption. Agreed at step 4, a schedule step whose asynchronous save (with
+  the params export) is already in flight: step 4 is saved exactly once, and the resumed run
+  equals one never stopped, each step logged once."""
+  flags = ["--config=configs/tiny.py:job=daa", "--config.train.max_steps=8",
+           "--config.checkpoint.async_save=True", "--config.checkpoint.epoch_fractions=(0.5,)"]
+  straight, workdir = str(tmp_path / "straight"), str(tmp_path / "stopped")
+  _cli(flags + [f"--workdir={straight}"])
+  proc = _cli(flags + [f"--workdir={workdir}"], faults={"sigint_at_batch": [3]})
+  assert proc.returncode == 0
+  assert "SIGINT (Ctrl-C): every process saved step 4" in proc.stdout, proc.stdout
+  assert "Traceback" not in proc.stderr
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4"]
+  assert ckpt_lib.exported_steps(workdir) == [4]
+  with open(os.path.join(workdir, "daa_jax.log")) as f:
+    assert f.read().count("checkpoint: saving step 4") == 1
+  _cli(flags + [f"--workdir={workdir}"])
+  assert [m["step"] for m in metrics(workdir)] == list(range(1, 9))
+  assert ckpt_lib.exported_steps(workdir) == [4, 8]
+  for step in (4, 8):
+    for x, y in zip(jax.tree.leaves(final_params(straight, step)),
+                    jax.tree.leaves(final_params(workdir, step))):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_second_ctrl_c_aborts_at_once_without_saving(tmp_path):
+  workdir = str(tmp_path)
+  proc = _cli(["--config=configs/tiny.py:job=daa", "--config.train.max_steps=8",
+               f"--workdir={workdir}"], check=False, faults={"sigint_at_batch": [3, 3]})
+  assert proc.returncode == 130, proc.stderr[-2000:]
+  assert "daa_jax: aborted by a second Ctrl-C without saving" in proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert not [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+
+
+def test_ctrl_c_in_process_sets_the_flag_and_a_second_one_raises():
+  from daa_jax import preemption  # pylint: disable=g-import-not-at-top
+  with preemption.deferred():
+    os.kill(os.getpid(), signal.SIGINT)
+    assert preemption.requested() and preemption.signal_name() == "SIGINT (Ctrl-C)"
+    assert "SIGINT (Ctrl-C) during" in str(preemption.preempted())
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+  assert not preemption.requested() and preemption.signal_name() == "SIGTERM"
 
 
 def test_user_errors_exit_with_one_paragraph(tmp_path):
