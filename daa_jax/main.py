@@ -133,27 +133,85 @@ def main(argv) -> None:
     raise app.UsageError("--config and --workdir are required (see daa-jax --help).")
   console.quiet_console()
   from daa_jax import preemption  # pylint: disable=g-import-not-at-top
+  from daa_jax import config_lib  # pylint: disable=g-import-not-at-top
+  workdir, created = None, False
   try:
+    # Relative paths are resolved here, once, against the directory the command was typed in.
+    config_lib.resolve_paths(_CONFIG.value)
     if _PRINT_CONFIG.value:
       _validate(_CONFIG.value)
       console.print_config(_CONFIG.value)
       return
+    workdir = config_lib.absolute_path(_WORKDIR.value)
+    created = _make_workdir(workdir)
     with console.native_stderr_captured() as flush_start_up:
       topology = _maybe_initialize_distributed()
     # After jax.distributed: its own SIGTERM notifier must not take the signal from us.
     preemption.install()
-    log_path = console.log_to_file(_WORKDIR.value)
+    log_path = console.log_to_file(workdir)
     flush_start_up(log_path)
     console.status(f"{topology}; log: {log_path}")
     _validate(_CONFIG.value)
-    summary = dispatch(_CONFIG.value, _WORKDIR.value)
+    summary = dispatch(_CONFIG.value, workdir)
   except DaaError as e:
+    if workdir:
+      _clean_failed_start(workdir, created)
     sys.stderr.write(f"daa_jax: error: {e}\n")
     sys.exit(2)
   except preemption.Preempted as e:
     print(f"daa_jax: {e}")
     sys.exit(0)
-  print(console.summary_text(_CONFIG.value, _WORKDIR.value, summary))
+  print(console.summary_text(_CONFIG.value, workdir, summary))
+
+
+def _make_workdir(workdir: str) -> bool:
+  """Creates a local `workdir` and checks that it is writable; returns whether it was created.
+
+  Raises:
+    ConfigError: it cannot be created (a parent is a file, a read-only place) or written.
+  """
+  from daa_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  if "://" in workdir:
+    return False
+  existed = os.path.isdir(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    # A write probe: os.access says yes to root on a read-only mount.
+    import tempfile  # pylint: disable=g-import-not-at-top
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".daa_jax_write_test"):
+      pass
+  except OSError as e:
+    raise ConfigError(
+        f"--workdir={workdir}: cannot {'write to' if existed else 'create'} it "
+        f"({e.strerror or e}{': ' + e.filename if e.filename else ''}). Give a directory you "
+        "can write, whose parents are directories (not files), e.g. --workdir=runs/NAME."
+    ) from None
+  return not existed
+
+
+def _clean_failed_start(workdir: str, created: bool) -> None:
+  """After a user error, removes what this start left half-written.
+
+  Uncommitted orbax directories (`*.orbax-checkpoint-tmp*`) go; a workdir this run created
+  goes too unless a checkpoint was committed in it (e.g. before a divergence). Committed steps
+  and anything an earlier run saved stay.
+  """
+  import glob  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  if "://" in workdir:
+    return
+  try:
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.process_index() != 0:
+      return
+  except Exception:  # pylint: disable=broad-except  (jax not initialized: one process)
+    pass
+  for tmp in glob.glob(os.path.join(workdir, "**", "*.orbax-checkpoint-tmp*"), recursive=True):
+    shutil.rmtree(tmp, ignore_errors=True)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  committed = os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))
+  if created and not committed:
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _validate(config) -> None:

@@ -118,3 +118,54 @@ def test_print_config_prints_every_resolved_field_and_exits_0():
   assert "max_length: 0" in out  # 'auto', fitted when the data is loaded
   bad = _main("--config=configs/daa.py:size=tiny", "--config.optim.name=adamx", "--print_config")
   assert bad.returncode == 2 and "Did you mean 'adam'?" in bad.stderr
+
+
+def test_resolve_paths_makes_local_paths_absolute_and_leaves_hub_ids(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "pairs.jsonl").write_text("{}\n")
+  (tmp_path / "tok").mkdir()
+  (tmp_path / "rm").mkdir()
+  (tmp_path / "shards").mkdir()
+  (tmp_path / "shards" / "a.jsonl").write_text("{}\n")
+  config = _config("daa")
+  config.init_from = "runs/sft@40"           # always local, even before it exists
+  config.hf_model = "EleutherAI/pythia-1b"   # a hub id: no such local path
+  config.data.source = "pairs.jsonl,shards/*.jsonl,gs://bucket/x.jsonl"
+  config.data.tokenizer = "tok"
+  config.data.cache_dir = "~/daa_cache"
+  config_lib.resolve_paths(config)
+  assert config.init_from == f"{tmp_path}/runs/sft@40"
+  assert config.hf_model == "EleutherAI/pythia-1b"
+  assert config.data.source == (f"{tmp_path}/pairs.jsonl,{tmp_path}/shards/*.jsonl,"
+                                "gs://bucket/x.jsonl")
+  assert config.data.tokenizer == f"{tmp_path}/tok"
+  assert config.data.cache_dir == os.path.expanduser("~/daa_cache")
+  evaluation = _config("eval", "run=runs/dpo")
+  evaluation.judge.reward_model = "rm"
+  evaluation.judge.tokenizer = "EleutherAI/pythia-1b"
+  config_lib.resolve_paths(evaluation)
+  assert evaluation.run == f"{tmp_path}/runs/dpo"
+  assert evaluation.judge.reward_model == f"{tmp_path}/rm"
+  assert evaluation.judge.tokenizer == "EleutherAI/pythia-1b"
+  study = _config("quickstart")  # a study's sub-configs too; keywords stay keywords
+  study.sft.init_from = "runs/base"
+  config_lib.resolve_paths(study)
+  assert study.sft.init_from == f"{tmp_path}/runs/base"
+  assert study.daa.data.source == "synthetic" and study.daa.data.tokenizer == "bytes"
+
+
+def test_a_failed_start_leaves_no_directory_it_created(tmp_path):
+  missing = ["--config=configs/daa.py:size=tiny", f"--config.data.source={tmp_path}/nope.jsonl"]
+  fresh = tmp_path / "runs" / "new"
+  proc = _main(*missing, f"--workdir={fresh}")
+  assert proc.returncode == 2 and "nope.jsonl does not exist" in proc.stderr, proc.stderr
+  assert not fresh.exists()
+  # A workdir that was there keeps what an earlier run saved; a stale uncommitted orbax
+  # directory goes.
+  old = tmp_path / "old"
+  (old / "checkpoints" / "4").mkdir(parents=True)
+  (old / "checkpoints" / "6.orbax-checkpoint-tmp-1").mkdir()
+  (old / "notes.txt").write_text("mine")
+  proc = _main(*missing, f"--workdir={old}")
+  assert proc.returncode == 2, proc.stderr
+  assert sorted(os.listdir(old / "checkpoints")) == ["4"] and (old / "notes.txt").exists()
