@@ -320,8 +320,10 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     key, _, value = item.partition("=")
     key = key.strip()
     if key not in defaults:
+      close = difflib.get_close_matches(key, list(defaults), n=1, cutoff=0.6)
+      fix = f" Did you mean {close[0]!r}?" if close else ""
       raise ConfigError(
-          f"config argument {key!r} is unknown; this config takes: "
+          f"config argument {key!r} is unknown (in ':{arg}').{fix} This config takes: "
           f"{', '.join(sorted(defaults))} (other fields: --config.a.b=value).")
     parsed = _parse_value(value.strip()) if value else True
     if defaults[key] is not None and parsed is not None and type(parsed) is not type(defaults[key]):
@@ -329,6 +331,10 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
         parsed = float(parsed)
       elif isinstance(defaults[key], str):
         parsed = value.strip()
+      else:
+        raise ConfigError(
+            f"config argument {key}={value.strip()!r} (in ':{arg}') is not a "
+            f"{type(defaults[key]).__name__}; give one like {key}={defaults[key]}.")
     out[key] = parsed
   return out
 

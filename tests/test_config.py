@@ -169,3 +169,41 @@ def test_a_failed_start_leaves_no_directory_it_created(tmp_path):
   proc = _main(*missing, f"--workdir={old}")
   assert proc.returncode == 2, proc.stderr
   assert sorted(os.listdir(old / "checkpoints")) == ["4"] and (old / "notes.txt").exists()
+
+
+_RO = "/sys/daa_jax_test_run"  # read-only for root too (chmod is bypassed by root)
+
+
+@pytest.mark.parametrize("args,names", [
+    (["--config=configs/daa.py:objctive=ipo"], ["'objctive'", "Did you mean 'objective'?"]),
+    (["--config=configs/daa.py:beta=abc"], ["beta='abc'", "is not a float", "beta=0.1"]),
+    (["--config=configs/daa.py", "--config.train.max_steps=ten"],
+     ["--config.train.max_steps=ten", "'ten' is not a valid int", "config.train.max_steps"]),
+    (["--config=configs/daa.py", "--config.optim.learning_rate=1e-6"],
+     ["--config.optim.learning_rate=1e-6", "Did you mean --config.optim.lr?"]),
+    (["--config=configs/nope.py"], ["configs/nope.py does not exist", "configs/daa.py"]),
+    (["--config=configs/daa.py:size=tiny", f"--workdir={_RO}"],
+     [f"--workdir={_RO}", "cannot create it", "Give a directory you can write"]),
+    (["--config=configs/daa.py:size=tiny", "--workdir={tmp}/file/run"],
+     ["--workdir={tmp}/file/run", "Not a directory", "not files"]),
+    (["--config=configs/daa.py:size=tiny", "--config.data.source={tmp}/missing.jsonl"],
+     ["config.data.source", "missing.jsonl does not exist"]),
+    (["--config=configs/daa.py:size=tiny", "--config.data.source={tmp}/pairs.jsonl",
+      "--config.data.tokenizer=./no_such_tokenizer"],
+     ["config.data.tokenizer='./no_such_tokenizer'", "no such file or directory", "'bytes'"]),
+])
+def test_every_user_error_is_one_paragraph_with_exit_2(tmp_path, args, names):
+  if _RO in " ".join(args) and not os.path.isdir("/sys"):
+    pytest.skip("no /sys to stand for a read-only place")
+  (tmp_path / "file").write_text("not a directory")
+  (tmp_path / "pairs.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+  args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+  if not any(a.startswith("--workdir") for a in args):
+    args.append(f"--workdir={tmp_path}/run")
+  proc = _main(*args)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("daa_jax: error:")]
+  assert len(errors) == 1, proc.stderr[-2000:]
+  for name in names:
+    assert name.replace("{tmp}", str(tmp_path)) in errors[0], errors[0]
