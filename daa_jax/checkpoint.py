@@ -155,6 +155,29 @@ def exported_steps(run_dir: str) -> list[int]:
   return sorted(s for s in steps if _export_path(run_dir, s) is not None)
 
 
+def require_run_dir(spec: str) -> list[int]:
+  """The exported steps of `config.init_from`'s run directory (`RUN_DIR[@STEP]`), ascending.
+
+  Raises:
+    CheckpointError: the directory does not exist, or holds no params export (saying which
+      of the two, and what a run directory holds).
+  """
+  run_dir = str(spec).partition("@")[0]
+  if not epath.Path(run_dir).is_dir():
+    raise CheckpointError(
+        f"config.init_from={spec!r}: {run_dir} does not exist or is not a directory. Give the "
+        "--workdir of a finished daa_jax run (e.g. the SFT run), absolute or relative to where "
+        "you run the command.")
+  steps = exported_steps(run_dir)
+  if not steps:
+    raise CheckpointError(
+        f"config.init_from={spec!r}: {run_dir} holds no checkpoint: a daa_jax run directory "
+        f"has config.json and params exports under {os.path.join(run_dir, 'checkpoints')}/"
+        "<step>/params, written at its schedule checkpoints. Point it at the workdir of a run "
+        "that reached one (e.g. the finished SFT run).")
+  return steps
+
+
 def load_params(spec: str, abstract_params: PyTree) -> tuple[PyTree, int]:
   """Loads exported params from `RUN_DIR` (latest export) or `RUN_DIR@STEP`.
 
@@ -162,12 +185,9 @@ def load_params(spec: str, abstract_params: PyTree) -> tuple[PyTree, int]:
   the weights land directly on the mesh. Returns `(params, step)`.
   """
   run_dir, _, step_text = str(spec).partition("@")
-  steps = exported_steps(run_dir)
-  if not steps:
-    raise CheckpointError(
-        f"config.init_from={spec!r}: no params exports under "
-        f"{os.path.join(run_dir, 'checkpoints')}. Point it at the workdir of a daa_jax run that "
-        "reached a schedule checkpoint (e.g. the finished SFT run).")
+  if "://" not in run_dir:
+    run_dir = os.path.abspath(run_dir)  # orbax restores from absolute paths only
+  steps = require_run_dir(spec)
   step = int(step_text) if step_text else steps[-1]
   if step not in steps:
     raise CheckpointError(f"config.init_from={spec!r}: step {step} was not exported; "

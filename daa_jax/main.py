@@ -18,6 +18,7 @@ a second Ctrl-C aborts at once (exit 130, the last committed checkpoint kept).
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 
@@ -134,21 +135,29 @@ def main(argv) -> None:
     raise app.UsageError("--config and --workdir are required (see daa-jax --help).")
   console.quiet_console()
   from daa_jax import preemption  # pylint: disable=g-import-not-at-top
+  from daa_jax import config_lib  # pylint: disable=g-import-not-at-top
+  workdir, created = None, False
   try:
+    # Relative paths are resolved here, once, against the directory the command was typed in.
+    config_lib.resolve_paths(_CONFIG.value)
     if _PRINT_CONFIG.value:
       _validate(_CONFIG.value)
       console.print_config(_CONFIG.value)
       return
+    workdir = config_lib.absolute_path(_WORKDIR.value)
+    created = _make_workdir(workdir)
     with console.native_stderr_captured() as flush_start_up:
       topology = _maybe_initialize_distributed()
     # After jax.distributed: its own SIGTERM notifier must not take the signal from us.
     preemption.install()
-    log_path = console.log_to_file(_WORKDIR.value)
+    log_path = console.log_to_file(workdir)
     flush_start_up(log_path)
     console.status(f"{topology}; log: {log_path}")
     _validate(_CONFIG.value)
-    summary = dispatch(_CONFIG.value, _WORKDIR.value)
+    summary = dispatch(_CONFIG.value, workdir)
   except DaaError as e:
+    if workdir:
+      _clean_failed_start(workdir, created)
     sys.stderr.write(f"daa_jax: error: {e}\n")
     sys.exit(2)
   except preemption.Preempted as e:
@@ -158,7 +167,57 @@ def main(argv) -> None:
     sys.stderr.write("daa_jax: aborted by a second Ctrl-C without saving; the last committed "
                      "checkpoint is kept. Run the same command again to continue from it.\n")
     sys.exit(130)
-  print(console.summary_text(_CONFIG.value, _WORKDIR.value, summary))
+  print(console.summary_text(_CONFIG.value, workdir, summary))
+
+
+def _make_workdir(workdir: str) -> bool:
+  """Creates a local `workdir` and checks that it is writable; returns whether it was created.
+
+  Raises:
+    ConfigError: it cannot be created (a parent is a file, a read-only place) or written.
+  """
+  from daa_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  if "://" in workdir:
+    return False
+  existed = os.path.isdir(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    # A write probe: os.access says yes to root on a read-only mount.
+    import tempfile  # pylint: disable=g-import-not-at-top
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".daa_jax_write_test"):
+      pass
+  except OSError as e:
+    raise ConfigError(
+        f"--workdir={workdir}: cannot {'write to' if existed else 'create'} it "
+        f"({e.strerror or e}{': ' + e.filename if e.filename else ''}). Give a directory you "
+        "can write, whose parents are directories (not files), e.g. --workdir=runs/NAME."
+    ) from None
+  return not existed
+
+
+def _clean_failed_start(workdir: str, created: bool) -> None:
+  """After a user error, removes what this start left half-written.
+
+  Uncommitted orbax directories (`*.orbax-checkpoint-tmp*`) go; a workdir this run created
+  goes too unless a checkpoint was committed in it (e.g. before a divergence). Committed steps
+  and anything an earlier run saved stay.
+  """
+  import glob  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  if "://" in workdir:
+    return
+  try:
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.process_index() != 0:
+      return
+  except Exception:  # pylint: disable=broad-except  (jax not initialized: one process)
+    pass
+  for tmp in glob.glob(os.path.join(workdir, "**", "*.orbax-checkpoint-tmp*"), recursive=True):
+    shutil.rmtree(tmp, ignore_errors=True)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  committed = os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))
+  if created and not committed:
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _validate(config) -> None:
@@ -180,13 +239,99 @@ def cli() -> None:
 
 
 _STARTED = []
+# Field names users carry over from other trainers, and what they are called here.
+_ALIASES = {"learning_rate": "lr", "epochs": "num_epochs", "steps": "max_steps",
+            "warmup": "warmup_steps", "max_grad_norm": "grad_clip", "clip": "grad_clip",
+            "gradient_accumulation_steps": "grad_accum", "bs": "batch_size"}
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with a config that does not load (a config file that does not
+  exist, a bad `file.py:arg`, an unknown `--config.a.b` key, a value of the wrong type) turned
+  into one paragraph and exit code 2."""
+  try:
+    rest = flags.FLAGS(argv)
+    if _CONFIG.value is not None:
+      _CONFIG.value.keys()  # a config file that failed to load raises on first use
+    return rest
+  except (flags.Error, DaaError, AttributeError, KeyError, TypeError, ValueError,
+          OSError) as e:
+    sys.stderr.write(f"daa_jax: error: {_flag_error_text(e, argv)}\n")
+    sys.exit(2)
+
+
+def _leaves(node, prefix=""):
+  out = {}
+  for key in node.keys():
+    value = node[key]
+    if hasattr(value, "keys") and not isinstance(value, (str, tuple)):
+      out.update(_leaves(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _load_config_file(spec: str):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("daa_jax_user_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def _flag_error_text(e: BaseException, argv) -> str:
+  """One paragraph for a flag or config that does not parse, naming what was typed."""
+  chain, x = [], e
+  while x is not None and x not in chain:
+    chain.append(x)
+    x = x.__cause__ or x.__context__
+  for x in reversed(chain):  # the innermost of daa_jax's own errors says it best
+    if isinstance(x, DaaError):
+      return str(x).strip()
+  config_args = [a for a in argv[1:] if a.startswith("--config=") or a == "--config"]
+  spec = None
+  if config_args:
+    i = argv.index(config_args[-1])
+    spec = (config_args[-1].partition("=")[2] if "=" in config_args[-1]
+            else (argv[i + 1] if i + 1 < len(argv) else None))
+  if spec and not os.path.isfile(spec.partition(":")[0]):
+    return (f"--config={spec}: the config file {spec.partition(':')[0]} does not exist (looked "
+            f"in {os.getcwd()}). Give a config file such as configs/daa.py; daa-jax --help "
+            "lists them.")
+  overrides = [a for a in argv[1:] if a.startswith("--config.")]
+  if spec and overrides:
+    try:
+      fields = _leaves(_load_config_file(spec))
+    except Exception:  # pylint: disable=broad-except  (the file itself is broken: below)
+      fields = None
+    if fields is not None:
+      for arg in overrides:
+        key, _, value = arg[len("--config."):].partition("=")
+        if key not in fields:
+          section, _, leaf = key.rpartition(".")
+          alias = f"{section + '.' if section else ''}{_ALIASES.get(leaf, leaf)}"
+          close = [alias] if alias in fields else difflib.get_close_matches(
+              key, list(fields), n=1, cutoff=0.6)
+          fix = f" Did you mean --config.{close[0]}?" if close else ""
+          where = f"config.{section}" if section else "the config"
+          return (f"{arg}: {where} has no field {leaf!r} ({spec.partition(':')[0]}).{fix} "
+                  "Its fields are listed by --print_config.")
+        default = fields[key]
+        if f"--config.{key}" in str(e) and default is not None:
+          return (f"{arg}: {value!r} is not a valid {type(default).__name__} for "
+                  f"config.{key} (it is {default!r} in {spec.partition(':')[0]}); give a "
+                  f"value like --config.{key}={default}.")
+  first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+  return (f"the command line does not parse ({first}). Check --config=FILE[:args] and each "
+          "--config.a.b=value against the config's fields (--print_config lists them).")
 
 
 def _run(argv=None) -> None:
   """`app.run(main)`, turning a bad `--config.a.b=value` override (raised by ml_collections
   while flags are parsed, before `main` starts) into a one-paragraph error and exit code 2."""
   try:
-    app.run(main, argv=argv)
+    app.run(main, argv=argv, flags_parser=_parse_flags)
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     if _STARTED:  # raised by the job itself: a bug, keep its traceback
       raise

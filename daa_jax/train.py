@@ -327,10 +327,12 @@ def resolve_auto(config: ml_collections.ConfigDict, workdir: str) -> ml_collecti
   if m.size == "auto":
     if config.get("init_from"):
       run_dir = str(config.init_from).partition("@")[0]
+      ckpt_lib.require_run_dir(config.init_from)  # a missing checkpoint, named as such
       path = epath.Path(run_dir) / "config.json"
       if not path.exists():
-        raise ConfigError(f"config.init_from={config.init_from!r}: {path} does not exist; give "
-                          "a daa_jax run directory (e.g. the SFT run's --workdir).")
+        raise ConfigError(f"config.init_from={config.init_from!r}: {path} does not exist, so "
+                          "config.model.size=auto cannot follow that run; set "
+                          "--config.model.size to the size it was trained at.")
       init_cfg = json.loads(path.read_text())
       m.size = init_cfg.get("model", {}).get("size", "auto")
       if m.size == "auto" and not config.get("hf_model") and init_cfg.get("hf_model"):

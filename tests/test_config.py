@@ -118,3 +118,92 @@ def test_print_config_prints_every_resolved_field_and_exits_0():
   assert "max_length: 0" in out  # 'auto', fitted when the data is loaded
   bad = _main("--config=configs/daa.py:size=tiny", "--config.optim.name=adamx", "--print_config")
   assert bad.returncode == 2 and "Did you mean 'adam'?" in bad.stderr
+
+
+def test_resolve_paths_makes_local_paths_absolute_and_leaves_hub_ids(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "pairs.jsonl").write_text("{}\n")
+  (tmp_path / "tok").mkdir()
+  (tmp_path / "rm").mkdir()
+  (tmp_path / "shards").mkdir()
+  (tmp_path / "shards" / "a.jsonl").write_text("{}\n")
+  config = _config("daa")
+  config.init_from = "runs/sft@40"           # always local, even before it exists
+  config.hf_model = "EleutherAI/pythia-1b"   # a hub id: no such local path
+  config.data.source = "pairs.jsonl,shards/*.jsonl,gs://bucket/x.jsonl"
+  config.data.tokenizer = "tok"
+  config.data.cache_dir = "~/daa_cache"
+  config_lib.resolve_paths(config)
+  assert config.init_from == f"{tmp_path}/runs/sft@40"
+  assert config.hf_model == "EleutherAI/pythia-1b"
+  assert config.data.source == (f"{tmp_path}/pairs.jsonl,{tmp_path}/shards/*.jsonl,"
+                                "gs://bucket/x.jsonl")
+  assert config.data.tokenizer == f"{tmp_path}/tok"
+  assert config.data.cache_dir == os.path.expanduser("~/daa_cache")
+  evaluation = _config("eval", "run=runs/dpo")
+  evaluation.judge.reward_model = "rm"
+  evaluation.judge.tokenizer = "EleutherAI/pythia-1b"
+  config_lib.resolve_paths(evaluation)
+  assert evaluation.run == f"{tmp_path}/runs/dpo"
+  assert evaluation.judge.reward_model == f"{tmp_path}/rm"
+  assert evaluation.judge.tokenizer == "EleutherAI/pythia-1b"
+  study = _config("quickstart")  # a study's sub-configs too; keywords stay keywords
+  study.sft.init_from = "runs/base"
+  config_lib.resolve_paths(study)
+  assert study.sft.init_from == f"{tmp_path}/runs/base"
+  assert study.daa.data.source == "synthetic" and study.daa.data.tokenizer == "bytes"
+
+
+def test_a_failed_start_leaves_no_directory_it_created(tmp_path):
+  missing = ["--config=configs/daa.py:size=tiny", f"--config.data.source={tmp_path}/nope.jsonl"]
+  fresh = tmp_path / "runs" / "new"
+  proc = _main(*missing, f"--workdir={fresh}")
+  assert proc.returncode == 2 and "nope.jsonl does not exist" in proc.stderr, proc.stderr
+  assert not fresh.exists()
+  # A workdir that was there keeps what an earlier run saved; a stale uncommitted orbax
+  # directory goes.
+  old = tmp_path / "old"
+  (old / "checkpoints" / "4").mkdir(parents=True)
+  (old / "checkpoints" / "6.orbax-checkpoint-tmp-1").mkdir()
+  (old / "notes.txt").write_text("mine")
+  proc = _main(*missing, f"--workdir={old}")
+  assert proc.returncode == 2, proc.stderr
+  assert sorted(os.listdir(old / "checkpoints")) == ["4"] and (old / "notes.txt").exists()
+
+
+_RO = "/sys/daa_jax_test_run"  # read-only for root too (chmod is bypassed by root)
+
+
+@pytest.mark.parametrize("args,names", [
+    (["--config=configs/daa.py:objctive=ipo"], ["'objctive'", "Did you mean 'objective'?"]),
+    (["--config=configs/daa.py:beta=abc"], ["beta='abc'", "is not a float", "beta=0.1"]),
+    (["--config=configs/daa.py", "--config.train.max_steps=ten"],
+     ["--config.train.max_steps=ten", "'ten' is not a valid int", "config.train.max_steps"]),
+    (["--config=configs/daa.py", "--config.optim.learning_rate=1e-6"],
+     ["--config.optim.learning_rate=1e-6", "Did you mean --config.optim.lr?"]),
+    (["--config=configs/nope.py"], ["configs/nope.py does not exist", "configs/daa.py"]),
+    (["--config=configs/daa.py:size=tiny", f"--workdir={_RO}"],
+     [f"--workdir={_RO}", "cannot create it", "Give a directory you can write"]),
+    (["--config=configs/daa.py:size=tiny", "--workdir={tmp}/file/run"],
+     ["--workdir={tmp}/file/run", "Not a directory", "not files"]),
+    (["--config=configs/daa.py:size=tiny", "--config.data.source={tmp}/missing.jsonl"],
+     ["config.data.source", "missing.jsonl does not exist"]),
+    (["--config=configs/daa.py:size=tiny", "--config.data.source={tmp}/pairs.jsonl",
+      "--config.data.tokenizer=./no_such_tokenizer"],
+     ["config.data.tokenizer='./no_such_tokenizer'", "no such file or directory", "'bytes'"]),
+])
+def test_every_user_error_is_one_paragraph_with_exit_2(tmp_path, args, names):
+  if _RO in " ".join(args) and not os.path.isdir("/sys"):
+    pytest.skip("no /sys to stand for a read-only place")
+  (tmp_path / "file").write_text("not a directory")
+  (tmp_path / "pairs.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+  args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+  if not any(a.startswith("--workdir") for a in args):
+    args.append(f"--workdir={tmp_path}/run")
+  proc = _main(*args)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("daa_jax: error:")]
+  assert len(errors) == 1, proc.stderr[-2000:]
+  for name in names:
+    assert name.replace("{tmp}", str(tmp_path)) in errors[0], errors[0]

@@ -23,7 +23,7 @@ from daa_jax import model as model_lib
 from daa_jax import optim
 from daa_jax import step as step_lib
 from daa_jax import train
-from daa_jax.errors import ConfigError, TrainingDiverged
+from daa_jax.errors import CheckpointError, ConfigError, TrainingDiverged
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -393,3 +393,37 @@ def test_resume_accepts_fields_added_later_and_names_a_changed_one(tmp_path):
   changed = tiny(**{"objective.beta": 0.5})
   with pytest.raises(ConfigError, match=r"different config.objective \(objective.beta: 0.1 then, 0.5 now\)"):
     train._write_config(changed, str(tmp_path))
+
+
+def test_init_from_a_relative_run_dir_loads_its_export(tmp_path, monkeypatch):
+  # orbax restores only from absolute paths; a relative init_from (runs/sft, as the README
+  # types it) used to fail inside orbax and be reported as a model mismatch.
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  params = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+  export = tmp_path / "runs" / "sft" / "params" / "3" / "params"  # the earlier layout
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(export, params)
+  monkeypatch.chdir(tmp_path)
+  abstract = {"w": jax.ShapeDtypeStruct((2, 3), jnp.float32)}
+  loaded, step = ckpt_lib.load_params("runs/sft", abstract)
+  assert step == 3
+  np.testing.assert_array_equal(np.asarray(loaded["w"]), params["w"])
+
+
+@pytest.mark.parametrize("make,expected", [
+    (lambda d: None, "does not exist or is not a directory"),
+    (lambda d: os.makedirs(d), "holds no checkpoint"),
+    (lambda d: (os.makedirs(os.path.join(d, "checkpoints")),
+                open(os.path.join(d, "config.json"), "w").write("{}")), "holds no checkpoint"),
+])
+def test_init_from_without_a_checkpoint_says_so(tmp_path, make, expected):
+  run_dir = str(tmp_path / "sft")
+  make(run_dir)
+  config = tiny("job=daa", init_from=run_dir)
+  with config.unlocked():
+    config.model.size = "auto"
+  with pytest.raises(CheckpointError) as e:
+    train.run(config, str(tmp_path / "dpo"))
+  message = str(e.value)
+  assert f"config.init_from={run_dir!r}" in message and expected in message, message
+  assert "do not match" not in message and "\n" not in message
