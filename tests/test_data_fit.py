@@ -221,3 +221,12 @@ def test_a_barely_moved_policy_is_flagged():
   assert train.moved_summary({"daa/margin": 1e-4, "daa/margin_std": 1e-4}, 0.1)[
       "policy_moved"] is False
   assert train.moved_summary({"daa/margin": 0.5, "daa/margin_std": 0.2}, 0.1)["policy_moved"]
+
+
+def test_explicit_max_length_above_the_model_positions_is_a_config_error(tmp_path):
+  path = write_pairs(tmp_path / "p.jsonl", 20)
+  cfg = config(tmp_path, path, max_length=1024, max_prompt_length=256)
+  with pytest.raises(errors.ConfigError, match="max_length=1024.*max_position_embeddings=512"):
+    data.resolve_lengths(cfg, "pairs", max_positions=512)
+  cfg = config(tmp_path, path, max_length=512, max_prompt_length=256)
+  assert data.resolve_lengths(cfg, "pairs", max_positions=512).max_length == 512
