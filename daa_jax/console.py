@@ -211,6 +211,11 @@ def summary_text(config, workdir: str, summary: Any) -> str:
       if key in summary:
         parts.append(f"{label} {float(summary[key]):.4f}")
     lines = [", ".join(parts)]
+    if summary.get("policy_moved") is False:
+      lines.append(
+          f"  the policy barely moved: RMS log-ratio margin "
+          f"{float(summary['logratio_margin_rms']):.2g} nats (accuracies of margins this small "
+          "mean little); train longer, raise config.optim.lr, or give more data.")
     if status_word == "preempted":
       lines.append("  rerun the same command to resume from the last checkpoint.")
     lines += [f"  run:     {workdir}", f"  metrics: {os.path.join(workdir, 'metrics.jsonl')}"]

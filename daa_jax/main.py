@@ -90,8 +90,9 @@ def _maybe_initialize_distributed() -> str:
   return topology
 
 
-def dispatch(config, workdir: str):
-  """Runs `config.job` in `workdir` and returns its summary."""
+def dispatch(config, workdir: str, explicit=None):
+  """Runs `config.job` in `workdir` and returns its summary; `explicit`: the fields set by
+  `--config.*` overrides (training adapts only the others to a small data set)."""
   job = config.job
   from daa_jax import preemption  # pylint: disable=g-import-not-at-top
   preemption.set_phase(f"the {job} job", {
@@ -104,7 +105,7 @@ def dispatch(config, workdir: str):
   }.get(job, "nothing was saved"))
   if job in ("sft", "daa"):
     from daa_jax import train  # pylint: disable=g-import-not-at-top
-    return train.run(config, workdir)
+    return train.run(config, workdir, explicit)
   if job == "eval":
     from daa_jax import evaluate  # pylint: disable=g-import-not-at-top
     return evaluate.run(config, workdir)
@@ -154,7 +155,8 @@ def main(argv) -> None:
     flush_start_up(log_path)
     console.status(f"{topology}; log: {log_path}")
     _validate(_CONFIG.value)
-    summary = dispatch(_CONFIG.value, workdir)
+    summary = dispatch(_CONFIG.value, workdir,
+                       config_flags.get_override_values(flags.FLAGS["config"]).keys())
   except DaaError as e:
     if workdir:
       _clean_failed_start(workdir, created)

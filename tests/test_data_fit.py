@@ -178,3 +178,55 @@ def test_hf_rows_are_validated_like_file_rows(tmp_path):
   not_saved.mkdir()
   with pytest.raises(DataError, match="save_to_disk"):
     data.load_pairs(config(tmp_path, str(not_saved), format="hf"), "train")
+
+
+def _daa_config():
+  cfg = config_lib.load_sibling(CONFIGS, "daa")  # batch 128 (8 x 16), 150 warmup steps
+  cfg.data.source = "pairs.jsonl"
+  return cfg
+
+
+def test_small_data_adapts_unset_batch_and_warmup_and_says_so(caplog):
+  cfg = train.fit_to_data(_daa_config(), 190, data_parallel=1, explicit=frozenset())
+  # 190 // 16 = 11 steps per epoch (>= 8, paper checkpoints 2, 5, 7, 9, 11 distinct).
+  assert (cfg.train.batch_size, cfg.train.grad_accum) == (16, 8)
+  assert cfg.optim.warmup_steps == 1  # 10% of 11 steps
+  (message,) = warnings_of(caplog)
+  assert "train.batch_size 128 -> 16" in message and "optim.warmup_steps 150 -> 1" in message
+  # On 8 data-parallel devices the micro-batch must still split over them.
+  cfg = train.fit_to_data(_daa_config(), 190, data_parallel=8, explicit=frozenset())
+  assert (cfg.train.batch_size, cfg.train.grad_accum) == (16, 2)
+
+
+def test_explicit_overrides_are_kept_and_a_nonsensical_one_warns(caplog):
+  cfg = train.fit_to_data(_daa_config(), 190, 1, frozenset({"train.batch_size"}))
+  assert cfg.train.batch_size == 128 and cfg.optim.warmup_steps == 0  # warmup still adapts
+  assert any("config.train.batch_size=128 (as set) gives 1 optimizer step" in w
+             for w in warnings_of(caplog))
+  caplog.clear()
+  errors._WARNED.clear()  # pylint: disable=protected-access
+  big = _daa_config()
+  big.train.update(batch_size=128, grad_accum=8)
+  cfg = train.fit_to_data(big, 92000, 1, frozenset())
+  assert (cfg.train.batch_size, cfg.optim.warmup_steps) == (128, 150)  # the paper's data
+  assert not warnings_of(caplog)
+
+
+def test_too_few_training_rows_is_a_data_error():
+  with pytest.raises(DataError, match="leaves 15 training pairs.*at least 16"):
+    train.fit_to_data(_daa_config(), 15, 1, frozenset())
+
+
+def test_a_barely_moved_policy_is_flagged():
+  assert train.moved_summary({"daa/margin": 1e-4, "daa/margin_std": 1e-4}, 0.1)[
+      "policy_moved"] is False
+  assert train.moved_summary({"daa/margin": 0.5, "daa/margin_std": 0.2}, 0.1)["policy_moved"]
+
+
+def test_explicit_max_length_above_the_model_positions_is_a_config_error(tmp_path):
+  path = write_pairs(tmp_path / "p.jsonl", 20)
+  cfg = config(tmp_path, path, max_length=1024, max_prompt_length=256)
+  with pytest.raises(errors.ConfigError, match="max_length=1024.*max_position_embeddings=512"):
+    data.resolve_lengths(cfg, "pairs", max_positions=512)
+  cfg = config(tmp_path, path, max_length=512, max_prompt_length=256)
+  assert data.resolve_lengths(cfg, "pairs", max_positions=512).max_length == 512

@@ -301,6 +301,12 @@ def resolve_lengths(cfg: ml_collections.ConfigDict, kind: str = "pairs",
     workdir: for the synthetic task's and TFDS' generated files.
     max_positions: the model's position limit.
   """
+  if int(cfg.max_length) > int(max_positions):
+    raise ConfigError(
+        f"config.data.max_length={int(cfg.max_length)} is above the model's "
+        f"max_position_embeddings={int(max_positions)}: positions past it have no embedding. "
+        f"Set --config.data.max_length={int(max_positions)} or less (or 0 to fit the data), "
+        "or use a model with more positions.")
   auto_length = int(cfg.max_length) == 0
   auto_prompt = cfg.max_prompt_length is not None and int(cfg.max_prompt_length) == 0
   if not (auto_length or auto_prompt):
