@@ -132,6 +132,7 @@ def test_auto_model_size_follows_init_from_or_warns_for_scratch(tmp_path, caplog
   sft_dir = tmp_path / "sft"
   sft_dir.mkdir()
   (sft_dir / "config.json").write_text(json.dumps({"model": {"size": "70m"}}))
+  (sft_dir / "checkpoints" / "5" / "params").mkdir(parents=True)  # a committed export's place
   cfg.init_from = str(sft_dir)
   assert train.resolve_auto(cfg, str(tmp_path / "run")).model.size == "70m"
 

@@ -79,7 +79,7 @@ class HFTokenizer:
       pad = next((vocab[t] for t in ("<|padding|>", "<pad>", "[PAD]") if t in vocab), None)
       self.vocab_size = self._fast.get_vocab_size(with_added_tokens=True)
       serialized = self._fast.to_str()
-    elif name.startswith(("/", "./", "../", "~")):  # a local path, not a hub id
+    elif not os.path.exists(name) and name.startswith(("/", "./", "../", "~")):  # a local path, not a hub id
       raise ConfigError(
           f"config.data.tokenizer={name!r}: no such file or directory (relative paths are "
           f"relative to {os.getcwd()}). Give 'bytes', a tokenizer.json file or a directory "
