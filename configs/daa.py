@@ -33,8 +33,8 @@ data.
 
 from ml_collections import config_dict
 
-from daa_jax import config_lib
-from daa_jax import data
+from daa_jax.train import config as config_lib
+from daa_jax.data import pipeline as data_pipeline
 
 
 def get_config(arg=None):
@@ -46,7 +46,7 @@ def get_config(arg=None):
   c.model = config_lib.model_fields(a.size)
   c.hf_model = config_dict.placeholder(str)   # HF hub id or local dir: init + reference
   c.init_from = config_dict.placeholder(str)  # a daa_jax run dir (e.g. SFT), RUN_DIR@STEP
-  c.data = data.default_config()
+  c.data = data_pipeline.default_config()
   c.objective = config_lib.objective_fields(a.objective, a.beta)
   c.train = config_lib.train_fields()
   c.train.batch_size = 128

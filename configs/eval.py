@@ -16,7 +16,7 @@ Common overrides:
 
 from ml_collections import config_dict
 
-from daa_jax import config_lib
+from daa_jax.train import config as config_lib
 
 
 def get_config(arg=None):

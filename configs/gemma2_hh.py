@@ -18,8 +18,9 @@ google/gemma-2-2b-it). Offline, shrunk to a tiny random Gemma-2 on the synthetic
   python -m daa_jax.main --config configs/gemma2_hh.py:stage=sft,runlocal=True --workdir /tmp/g_sft
 """
 
-from daa_jax import config_lib
+from daa_jax.train import config as config_lib
 from daa_jax.errors import ConfigError
+from daa_jax.models import config as model_configs
 
 
 def get_config(arg=None):
@@ -38,8 +39,8 @@ def get_config(arg=None):
         f"runlocal={a.runlocal}")
   if not a.runlocal:
     if a.stage == "sft":
-      c.hf_model = config_lib.hub_id(size)  # google/gemma-2-2b; DAA: --config.init_from
-    c.data.update(format="hh", tokenizer=config_lib.hub_id(size), max_length=512,
+      c.hf_model = model_configs.hub_id(size)  # google/gemma-2-2b; DAA: --config.init_from
+    c.data.update(format="hh", tokenizer=model_configs.hub_id(size), max_length=512,
                   max_prompt_length=256, truncation_side="keep_end",
                   chat_template="tokenizer" if a.chat else "")
     if a.chat:

@@ -17,7 +17,7 @@ runs sizes tiny, tiny2 and tiny4. Anything else: `--config.seeds='(0,1,2)'`,
 
 from ml_collections import config_dict
 
-from daa_jax import config_lib
+from daa_jax.train import config as config_lib
 
 
 def get_config(arg=None):

@@ -9,13 +9,13 @@ runs it locally, one run after another (finished runs are skipped, interrupted o
 
 writes `runs/sweep/commands.sh` with one launch line per run, for a cluster. Each run is then
 evaluated (`configs/eval.py`, the LLM judge: set $OPENAI_API_KEY) and `python -m
-daa_jax.scaling runs/sweep` fits and plots. README, "Reproducing the paper": four of the seven β are known (0.01,
+daa_jax.study.fits runs/sweep` fits and plots. README, "Reproducing the paper": four of the seven β are known (0.01,
 0.0175, 0.025, 0.0375); the other three here (0.05, 0.075, 0.1) are a guess, documented as such.
 """
 
 from ml_collections import config_dict
 
-from daa_jax import config_lib
+from daa_jax.train import config as config_lib
 
 
 def get_config(arg=None):

@@ -5,8 +5,8 @@
 
 from ml_collections import config_dict
 
-from daa_jax import config_lib
-from daa_jax import data
+from daa_jax.train import config as config_lib
+from daa_jax.data import pipeline as data_pipeline
 
 
 def get_config(arg=None):
@@ -17,7 +17,7 @@ def get_config(arg=None):
   c.model = config_lib.model_fields(a.size)
   c.hf_model = config_dict.placeholder(str)
   c.init_from = config_dict.placeholder(str)
-  c.data = data.default_config()
+  c.data = data_pipeline.default_config()
   c.data.synthetic.num_sft = 256
   c.data.synthetic.num_pairs = 128
   c.data.synthetic.num_eval = 64

@@ -19,7 +19,7 @@ with `--config.betas='(0.01,0.1)'`, `--config.chosen=0 --config.rejected=1`, etc
 
 from ml_collections import config_dict
 
-from daa_jax import config_lib
+from daa_jax.train import config as config_lib
 
 
 def get_config(arg=None):
@@ -45,7 +45,7 @@ def get_config(arg=None):
   c.chosen = 0
   c.rejected = -1
 
-  # The objectives (names of daa_jax.objectives.OBJECTIVES) and their coefficients.
+  # The objectives (names of daa_jax.train.objectives.OBJECTIVES) and their coefficients.
   c.objectives = ("dpo", "ipo", "slic")
   c.betas = (0.01, 0.1, 0.5)
   c.normalize = "sum"

@@ -94,7 +94,7 @@ def dispatch(config, workdir: str, explicit=None):
   """Runs `config.job` in `workdir` and returns its summary; `explicit`: the fields set by
   `--config.*` overrides (training adapts only the others to a small data set)."""
   job = config.job
-  from daa_jax import preemption  # pylint: disable=g-import-not-at-top
+  from daa_jax.train import preemption  # pylint: disable=g-import-not-at-top
   preemption.set_phase(f"the {job} job", {
       "eval": f"every step with {workdir}/eval/<step>/summary.json is complete; the others "
               "are evaluated when you rerun",
@@ -104,16 +104,16 @@ def dispatch(config, workdir: str, explicit=None):
                     "its last checkpoint",
   }.get(job, "nothing was saved"))
   if job in ("sft", "daa"):
-    from daa_jax import train  # pylint: disable=g-import-not-at-top
+    from daa_jax.train import loop as train  # pylint: disable=g-import-not-at-top
     return train.run(config, workdir, explicit)
   if job == "eval":
-    from daa_jax import evaluate  # pylint: disable=g-import-not-at-top
+    from daa_jax.evaluate import loop as evaluate  # pylint: disable=g-import-not-at-top
     return evaluate.run(config, workdir)
   if job in ("sweep", "quickstart"):
-    from daa_jax import sweep  # pylint: disable=g-import-not-at-top
+    from daa_jax.study import sweep  # pylint: disable=g-import-not-at-top
     return sweep.run(config, workdir)
   if job == "tree_mdp":
-    from daa_jax import tree_mdp  # pylint: disable=g-import-not-at-top
+    from daa_jax.study import tree_mdp  # pylint: disable=g-import-not-at-top
     return tree_mdp.run(config, workdir)
   from daa_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
   raise ConfigError(f"config.job={job!r}; use sft, daa, eval, sweep, quickstart or tree_mdp.")
@@ -135,8 +135,8 @@ def main(argv) -> None:
   if _CONFIG.value is None or (_WORKDIR.value is None and not _PRINT_CONFIG.value):
     raise app.UsageError("--config and --workdir are required (see daa-jax --help).")
   console.quiet_console()
-  from daa_jax import preemption  # pylint: disable=g-import-not-at-top
-  from daa_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from daa_jax.train import preemption  # pylint: disable=g-import-not-at-top
+  from daa_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
   workdir, created = None, False
   try:
     # Relative paths are resolved here, once, against the directory the command was typed in.
@@ -224,7 +224,7 @@ def _clean_failed_start(workdir: str, created: bool) -> None:
 
 def _validate(config) -> None:
   """Every closed-set field and range of the config, before any data is read."""
-  from daa_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from daa_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
   config_lib.validate(config)
 
 

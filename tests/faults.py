@@ -17,6 +17,8 @@ import json
 import os
 import signal
 import sys
+from daa_jax.data import pipeline as data_pipeline
+from daa_jax.train import reference as reference_lib
 
 
 def _mine(faults) -> bool:
@@ -25,13 +27,11 @@ def _mine(faults) -> bool:
 
 
 def install(faults: dict) -> None:
-  from daa_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from daa_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from daa_jax import train  # pylint: disable=g-import-not-at-top
+  from daa_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
 
   if "sigterm_at_batch" in faults:
     drawn = [0]
-    next_batch = data_lib.Loader.__next__
+    next_batch = data_pipeline.Loader.__next__
 
     def counting_next(self):
       batch = next_batch(self)
@@ -40,11 +40,11 @@ def install(faults: dict) -> None:
         if drawn[0] == int(faults["sigterm_at_batch"]) and _mine(faults):
           os.kill(os.getpid(), signal.SIGTERM)
       return batch
-    data_lib.Loader.__next__ = counting_next
+    data_pipeline.Loader.__next__ = counting_next
 
   if "sigint_at_batch" in faults:
     counted = [0]
-    draw = data_lib.Loader.__next__
+    draw = data_pipeline.Loader.__next__
 
     def interrupting_next(self):
       batch = draw(self)
@@ -53,10 +53,10 @@ def install(faults: dict) -> None:
         for _ in range(list(faults["sigint_at_batch"]).count(counted[0]) if _mine(faults) else 0):
           os.kill(os.getpid(), signal.SIGINT)
       return batch
-    data_lib.Loader.__next__ = interrupting_next
+    data_pipeline.Loader.__next__ = interrupting_next
 
   if "sigterm_in_reference_pass" in faults:
-    compute = train.compute_pair_logps
+    compute = reference_lib.compute_pair_logps
 
     def interrupted(*args, between_batches=None, **kwargs):
       seen = [0]
@@ -68,7 +68,7 @@ def install(faults: dict) -> None:
         if between_batches is not None:
           between_batches()
       return compute(*args, between_batches=before_batch, **kwargs)
-    train.compute_pair_logps = interrupted
+    reference_lib.compute_pair_logps = interrupted
 
   for key in ("sigkill_after_commit", "sigkill_mid_save"):
     if key in faults:

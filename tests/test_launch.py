@@ -266,8 +266,8 @@ def fake_gcs(monkeypatch):
 
 
 def test_gcs_workdir_config_and_metrics_go_through_epath(fake_gcs, tmp_path):
-  from daa_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-  from daa_jax import train  # pylint: disable=g-import-not-at-top
+  from daa_jax.train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  from daa_jax.train import loop as train  # pylint: disable=g-import-not-at-top
   from daa_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from daa_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
 

@@ -22,6 +22,7 @@ from typing import Optional
 
 from daa_jax.data import readers
 from daa_jax.errors import ConfigError, DataError
+from daa_jax.data import files as data_files
 
 NAME = "tldr_comparisons"
 _STATS_FILE = "prepare_stats.json"
@@ -75,8 +76,7 @@ def builder_class():
 
     def _split_generators(self, dl_manager):
       manual_dir = os.fspath(dl_manager.manual_dir)
-      from daa_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-      files = pipeline.resolve_files(manual_dir)
+      files = data_files.resolve_files(manual_dir)
       by_split = collections.defaultdict(list)
       for e in readers.read_pairs(files, "tldr", skip_invalid=self._skip_invalid,
                                   stats=self.prepare_stats):
@@ -121,10 +121,9 @@ def prepare(source: str, data_dir: str, skip_invalid: bool = False) -> tuple[str
     if not os.path.isdir(source):
       raise DataError(f"config.data.source={source!r}: format 'tfds' wants a directory (the "
                       "manual dir of comparison files, or a prepared TFDS data dir).")
-    from daa_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     digest = hashlib.sha256()
-    for path in pipeline.resolve_files(source):
-      digest.update(pipeline.file_digest(path).encode())
+    for path in data_files.resolve_files(source):
+      digest.update(data_files.file_digest(path).encode())
     target = os.path.join(data_dir, f"{digest.hexdigest()[:16]}-"
                           f"{'skip' if skip_invalid else 'strict'}")
     if _prepared_dir(target) is None:

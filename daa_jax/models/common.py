@@ -12,73 +12,21 @@ key/value heads, K head dim, R rotary dims, V vocab, N layers.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from daa_jax.config_lib import ModelConfig
-from daa_jax.errors import ConfigError
+from daa_jax.models.config import ModelConfig
+from daa_jax.models import registry
 from daa_jax.models.layers import constrain, rotary_cos_sin
 
 Array = jax.Array
 Cache = dict[str, Any]
-
-
-# --- The family registry ---------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-  """What daa_jax needs to know about one model family, beyond its Linen modules.
-
-  Attributes:
-    module: the `CausalLM` subclass.
-    model_types: HF `model_type`s it loads (e.g. llama, mistral, qwen2).
-    config_from_hf: HF config.json dict -> `ModelConfig` keyword arguments.
-    config_to_hf: `ModelConfig` -> HF config.json dict (with `model_type`, `architectures`).
-    hf_names: config -> {our non-scan param path: HF tensor name as on the hub}.
-    canonical: a tensor name as found in a checkpoint -> the hub name (prefix variants).
-    ignored: config -> predicate on hub names that are skipped when loading (buffers,
-      a stored copy of tied weights).
-    aliases: config -> {hub name: hub name to use when the first is missing} (tied copies).
-    mlp_matrices: matmuls in one MLP (2 for GELU, 3 for gated GLU): FLOP accounting.
-    legacy_hf_keys: config -> keys that older transformers versions read, written into
-      config.json next to today's (transformers 5 would rename them if given directly).
-  """
-
-  module: type
-  model_types: tuple[str, ...]
-  config_from_hf: Callable[[dict], dict]
-  config_to_hf: Callable[[ModelConfig], dict]
-  hf_names: Callable[[ModelConfig], dict]
-  canonical: Callable[[str], str] = lambda name: name
-  ignored: Callable[[ModelConfig], Callable[[str], bool]] = lambda cfg: lambda name: False
-  aliases: Callable[[ModelConfig], dict] = lambda cfg: {}
-  mlp_matrices: int = 2
-  legacy_hf_keys: Callable[[ModelConfig], dict] = lambda cfg: {}
-
-
-FAMILIES: dict[str, Family] = {}
-
-
-def register(family: Family) -> Family:
-  for model_type in family.model_types:
-    FAMILIES[model_type] = family
-  return family
-
-
-def family_of(config: ModelConfig) -> Family:
-  if config.model_type not in FAMILIES:
-    raise ConfigError(
-        f"config.model.model_type={config.model_type!r} is not supported; supported: "
-        f"{', '.join(sorted(FAMILIES))}.")
-  return FAMILIES[config.model_type]
 
 
 # --- Masks and positions ---------------------------------------------------------------
@@ -172,7 +120,7 @@ class CausalLM(nn.Module):
   def __new__(cls, *args, **kwargs):
     if cls is CausalLM:
       config = args[0] if args else kwargs["config"]
-      cls = family_of(config).module
+      cls = registry.family_of(config).module
     return super().__new__(cls)
 
   def make_layers(self, block: type[nn.Module]):
@@ -220,7 +168,7 @@ class CausalLM(nn.Module):
       cache: from `init_cache`; then L new tokens are written at `cache['index']` and
         attend to every valid cached token plus, causally, each other.
       shared_segment: with `segment_ids`, the id of a segment whose tokens every later
-        token sees as well as its own segment, e.g. the prompt of `packing.py`'s
+        token sees as well as its own segment, e.g. the prompt of `train/packing.py`'s
         `[prompt | chosen | rejected]` rows. The default positions then continue after the
         shared tokens a token sees (both responses start where the prompt ends).
 

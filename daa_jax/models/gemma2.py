@@ -18,8 +18,9 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 
-from daa_jax.config_lib import ModelConfig
-from daa_jax.models import common, layers, llama
+from daa_jax.models.config import ModelConfig
+from daa_jax.models import layers, llama
+from daa_jax.models import registry
 
 Array = jax.Array
 
@@ -84,7 +85,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
   return d
 
 
-FAMILY = common.register(common.Family(
+FAMILY = registry.register(registry.Family(
     module=Gemma2, model_types=("gemma2",), config_from_hf=config_from_hf,
     config_to_hf=config_to_hf, hf_names=llama.hf_names, canonical=llama.canonical,
     ignored=llama.ignored, mlp_matrices=3, legacy_hf_keys=llama.legacy_hf_keys))

@@ -14,9 +14,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from daa_jax.config_lib import ModelConfig
+from daa_jax.models.config import ModelConfig
 from daa_jax.errors import ConfigError
 from daa_jax.models import common, layers
+from daa_jax.models import registry
 
 Array = jax.Array
 
@@ -216,7 +217,7 @@ def aliases(config: ModelConfig) -> dict[str, str]:
   return {"embed_out.weight": "gpt_neox.embed_in.weight"} if config.tie_word_embeddings else {}
 
 
-FAMILY = common.register(common.Family(
+FAMILY = registry.register(registry.Family(
     module=GPTNeoX, model_types=("gpt_neox",), config_from_hf=config_from_hf,
     config_to_hf=config_to_hf, hf_names=hf_names, canonical=canonical, ignored=ignored,
     aliases=aliases, mlp_matrices=2,

@@ -5,7 +5,7 @@ query heads, soft-capping and the implementation switch (`heads_first_layout` /
 
 Axis letters: B batch, T new tokens, S keys (cache slots), D embed, H query heads, G
 key/value heads, K head dim, R rotary dims, F mlp. Only logical axis names appear here
-(`sharding.py` maps them onto the mesh).
+(`models/sharding.py` maps them onto the mesh).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from daa_jax import attention as attention_lib
-from daa_jax.config_lib import ModelConfig
+from daa_jax.models import attention as attention_lib
+from daa_jax.models.config import ModelConfig
 
 Array = jax.Array
 

@@ -21,9 +21,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from daa_jax.config_lib import ModelConfig
+from daa_jax.models.config import ModelConfig
 from daa_jax.errors import ConfigError
 from daa_jax.models import common, layers
+from daa_jax.models import registry
 
 Array = jax.Array
 
@@ -297,7 +298,7 @@ def ignored(config: ModelConfig):
   return lambda name: name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight")
 
 
-FAMILY = common.register(common.Family(
+FAMILY = registry.register(registry.Family(
     module=Llama, model_types=("llama", "mistral", "qwen2"), config_from_hf=config_from_hf,
     config_to_hf=config_to_hf, hf_names=hf_names, canonical=canonical, ignored=ignored,
     mlp_matrices=3, legacy_hf_keys=legacy_hf_keys))

@@ -1,0 +1,182 @@
+"""accel/plan.py: the trainer's and sampler's programs lowered for CUDA on abstract pod meshes and
+compiled by the TPU compiler for TPU topologies (libtpu; skipped without it), exact weight
+and optimizer bytes, the precision policy, the activation formula against the TPU compiler,
+and errors for bad flags."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from daa_jax.train import config as config_lib
+from daa_jax.models import model as model_lib
+from daa_jax.train import optim
+from daa_jax.accel import plan
+from daa_jax.errors import ConfigError
+from daa_jax.models import config as model_configs
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu is not installed (pip install -e \".[tpu]\"); the TPU compiler is needed to "
+           "compile for TPU topologies")
+FIELDS = ("params", "grads", "opt_state", "reference", "activations", "total")
+
+
+def daa_config(size="tiny", precision="fp32", **train):
+  config = config_lib.load_sibling(os.path.join(REPO, "configs", "x.py"), "daa",
+                                   f"size={size},precision={precision}")
+  config.train.batch_size, config.train.grad_accum = 8, 1
+  config.train.update(train)
+  return config
+
+
+def num_params(size):
+  return model_lib.param_count(model_lib.abstract_params(model_configs.pythia(size)))
+
+
+def check_result(result, programs):
+  assert result["lowered"] and set(result["programs"]) == set(programs)
+  assert all(result["programs"][p]["lowered"] for p in programs), result["programs"]
+  for field in FIELDS:
+    assert result["per_device_bytes"][field] >= 0
+  assert isinstance(result["fits"], bool) and isinstance(result["max_micro_batch"], int)
+  json.dumps(result)  # JSON-able as printed
+
+
+def test_cuda_lowers_every_program_on_two_pod_meshes_with_exact_weight_bytes():
+  """160m: an 8-GPU node (fsdp 8) and a 128-device (data 2, fsdp 16, tensor 4) mesh."""
+  n = num_params("160m")
+  for mesh in ((1, 8, 1), (2, 16, 4)):
+    config = daa_config("160m", batch_size=2 * mesh[0] * mesh[1])
+    config.model.scan_layers = True  # lowers in a fraction of the unrolled time
+    result = plan.plan(config, mesh, "cuda", device_memory="80GB", prompt_len=24,
+                       response_len=16, fit=True)
+    check_result(result, plan.PROGRAMS)
+    assert not result["compiled"]  # lowered only: no CUDA compiler here
+    mem = result["per_device_bytes"]
+    shards = mesh[1] * mesh[2]
+    # Every 160m weight divides over fsdp x tensor except norms and some biases (replicated).
+    assert n * 4 / shards <= mem["params"] < n * 4 / shards * 1.03
+    assert mem["grads"] == mem["params"] and mem["reference"] == mem["params"]
+    assert mem["opt_state"] == mem["params"] + 4  # RMSprop's nu + the int32 step count
+    assert result["max_micro_batch"] > 0 and result["max_micro_batch"] % (mesh[0] * mesh[1]) == 0
+    assert result["fits"]
+
+
+def test_precision_policy_sets_the_stored_bytes_exactly():
+  n = num_params("tiny")
+  fp32 = plan.plan(daa_config(), (1, 1, 1), "cuda", device_memory="1GB",
+                   programs=["daa_live_packed"], fit=False)
+  lean = plan.plan(daa_config(precision="bf16_state"), (1, 1, 1), "cuda",
+                   device_memory="1GB", programs=["daa_live_packed"], fit=False)
+  assert fp32["per_device_bytes"]["params"] == 4 * n == lean["per_device_bytes"]["params"]
+  assert fp32["per_device_bytes"]["opt_state"] == 4 * n + 4
+  assert lean["per_device_bytes"]["opt_state"] == 2 * n + 4  # bfloat16 nu, int32 count
+  assert fp32["per_device_bytes"]["reference"] == 4 * n
+  assert lean["per_device_bytes"]["reference"] == 2 * n
+  assert lean["precision"] == {"param": "float32", "compute": "bfloat16",
+                               "optimizer_state": "bfloat16", "reference": "bfloat16",
+                               "log_softmax_logps_losses": "float32"}
+
+
+def test_bfloat16_optimizer_state_is_stored_narrow_and_updated_in_float32():
+  c = config_lib.optim_fields("paper")
+  c.update(warmup_steps=0, grad_clip=0.0, lr=0.1, state_dtype="bfloat16")
+  tx, _ = optim.make(c, 10)
+  ref_tx, _ = optim.make(_fp32(c), 10)
+  params = {"w": jnp.array([1.0, -2.0, 3.0])}
+  grads = {"w": jnp.array([0.5, 0.25, -1.0])}
+  state = tx.init(params)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state) if x.ndim)
+  updates, state = tx.update(grads, state, params)
+  expected, _ = ref_tx.update(grads, ref_tx.init(params), params)
+  # One step from a zero state: nu = 0.01 g^2 is exact in bfloat16 for these g.
+  np.testing.assert_allclose(updates["w"], expected["w"], rtol=1e-6)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state) if x.ndim)
+
+
+def _fp32(c):
+  c = c.copy_and_resolve_references()
+  c.state_dtype = "float32"
+  return c
+
+
+def test_bad_dtype_names_the_field():
+  config = daa_config()
+  config.optim.state_dtype = "bf16"
+  with pytest.raises(ConfigError, match=r"config\.optim\.state_dtype='bf16'.*bfloat16"):
+    config_lib.validate(config, 1)
+  with pytest.raises(ConfigError, match="precision='fp8' is unknown"):
+    daa_config(precision="fp8")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(mesh_shape=(1, 8, 1), platform="tpu", topology="v9z:3x3"), r"--topology='v9z:3x3'"),
+    (dict(mesh_shape=(1, 8, 1), platform="tpu", topology="v5e:2x2"),
+     r"--mesh=1,8,1 needs 8 devices but --topology=v5e:2x2 has 4"),
+    (dict(mesh_shape=(1, -1, 1), platform="cuda", device_memory="80GB"), "give all three"),
+    (dict(mesh_shape=(1, 8, 1), platform="cuda"), "--device_memory is needed"),
+    (dict(mesh_shape=(1, 8, 1), platform="cuda", device_memory="lots"), "--device_memory='lots'"),
+    (dict(mesh_shape=(1, 8, 1), platform="cuda", device_memory="8GB", programs=["dpo"]),
+     "--programs: 'dpo' is unknown"),
+    (dict(mesh_shape=(1, 8, 1), platform="gpu"), "--platform='gpu'"),
+])
+def test_bad_flags_are_config_errors_naming_the_flag(kwargs, message):
+  if kwargs["platform"] == "tpu" and importlib.util.find_spec("libtpu") is None:
+    pytest.skip("libtpu is not installed (pip install -e \".[tpu]\")")
+  with pytest.raises(ConfigError, match=message):
+    plan.plan(daa_config(), **kwargs)
+
+
+def test_cli_prints_a_table_then_one_json_line():
+  cmd = [sys.executable, "-m", "daa_jax.accel.plan", "--config", "configs/daa.py:size=tiny",
+         "--mesh", "1,4,1", "--platform", "cuda", "--device_memory", "16GiB",
+         "--programs", "sample_decode", "--config.train.batch_size=8",
+         "--config.train.grad_accum=1"]
+  env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = out.stdout.strip().splitlines()
+  result = json.loads(lines[-1])
+  assert result["primary"] == "daa_live_packed" and result["device_memory"] == 16 * 2**30
+  assert any(line.startswith("daa_live_packed") for line in lines[:-1])
+  bad = subprocess.run(cmd[:-6] + ["--mesh", "1,-1,1", "--device_memory", "8GB"], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2 and "give all three sizes" in bad.stderr
+
+
+@needs_libtpu
+def test_tpu_compiles_every_tiny_program_for_two_topologies():
+  # 4 chips each; the micro-batch fit (one more compile) on the first only.
+  for topology, mesh, fit in (("v5e:2x2", (1, 4, 1), True), ("v4:2x2x1", (2, 2, 1), False)):
+    config = daa_config(batch_size=8, grad_accum=2)
+    result = plan.plan(config, mesh, "tpu", topology=topology, fit=fit)
+    check_result(result, plan.PROGRAMS)
+    assert result["compiled"], {k: v.get("error") for k, v in result["programs"].items()}
+    assert result["device_kind"].startswith("TPU v")
+    assert result["fits"] and result["max_micro_batch"] >= 4
+
+
+@needs_libtpu
+@pytest.mark.parametrize("topology, mesh", [("v5e:2x2", (1, 4, 1)), ("v4:2x2x1", (1, 4, 1))])
+def test_tpu_compiles_the_160m_step_and_the_formula_is_within_25_percent(topology, mesh):
+  """The trainer's 160m DAA step (scanned layers, full remat, bfloat16 compute) compiled by
+  the TPU compiler; the CUDA formula's total on the same program and mesh within 25%."""
+  config = daa_config("160m", "bf16", batch_size=16, grad_accum=2)
+  config.model.update(scan_layers=True, remat_policy="full")
+  result = plan.plan(config, mesh, "tpu", topology=topology, programs=["daa_live_packed"],
+                     fit=False, prompt_len=120, response_len=64)
+  program = result["programs"]["daa_live_packed"]
+  assert result["compiled"], program.get("error")
+  compiled = program["compiled_total"]
+  assert abs(program["formula_total"] - compiled) <= 0.25 * compiled, (
+      program["formula_total"], compiled, program["memory_analysis"])
+  n = num_params("160m")
+  assert n * 4 / 4 <= result["per_device_bytes"]["params"] < n * 4 / 4 * 1.02
