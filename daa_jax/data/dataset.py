@@ -36,7 +36,7 @@ from daa_jax.errors import DataError
 
 Ragged = tokenize_lib.Ragged
 # Bump when the cache layout or the tokenization/truncation semantics change.
-CACHE_VERSION = 3  # 2: empty responses kept and counted; lengths fitted to the data
+CACHE_VERSION = 4  # 2: empty responses kept and counted; lengths fitted to the data; 4: BOS
 _STAT_KEYS = ("read", "invalid_skipped", "skipped_other_domain", "empty_responses",
               "other_split", "duplicates_removed", "truncated", "prompt_truncated",
               "response_truncated", "dropped", "examples", "fitting_length", "references")
@@ -212,7 +212,7 @@ class _Dataset:
       The dataset; raises DataError when no example is left.
     """
     stats = collections.Counter(stats)
-    prompt_ids = tokenizer.encode_batch([e.prompt for e in examples])
+    prompt_ids = tokenizer.encode_prompt_batch([e.prompt for e in examples])  # with BOS
     response_ids = [tokenizer.encode_batch([getattr(e, name) for e in examples])
                     for name in cls._RESPONSE_NAMES]
     # The max_length at which 99% of the examples would fit uncut, for the truncation warning.
@@ -222,7 +222,7 @@ class _Dataset:
     kept, prompts, responses = [], [], [[] for _ in cls._RESPONSE_NAMES]
     for i in range(len(examples)):
       result = tokenize_lib.truncate(prompt_ids[i], [r[i] for r in response_ids],
-                                     tokenizer.eos_id, settings)
+                                     tokenizer.eos_id, settings, tokenizer.bos_prefix)
       if result is None:
         stats["dropped"] += 1
         continue

@@ -194,7 +194,7 @@ def resolve_lengths(cfg: ml_collections.ConfigDict, kind: str = "pairs",
     plan = _plan(cfg, kind, "train", workdir)
     examples = _read_examples(plan, kind, cfg.skip_invalid, collections.Counter())
     names = ("chosen", "rejected") if kind == "pairs" else ("response",)
-    prompt_ids = tokenizer.encode_batch([e.prompt for e in examples])
+    prompt_ids = tokenizer.encode_prompt_batch([e.prompt for e in examples])
     responses = [tokenizer.encode_batch([getattr(e, n) for e in examples]) for n in names]
     fitted = lengths_lib.fit([len(p) for p in prompt_ids],
                              [max(len(r[i]) for r in responses) + 1

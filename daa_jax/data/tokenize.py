@@ -4,6 +4,13 @@ A prompt and each of its responses are tokenized separately and concatenated, so
 prompt + response are exactly prompt tokens followed by response tokens, and the boundary (what
 the loss masks) is known without re-tokenizing. EOS is appended to every response.
 
+BOS: `encode_prompt` starts a sequence with the ids `tokenizer(text)` of transformers puts
+before the text (the tokenizer's own `add_bos_token`/post-processor decides: Llama-3, Gemma-2
+and Mistral add `<bos>`, GPT-NeoX and Qwen2 nothing), once: a text that already starts with them
+(a chat template rendering `{{ bos_token }}`) gets no second one. Responses (`encode`) never get
+any, so BOS is only ever at position 0. A trailing EOS such a post-processor adds is ignored:
+EOS placement is the pipeline's job.
+
 Truncation (`truncate`) follows the original DPO code: nothing is cut while prompt + longest
 response + EOS fits `max_length`. Otherwise the prompt is cut to `max_prompt_length` (keeping its
 end near "TL;DR:" by default), then each response is cut to what is left. A cut response keeps
@@ -35,9 +42,16 @@ class ByteTokenizer:
   pad_id = 257
   vocab_size = 258
   fingerprint = "bytes-v1"
+  bos_prefix: tuple[int, ...] = ()  # no BOS
 
   def encode(self, text: str) -> list[int]:
     return list(text.encode("utf-8"))
+
+  def encode_prompt(self, text: str) -> list[int]:
+    return self.encode(text)
+
+  def encode_prompt_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return self.encode_batch(texts)
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     return [list(t.encode("utf-8")) for t in texts]
@@ -62,8 +76,10 @@ class ByteTokenizer:
 class HFTokenizer:
   """A Hugging Face tokenizer (`transformers` or a bare `tokenizers` file) behind one interface.
 
-  Special tokens are never added by `encode`: EOS placement is the pipeline's job. Pythia has no
-  pad token, so PAD falls back to EOS; masks come from lengths, never from `tokens != pad_id`.
+  Special tokens are never added by `encode` (responses): EOS placement is the pipeline's job.
+  `encode_prompt` starts a sequence with `bos_prefix`, the ids the tokenizer's own special-token
+  rule puts before a text. Pythia has no pad token, so PAD falls back to EOS; masks come from
+  lengths, never from `tokens != pad_id`.
   """
 
   def __init__(self, name: str):
@@ -74,11 +90,13 @@ class HFTokenizer:
       path = name if os.path.isfile(name) else os.path.join(name, "tokenizer.json")
       self._fast = Tokenizer.from_file(path)
       vocab = self._fast.get_vocab(with_added_tokens=True)
-      eos = next((vocab[t] for t in ("<|endoftext|>", "</s>", "<eos>", "<|eos|>") if t in vocab),
+      eos = next((vocab[t] for t in ("<|endoftext|>", "</s>", "<eos>", "<|eos|>",
+                                                      "<|end_of_text|>") if t in vocab),
                  None)
       pad = next((vocab[t] for t in ("<|padding|>", "<pad>", "[PAD]") if t in vocab), None)
       self.vocab_size = self._fast.get_vocab_size(with_added_tokens=True)
       serialized = self._fast.to_str()
+      with_specials = lambda t: self._fast.encode(t, add_special_tokens=True).ids
     elif not os.path.exists(name) and name.startswith(("/", "./", "../", "~")):  # a local path, not a hub id
       raise ConfigError(
           f"config.data.tokenizer={name!r}: no such file or directory (relative paths are "
@@ -100,13 +118,17 @@ class HFTokenizer:
       self._slow = hf if backend is None else None
       serialized = (backend.to_str() if backend is not None
                     else json.dumps(sorted(hf.get_vocab().items())))
+      # Ask transformers itself: its `add_bos_token` may differ from the backend's processor.
+      with_specials = lambda t: list(hf(t, add_special_tokens=True)["input_ids"])
     if eos is None:
       raise ConfigError(f"config.data.tokenizer={name!r} has no EOS token; use a tokenizer "
                         "that defines one (e.g. '<|endoftext|>').")
     self.eos_id = int(eos)
     self.pad_id = int(eos if pad is None else pad)
+    self.bos_prefix = _special_prefix(self.encode, with_specials)
     digest = hashlib.sha256(serialized.encode("utf-8")).hexdigest()[:16]
-    self.fingerprint = f"hf-{digest}-eos{self.eos_id}-pad{self.pad_id}"
+    bos = "-".join(map(str, self.bos_prefix))
+    self.fingerprint = f"hf-{digest}-eos{self.eos_id}-pad{self.pad_id}-bos{bos}"
 
   def encode(self, text: str) -> list[int]:
     if self._fast is None:
@@ -118,11 +140,37 @@ class HFTokenizer:
       return [self.encode(t) for t in texts]
     return [e.ids for e in self._fast.encode_batch(list(texts), add_special_tokens=False)]
 
+  def encode_prompt(self, text: str) -> list[int]:
+    """`encode(text)` behind `bos_prefix`, unless it already starts with it."""
+    return self._with_prefix(self.encode(text))
+
+  def encode_prompt_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return [self._with_prefix(ids) for ids in self.encode_batch(texts)]
+
+  def _with_prefix(self, ids: list[int]) -> list[int]:
+    prefix = list(self.bos_prefix)
+    return ids if ids[:len(prefix)] == prefix else prefix + ids
+
   def decode(self, ids: Sequence[int]) -> str:
     ids = [int(i) for i in ids]
     if self._fast is None:
       return self._slow.decode(ids, skip_special_tokens=True)
     return self._fast.decode(ids, skip_special_tokens=True)
+
+
+def _special_prefix(plain, with_specials) -> tuple[int, ...]:
+  """The ids `with_specials(text)` puts before `plain(text)`'s (BOS), found on probe texts.
+
+  Whatever it puts after them (an EOS some post-processors add) is not part of the prefix.
+  """
+  for probe in ("Hello world", "a", "0"):
+    ids, full = list(plain(probe)), list(with_specials(probe))
+    if not ids:
+      continue
+    for k in range(len(full) - len(ids) + 1):
+      if full[k:k + len(ids)] == ids:
+        return tuple(int(i) for i in full[:k])
+  return ()
 
 
 def _is_bare_tokenizer_dir(path: str) -> bool:
@@ -132,8 +180,10 @@ def _is_bare_tokenizer_dir(path: str) -> bool:
 
 
 def get_tokenizer(name: str):
-  """Returns a tokenizer with `encode`, `encode_batch`, `decode`, `eos_id`, `pad_id`,
-  `vocab_size` and `fingerprint` (a stable string for cache keys).
+  """Returns a tokenizer with `encode`, `encode_batch` (no special tokens: responses),
+  `encode_prompt`, `encode_prompt_batch` (start of a sequence: with BOS where the tokenizer adds
+  it), `bos_prefix`, `decode`, `eos_id`, `pad_id`, `vocab_size` and `fingerprint` (a stable
+  string for cache keys).
 
   Args:
     name: 'bytes' (built-in byte-level tokenizer), a tokenizer.json file, a directory (with
@@ -168,7 +218,8 @@ class Truncation:
                         f"{OVERLONG_POLICIES}.")
 
 
-def truncate(prompt: list[int], responses: list[list[int]], eos_id: int, settings: Truncation):
+def truncate(prompt: list[int], responses: list[list[int]], eos_id: int, settings: Truncation,
+             bos_prefix: Sequence[int] = ()):
   """Appends EOS to each response and applies the truncation policy.
 
   Args:
@@ -176,6 +227,8 @@ def truncate(prompt: list[int], responses: list[list[int]], eos_id: int, setting
     responses: token ids of each response (one for SFT, chosen and rejected for pairs).
     eos_id: appended to every response.
     settings: the length settings.
+    bos_prefix: the tokenizer's BOS ids; a cut prompt that starts with them keeps them first
+      (cutting the start off must not leave the model a sequence without its BOS).
 
   Returns:
     (prompt, responses, prompt_cut, response_cut), or None when the example is dropped.
@@ -188,7 +241,12 @@ def truncate(prompt: list[int], responses: list[list[int]], eos_id: int, setting
   prompt_cut = False
   limit = settings.max_prompt_length
   if limit is not None and len(prompt) > limit:
-    prompt = prompt[-limit:] if settings.truncation_side == "keep_end" else prompt[:limit]
+    keep = len(bos_prefix) if list(prompt[:len(bos_prefix)]) == list(bos_prefix) else 0
+    keep = min(keep, limit)
+    if settings.truncation_side == "keep_end":
+      prompt = list(prompt[:keep]) + list(prompt[len(prompt) - (limit - keep):])
+    else:
+      prompt = prompt[:limit]
     prompt_cut = True
   budget = settings.max_length - len(prompt)
   if budget < 1:  # Only when prompts are never cut: nothing of the response would fit.

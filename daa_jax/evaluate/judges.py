@@ -172,6 +172,23 @@ class GoldJudge:
 # --- Reward-model judge ---------------------------------------------------------------------
 
 
+def reward_sequences(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str],
+                     max_length: int, append_eos: bool = True) -> list[list[int]]:
+  """Token ids a reward model scores: `rm_tokenizer(prompt + response)` (its BOS first, if it
+  has one, once) then EOS, the prompt and response encoded apart as in the training data.
+
+  Too long: the end is kept (the response is what is judged), with BOS still first.
+  """
+  eos = [tokenizer.eos_id] if append_eos else []
+  bos = list(getattr(tokenizer, "bos_prefix", ()))
+  seqs = []
+  for p, r in zip(prompts, responses):
+    seq = list(tokenizer.encode(p)) + list(tokenizer.encode(r)) + eos
+    body = seq[len(bos):] if bos and seq[:len(bos)] == bos else seq  # a prompt with its own
+    seqs.append(bos + body[max(len(body) - (int(max_length) - len(bos)), 0):])
+  return seqs
+
+
 class RewardModelJudge:
   """Scores both responses with a learned reward model and compares like `GoldJudge`.
 
@@ -324,9 +341,8 @@ class RewardModelJudge:
     """Rewards `[N]` of (prompt, response) texts."""
     if len(prompts) != len(responses):
       raise DataError(f"reward model: {len(prompts)} prompts but {len(responses)} responses.")
-    eos = [self.tokenizer.eos_id] if self.append_eos else []
-    seqs = [(list(self.tokenizer.encode(p)) + list(self.tokenizer.encode(r)) + eos)
-            [-self.max_length:] for p, r in zip(prompts, responses)]
+    seqs = reward_sequences(self.tokenizer, prompts, responses, self.max_length,
+                            self.append_eos)
     if not seqs:
       return np.zeros(0, np.float64)
     # Round the length up to a multiple of 32 so that calls rarely compile anew.

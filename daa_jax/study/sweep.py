@@ -171,7 +171,7 @@ def policy_pairs(config, size: str, workdir: str) -> str:
                    if p not in held_out]
 
   def sample_twice(prompts, stream):
-    encoded = [tokenizer.encode(p) for p in prompts]
+    encoded = tokenizer.encode_prompt_batch(prompts)  # with BOS where the tokenizer has one
     width = max(len(e) for e in encoded)
     batch = int(pp.batch_size)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]

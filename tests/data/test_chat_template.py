@@ -117,3 +117,57 @@ def test_missing_template_is_a_config_error(tmp_path):
     chat.ChatTemplate.load("tokenizer", str(tmp_path))
   with pytest.raises(ConfigError, match="neither 'tokenizer' nor a template file"):
     chat.ChatTemplate.load("no_such.jinja", str(tmp_path))
+
+
+def test_template_bos_is_not_doubled(tmp_path):
+  """Llama-3-like tokenizer whose post-processor adds BOS, template rendering {{ bos_token }}:
+  exactly one BOS, as transformers' apply_chat_template(tokenize=True)."""
+  from tests.data.test_data_tokenize import llama3_like_tokenizer
+  path = llama3_like_tokenizer(tmp_path / "tok")
+  hf = transformers.AutoTokenizer.from_pretrained(path)
+  hf.chat_template = GEMMA_TEMPLATE
+  hf.save_pretrained(path)
+  hf = transformers.AutoTokenizer.from_pretrained(path)
+  bos = hf.bos_token_id
+  assert hf("Hi").input_ids[0] == bos  # the tokenizer itself adds BOS to a plain text
+  source = tmp_path / "hh.jsonl"
+  source.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+  cfg = data_pipeline.default_config()
+  cfg.update(source=str(source), format="hh", tokenizer=path, chat_template="tokenizer",
+             max_length=256, max_prompt_length=128, eval_source=str(source))
+  ds = data_pipeline.load_pairs(cfg, "eval", workdir=str(tmp_path))
+  batch = ds.batch(range(len(ROWS)))
+  for row in range(len(ROWS)):
+    p = int(batch["prompt_lengths"][row])
+    prompt = ROWS[row]["chosen"][:ROWS[row]["chosen"].rfind("Assistant:") + 10]
+    messages = chat.hh_messages(prompt)
+    expected = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    expected = list(getattr(expected, "input_ids", expected))
+    assert expected[0] == bos and expected.count(bos) == 1
+    assert list(batch["tokens"][row, 0, :p]) == expected == list(ds.prompt_tokens(row))
+    for k in range(2):
+      n = p + int(batch["lengths"][row, k])
+      assert list(batch["tokens"][row, k, :n]).count(bos) == 1
+
+
+def test_template_without_bos_gets_the_tokenizers(tmp_path):
+  """A template that renders no BOS, for a tokenizer that adds one: the prompt starts with it,
+  as `tokenizer(rendered_text)` does."""
+  from tests.data.test_data_tokenize import llama3_like_tokenizer
+  path = llama3_like_tokenizer(tmp_path / "tok")
+  hf = transformers.AutoTokenizer.from_pretrained(path)
+  template = chat.ChatTemplate(GEMMA_TEMPLATE.replace("{{ bos_token }}", ""), "", "")
+  source = tmp_path / "hh.jsonl"
+  source.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+  jinja = tmp_path / "t.jinja"
+  jinja.write_text(GEMMA_TEMPLATE.replace("{{ bos_token }}", ""))
+  cfg = data_pipeline.default_config()
+  cfg.update(source=str(source), format="hh", tokenizer=path, chat_template=str(jinja),
+             max_length=256, max_prompt_length=128, eval_source=str(source))
+  ds = data_pipeline.load_pairs(cfg, "eval", workdir=str(tmp_path))
+  for row in range(len(ROWS)):
+    prompt = ROWS[row]["chosen"][:ROWS[row]["chosen"].rfind("Assistant:") + 10]
+    text = template.render(chat.hh_messages(prompt), add_generation_prompt=True)
+    assert not text.startswith("<|begin_of_text|>")
+    assert list(ds.prompt_tokens(row)) == hf(text).input_ids
+    assert ds.prompt_tokens(row)[0] == hf.bos_token_id

@@ -84,6 +84,129 @@ def test_hf_tokenizer_through_transformers(neox_like_tokenizer_dir, tmp_path):
   assert tok.encode(text) == bare.encode(text)
 
 
+WORDS = ["summary", "post", "boyfriend", "dinner", "plans", "forgot", "the", "and", "TL;DR:"]
+
+
+def llama3_like_tokenizer(directory, bos_post_processor=True):
+  """A byte-level BPE trained here, saved with transformers: Llama-3-like, its post-processor
+  puts '<|begin_of_text|>' (id 0) before every text ('eos_too': and '<|end_of_text|>' after);
+  '<|end_of_text|>' is EOS (id 1)."""
+  import transformers
+  from tokenizers import decoders, models, pre_tokenizers, processors, trainers, Tokenizer
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  specials = ["<|begin_of_text|>", "<|end_of_text|>", "<start_of_turn>", "<end_of_turn>"]
+  tok.train_from_iterator(
+      [" ".join(np.random.default_rng(i).choice(WORDS, 12)) for i in range(300)],
+      trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                          show_progress=False))
+  if bos_post_processor:
+    end = " <|end_of_text|>" if bos_post_processor == "eos_too" else ""
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A" + end, pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        special_tokens=[("<|begin_of_text|>", 0), ("<|end_of_text|>", 1)])
+  hf = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+  hf.save_pretrained(str(directory))
+  return str(directory)
+
+
+@pytest.fixture(scope="module")
+def llama3_like_dir(tmp_path_factory):
+  return llama3_like_tokenizer(tmp_path_factory.mktemp("llama3_tok"))
+
+
+TEXTS = ["the boyfriend forgot dinner plans TL;DR:", " post", "summary and the post"]
+
+
+def test_prompt_bos_equals_transformers(llama3_like_dir):
+  import transformers
+  hf = transformers.AutoTokenizer.from_pretrained(llama3_like_dir)
+  for tok in (tokenize.get_tokenizer(llama3_like_dir),  # through transformers
+              tokenize.get_tokenizer(llama3_like_dir + "/tokenizer.json")):  # bare tokenizers
+    assert tok.bos_prefix == (0,) and tok.eos_id == 1
+    for text in TEXTS:
+      assert tok.encode_prompt(text) == hf(text).input_ids  # BOS, once, at the start
+      assert tok.encode_prompt(text)[0] == 0 and tok.encode(text) == hf(text).input_ids[1:]
+    assert tok.encode_prompt_batch(TEXTS) == [hf(t).input_ids for t in TEXTS]
+    # A text that already starts with BOS (a template rendering it) gets no second one.
+    assert tok.encode_prompt("<|begin_of_text|>the post") == hf.encode(
+        "<|begin_of_text|>the post", add_special_tokens=False)
+    assert tok.encode_prompt("<|begin_of_text|>the post").count(0) == 1
+  assert tokenize.get_tokenizer(llama3_like_dir).fingerprint.endswith("-bos0")
+
+
+def test_trailing_eos_of_a_post_processor_is_not_taken(tmp_path):
+  """A post-processor adding BOS and EOS (Llama's add_bos_token + add_eos_token): BOS is taken,
+  EOS is not (the pipeline places EOS after responses only)."""
+  import transformers
+  path = llama3_like_tokenizer(tmp_path, bos_post_processor="eos_too")
+  hf = transformers.AutoTokenizer.from_pretrained(path)
+  tok = tokenize.get_tokenizer(path)
+  assert tok.bos_prefix == (0,)
+  for text in TEXTS:
+    expected = hf(text).input_ids
+    assert expected[0] == 0 and expected[-1] == 1  # transformers adds both
+    assert tok.encode_prompt(text) == expected[:-1]
+
+
+def test_no_bos_for_neox_like(neox_like_tokenizer_dir):
+  """GPT-NeoX / Qwen2: no post-processor BOS, so none is added."""
+  for path in (str(neox_like_tokenizer_dir), str(neox_like_tokenizer_dir / "tokenizer.json")):
+    tok = tokenize.get_tokenizer(path)
+    assert tok.bos_prefix == ()
+    assert tok.encode_prompt(TEXTS[0]) == tok.encode(TEXTS[0])
+  assert tokenize.ByteTokenizer().encode_prompt("ab") == [97, 98]
+
+
+def test_pairs_start_with_bos_and_truncation_keeps_it(llama3_like_dir):
+  bos_tok = tokenize.get_tokenizer(llama3_like_dir)
+  plain = tokenize.get_tokenizer(llama3_like_dir + "/tokenizer.json")
+  plain.bos_prefix = ()  # the same vocabulary without BOS: what the masks were before
+  long_prompt = " ".join(WORDS * 4)
+  examples = [pair("the post TL;DR:", " summary", " the plans", line=1),
+              pair(long_prompt, " dinner and the post", " forgot", line=2),
+              pair("and TL;DR:", " boyfriend " * 3, " post", line=3)]
+  for side in ("keep_end", "keep_start"):
+    settings = dict(max_length=24, max_prompt_length=10, truncation_side=side)
+    with_bos, without = build_pairs(examples, bos_tok, **settings), build_pairs(
+        examples, plain, **settings)
+    assert with_bos.stats["prompt_truncated"] == 1
+    b, old = with_bos.batch(range(3)), without.batch(range(3))
+    assert (b["tokens"][:, :, 0] == 0).all()  # every row starts with BOS
+    assert (b["tokens"][:, :, 1:] != 0).all()  # and has it nowhere else
+    for i, e in enumerate(examples):
+      p = int(b["prompt_lengths"][i])
+      ids = bos_tok.encode_prompt(e.prompt)
+      if len(ids) <= 10:
+        assert p == len(ids) and list(b["tokens"][i, 0, :p]) == ids
+      else:  # cut to 10, BOS kept first: the end (or the start) of the text after it
+        kept = [0] + (ids[-9:] if side == "keep_end" else ids[1:10])
+        assert p == 10 and list(b["tokens"][i, 0, :p]) == kept
+      # The response part is unchanged: the same tokens, lengths and loss mask, shifted by
+      # the prompt's length change.
+      q = int(old["prompt_lengths"][i])
+      np.testing.assert_array_equal(b["lengths"][i], old["lengths"][i])
+      for k in range(2):
+        n = int(b["lengths"][i, k])
+        np.testing.assert_array_equal(b["tokens"][i, k, p:p + n], old["tokens"][i, k, q:q + n])
+        np.testing.assert_array_equal(b["loss_mask"][i, k, p - 1:p - 1 + n],
+                                      old["loss_mask"][i, k, q - 1:q - 1 + n])
+        assert b["loss_mask"][i, k].sum() == n and not b["loss_mask"][i, k, :p - 1].any()
+
+
+def test_truncate_keeps_bos_when_cutting_the_prompt_start():
+  settings = tokenize.Truncation(max_length=6, max_prompt_length=3)
+  prompt, responses, cut, _ = tokenize.truncate([0, 5, 6, 7, 8], [[9]], 1, settings, (0,))
+  assert prompt == [0, 7, 8] and responses == [[9, 1]] and cut
+  # A prompt without the BOS (not from encode_prompt) is cut as before.
+  assert tokenize.truncate([5, 6, 7, 8, 4], [[9]], 1, settings, (0,))[0] == [7, 8, 4]
+  one = tokenize.Truncation(max_length=6, max_prompt_length=1)
+  assert tokenize.truncate([0, 5, 6, 7, 8, 3], [[9]], 1, one, (0,))[0] == [0]
+
+
 def test_unknown_tokenizer_is_a_config_error(tmp_path):
   with pytest.raises(ConfigError, match="config.data.tokenizer"):
     tokenize.get_tokenizer(str(tmp_path / "missing-tokenizer"))

@@ -279,6 +279,29 @@ def test_tldr_win_rates_use_human_references_joined_on_the_post_id(tmp_path):
                         reference_source=str(tmp_path / "missing.jsonl"))
 
 
+def test_sampled_prompts_start_with_bos_for_a_bos_tokenizer(tmp_path):
+  """The prompt set fed to sampling (and the reference pass's pairs): BOS first in every row,
+  right after the left padding, as transformers' `tokenizer(prompt)`."""
+  import transformers
+  from tests.data.test_data_tokenize import llama3_like_tokenizer
+  path = llama3_like_tokenizer(tmp_path / "tok")
+  hf = transformers.AutoTokenizer.from_pretrained(path)
+  rows = [{"prompt": p, "chosen": " summary", "rejected": " post"}
+          for p in ("the post TL;DR:", "the boyfriend forgot dinner plans and TL;DR:")]
+  source = tmp_path / "pairs.jsonl"
+  source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  data = _data_config(tmp_path, str(source), "jsonl")
+  data.update(eval_source=str(source), tokenizer=path)
+  tok = tokenize.get_tokenizer(path)
+  prompts = prompts_lib.prompt_set(data, str(tmp_path), 10, tok.pad_id)
+  for row, r in enumerate(rows):
+    first = int(np.argmax(prompts.mask[row]))
+    assert list(prompts.tokens[row, first:]) == hf(r["prompt"]).input_ids
+    assert prompts.tokens[row, first] == hf.bos_token_id
+  pairs = data_pipeline.load_pairs(data, "eval", workdir=str(tmp_path)).batch(range(2))
+  assert (pairs["tokens"][:, :, 0] == hf.bos_token_id).all()
+
+
 def test_gold_judge_counts_a_non_byte_id_as_one_off_key_symbol():
   # The tiny models' vocabulary is 264: ids 258..263 are no bytes. Scored from a decode they
   # vanished and escaped the off-key penalty; the judge a user's evaluation builds scores ids.

@@ -104,6 +104,35 @@ def test_gold_judge_outcomes_and_rewards():
     judges.GoldJudge(reward).judge(["a"], ["a", "b"], ["a"])
 
 
+# --- reward-model inputs ---------------------------------------------------------------------
+
+
+def test_reward_sequences_equal_the_rm_tokenizer_with_bos(tmp_path):
+  """A reward model with a BOS tokenizer (Llama-3-like) scores `rm_tokenizer(prompt +
+  response)` + EOS: BOS once, first, also when a too-long sequence is cut; none for NeoX-like."""
+  import transformers
+  from daa_jax.data import tokenize
+  from tests.data.test_data_tokenize import llama3_like_tokenizer
+  path = llama3_like_tokenizer(tmp_path / "bos")
+  hf = transformers.AutoTokenizer.from_pretrained(path)
+  tok = tokenize.get_tokenizer(path)
+  prompts = ["the boyfriend forgot dinner plans TL;DR:", "<|begin_of_text|>the post TL;DR:"]
+  responses = [" summary and the post", " plans"]
+  got = judges.reward_sequences(tok, prompts, responses, max_length=64)
+  for p, r, seq in zip(prompts, responses, got):
+    assert seq == hf(p + r, add_special_tokens=not p.startswith("<|begin_of_text|>")
+                     ).input_ids + [hf.eos_token_id]
+    assert seq[0] == hf.bos_token_id and seq.count(hf.bos_token_id) == 1
+  cut = judges.reward_sequences(tok, prompts[:1], responses[:1], max_length=5)[0]
+  assert cut == [hf.bos_token_id] + got[0][-4:]
+  assert judges.reward_sequences(tok, prompts[:1], responses[:1], 64, append_eos=False)[0] == (
+      hf(prompts[0] + responses[0]).input_ids)
+  neox = tokenize.get_tokenizer(llama3_like_tokenizer(tmp_path / "nobos", False))
+  assert neox.bos_prefix == ()
+  assert judges.reward_sequences(neox, prompts[:1], responses[:1], 64)[0] == hf(
+      prompts[0] + responses[0], add_special_tokens=False).input_ids + [hf.eos_token_id]
+
+
 # --- parse_verdict --------------------------------------------------------------------------
 
 
