@@ -122,11 +122,11 @@ def check_lines(results: dict[str, dict]) -> list[str]:
               "for a paired test)")
     lines.append(
         f"- **{key}**: best win rate {c['best_win_rate']:.3f} at √KL {c['best_sqrt_kl']:.2f} "
-        f"(β={c['best_beta']:g}, step {int(c['best_step'])}); {rise} → rises then falls: "
-        f"**{'yes' if c['rises_then_falls'] else 'no'}**. Final KL by β "
+        f"(β_DAA={c['best_beta']:g}, step {int(c['best_step'])}); {rise} → rises then falls: "
+        f"**{'yes' if c['rises_then_falls'] else 'no'}**. Final KL by β_DAA "
         + ", ".join(f"{b}: {v:.2f}" for b, v in c["final_kl_by_beta"].items())
-        + f" → smaller β, larger KL: **{'yes' if c['smaller_beta_larger_kl'] else 'no'}**. "
-        + ("Log-form fit (all checkpoints) a={:.3f} {}, b={:.3f} {}, RMSE {:.4f} vs best-of-n "
+        + f" → smaller β_DAA, larger KL: **{'yes' if c['smaller_beta_larger_kl'] else 'no'}**. "
+        + ("Log-form fit (all checkpoints) α={:.3f} {}, β={:.3f} {}, RMSE {:.4f} vs best-of-n "
            "{:.4f} and quadratic {:.4f}; log form lower than best-of-n in {} of bootstrap "
            "replicates → log form preferred over quadratic: **{}**, over best-of-n at 95%: "
            "**{}**.".format(c["log_alpha"], _fmt_ci(c["log_alpha_ci"]), c["log_beta"],
