@@ -79,22 +79,25 @@ def _spearman(x, y) -> float:
 
 
 def win_rate_against(config) -> str:
-  """The report's sentence on what a win rate compares, from the study's judge."""
-  j = config.judge
-  synthetic = config.daa.data.source == "synthetic"
-  name = j.name if j.name != "auto" else ("gold" if synthetic else "llm")
+  """The report's sentence on what a win rate compares, from the study's judge.
+
+  `config` is the sweep's ConfigDict or its sweep_config.json as a dict (the refit command's).
+  """
+  j = config["judge"]
+  synthetic = config["daa"]["data"]["source"] == "synthetic"
+  name = j["name"] if j["name"] != "auto" else ("gold" if synthetic else "llm")
   interval = "ties count half; 95% Wilson intervals"
   if name == "gold":
     return ("Win rate: the share of held-out prompts on which the policy's sample has a higher "
             "gold reward than the task's reference summary for that prompt (the same "
             f"references for every checkpoint; {interval}).")
   if name == "llm":
-    return (f"Win rate: the share of held-out prompts on which the LLM judge ({j.model}, both "
+    return (f"Win rate: the share of held-out prompts on which the LLM judge ({j['model']}, both "
             "presentation orders) prefers the policy's sample to the dataset's reference "
             f"response ({interval}).")
   if name == "reward_model":
     return ("Win rate: the share of held-out prompts on which the reward model "
-            f"{j.reward_model} scores the policy's sample above the dataset's reference "
+            f"{j['reward_model']} scores the policy's sample above the dataset's reference "
             f"response ({interval}).")
   return "No judge (config.judge.name='none'): win rates are empty."
 

@@ -1,28 +1,20 @@
-"""Figures and report.md of a sweep, from summary.csv rows and their fits (`daa_jax.study.fits`).
+"""report.md of a sweep, from summary.csv rows and their fits (`daa_jax.study.fits`).
 
-Command line (no JAX needed or imported; `python -m daa_jax.scaling` is the same):
-  python -m daa_jax.study.report SWEEP_DIR [--r0 fit|sft|0.17] [--out DIR]
-reads SWEEP_DIR/summary.csv (and prompt_outcomes.json when present) and writes fits.json,
-figures/*.png|pdf and report.md.
+The sweep and the refit command (`python -m daa_jax.scaling SWEEP_DIR`) write it through
+`daa_jax.study.outputs`, with fits.json, checks.json and the figures.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
-import sys
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
-from daa_jax.errors import DaaError
-from daa_jax.study.fits import (by_group, final_rows, is_reference, load_prompt_outcomes,
-    load_summary, run_id, write_fits)
+from daa_jax.study.fits import by_group, final_rows, is_reference, run_id
 
-# --- Figures --------------------------------------------------------------------------------
-from daa_jax.study.intervals import fit_all
 from daa_jax.study import figures as figures_lib
 
 
@@ -318,40 +310,3 @@ def write_report(rows, fits, figures: Mapping[str, Sequence[str]], out_path: str
 
 _R0_TEXT = {"fit": "fitted with the other coefficients",
             "sft": "the SFT policy's own win rate (its evaluation at step 0)"}
-
-
-# --- Command line ---------------------------------------------------------------------------
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """`python -m daa_jax.study.report SWEEP_DIR`: fits.json, figures/ and report.md from summary.csv."""
-  parser = argparse.ArgumentParser(prog="python -m daa_jax.scaling", description=main.__doc__)
-  parser.add_argument("sweep_dir", help="directory holding summary.csv")
-  parser.add_argument("--r0", default="fit",
-                      help="win rate at d = 0: 'fit' (default), 'sft' (rows with objective sft) "
-                           "or a number such as 0.17")
-  parser.add_argument("--out", default=None, help="output directory (default: SWEEP_DIR)")
-  args = parser.parse_args(argv)
-  r0: Any = args.r0
-  if r0 not in ("fit", "sft"):
-    try:
-      r0 = float(r0)
-    except ValueError:
-      parser.error(f"--r0={args.r0!r}: use fit, sft or a number")
-  out_dir = args.out or args.sweep_dir
-  try:
-    rows = load_summary(os.path.join(args.sweep_dir, "summary.csv"))
-    outcomes = load_prompt_outcomes(os.path.join(args.sweep_dir, "prompt_outcomes.json"))
-    fits = fit_all(rows, r0=None if r0 == "fit" else r0, outcomes=outcomes)
-    fits_path = write_fits(fits, os.path.join(out_dir, "fits.json"))
-    figures = figures_lib.make_figures(rows, fits, os.path.join(out_dir, "figures"))
-    report = write_report(rows, fits, figures, os.path.join(out_dir, "report.md"))
-  except DaaError as e:
-    sys.stderr.write(f"error: {e}\n")
-    return 2
-  print(f"wrote {fits_path}, {report} and {2 * len(figures)} figure files")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -38,16 +38,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from daa_jax.study import report as report_lib
 from daa_jax.study import fits as scaling
 from daa_jax.data import pipeline as data_pipeline
 from daa_jax.data import synthetic as synthetic_lib
 from daa_jax.data import tokenize as tokenize_lib
 from daa_jax.train import init as init_lib
-from daa_jax.study import intervals as intervals_lib
-from daa_jax.study import figures as figures_lib
-from daa_jax.study import checks as checks_lib
-from daa_jax.train import metrics as metrics_lib
+from daa_jax.study import outputs as outputs_lib
 
 SUMMARY_COLUMNS = ("objective", "size", "beta", "step", "epoch_fraction", "kl", "kl_stderr",
                    "sqrt_kl", "forward_kl", "win_rate", "win_rate_lo", "win_rate_hi",
@@ -421,17 +417,11 @@ def _report(config, runs: list[dict], workdir: str) -> dict:
   """summary.csv, fits.json, figures, checks.json and report.md; the job's summary."""
   rows = collect(runs, workdir)
   outcomes = scaling.load_prompt_outcomes(os.path.join(workdir, "prompt_outcomes.json"))
-  fits = intervals_lib.fit_all(rows, r0=config.get("fit_r0", "sft"), outcomes=outcomes)
-  scaling.write_fits(fits, os.path.join(workdir, "fits.json"))
-  on_policy = config.pairs == "policy_samples"
-  figures = figures_lib.make_figures(rows, fits, os.path.join(workdir, "figures"),
-                                    pairs_on_policy=on_policy)
-  results = checks_lib.checks(rows, fits, outcomes)
-  with open(os.path.join(workdir, "checks.json"), "w", encoding="utf-8") as f:
-    json.dump(metrics_lib.jsonable(results), f, indent=2)
-  report = os.path.join(workdir, "report.md")
-  report_lib.write_report(rows, fits, figures, report, extra_lines=checks_lib.check_lines(results),
-                          win_rate_against=checks_lib.win_rate_against(config), pairs_on_policy=on_policy)
+  # The refit command (`python -m daa_jax.scaling`) goes through the same function with the
+  # same settings, read back from sweep_config.json: a refit reproduces these files.
+  written = outputs_lib.write_all(rows, outcomes, workdir, outputs_lib.settings(config),
+                                  warn=lambda line: logging.warning("%s", line))
+  results, report = written["checks"], written["report"]
   # Counted as report.md counts them: DAA runs and their checkpoints; the SFT runs and their
   # step-0 reference rows (the fits' R0) on the side.
   daa_runs = sum(r["kind"] == "daa" for r in runs)
