@@ -44,6 +44,7 @@ from daa_jax.data import synthetic as synthetic_lib
 from daa_jax.data import tokenize as tokenize_lib
 from daa_jax.train import init as init_lib
 from daa_jax.study import outputs as outputs_lib
+from daa_jax.study import pairs as pairs_lib
 
 SUMMARY_COLUMNS = ("objective", "size", "beta", "step", "epoch_fraction", "kl", "kl_stderr",
                    "sqrt_kl", "forward_kl", "win_rate", "win_rate_lo", "win_rate_hi",
@@ -129,7 +130,8 @@ def eval_config(config, run_dir: str, include_reference: bool = False):
 
 def policy_pairs(config, size: str, workdir: str) -> str:
   """Samples two responses per prompt from the SFT policy and labels them with the synthetic
-  task's Bradley–Terry labeler. Writes `pairs.jsonl` and `eval_pairs.jsonl`.
+  task's Bradley–Terry labeler, on their sampled ids (`pairs.write_pairs`). Writes
+  `pairs.jsonl` and `eval_pairs.jsonl`.
 
   Pairs where either sample has no EOS within the budget are dropped: the data pipeline
   appends EOS to every response, which would misrepresent them. A sample that is EOS alone is
@@ -172,7 +174,7 @@ def policy_pairs(config, size: str, workdir: str) -> str:
     batch = int(pp.batch_size)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     batch = max(dp, batch // dp * dp)
-    texts, eos = [[], []], [[], []]
+    texts, eos, ids_out = [[], []], [[], []], [[], []]
     for start in range(0, len(prompts), batch):
       rows = encoded[start:start + batch]
       n = len(rows)
@@ -194,25 +196,13 @@ def policy_pairs(config, size: str, workdir: str) -> str:
           if finished:
             ids = ids[:-1]
           texts[k].append(tokenizer.decode(ids))
+          ids_out[k].append(ids)  # the labeler scores these, not their decoded text
           eos[k].append(finished)
-    return texts, eos
+    return texts, eos, ids_out
 
   def write(name, prompts, samples, stream, limit):
-    (a, b), (ea, eb) = samples
-    keep = [i for i in range(len(prompts)) if ea[i] and eb[i]]
-    labeled = task.label_pairs([prompts[i] for i in keep], [a[i] for i in keep],
-                               [b[i] for i in keep], seed=[pp.seed, stream])
-    rows = [dict(zip(labeled, values)) for values in zip(*labeled.values())][:limit]
-    with open(os.path.join(out_dir, f"{name}.jsonl"), "w", encoding="utf-8") as f:
-      for row in rows:
-        f.write(json.dumps({k: (float(v) if isinstance(v, (np.floating, float)) else v)
-                            for k, v in row.items()}) + "\n")
-    gaps = np.array([r["gold_chosen"] - r["gold_rejected"] for r in rows])
-    return dict(pairs=len(rows), drawn=len(prompts), kept=len(keep),
-                empty_responses=sum(not r[k].strip() for r in rows
-                                    for k in ("chosen", "rejected")),
-                label_agrees_with_gold=float(np.mean(gaps > 0)),
-                gold_ties=float(np.mean(gaps == 0)))
+    return pairs_lib.write_pairs(task, os.path.join(out_dir, f"{name}.jsonl"), prompts,
+                                 *samples, seed=[pp.seed, stream], limit=limit)
 
   def write_all():
     os.makedirs(out_dir, exist_ok=True)
