@@ -2,7 +2,7 @@
 
 import sys
 
-from daa_jax.study import report as target
+from daa_jax.study import outputs as target
 
 if __name__ == "__main__":
   sys.modules["__main__"].__doc__ = target.__doc__  # --help prints the command's own text

@@ -219,7 +219,9 @@ class SyntheticTask:
 
   def label_pairs(self, prompts: Sequence[str], responses_a: Sequence[str],
                   responses_b: Sequence[str], seed, has_eos_a: Optional[Sequence[bool]] = None,
-                  has_eos_b: Optional[Sequence[bool]] = None) -> dict:
+                  has_eos_b: Optional[Sequence[bool]] = None,
+                  ids_a: Optional[Sequence[Sequence[int]]] = None,
+                  ids_b: Optional[Sequence[Sequence[int]]] = None) -> dict:
     """Labels response pairs with the Bradley–Terry labeler; identical pairs are dropped.
 
     P(a ≻ b) = σ((gold_a − gold_b + length_bias · (len_a − len_b)) / label_temperature),
@@ -229,35 +231,55 @@ class SyntheticTask:
       prompts, responses_a, responses_b: texts, one per pair.
       seed: seeds the label draws.
       has_eos_a, has_eos_b: whether each response ended with EOS (default: all did).
+      ids_a, ids_b: the responses as sampled `bytes`-tokenizer ids (EOS not included), or
+        None. Given, the ids are scored (`gold_reward_ids`: an id that is no byte is one
+        off-key symbol, exactly as the evaluation's judge counts it, where its decoded text
+        would show U+FFFD), lengths are id counts and pairs are compared by their ids.
 
     Returns:
       dict of columns over the kept pairs: 'prompt', 'chosen', 'rejected' (lists of str),
-      'gold_chosen', 'gold_rejected' (float64 arrays).
+      'gold_chosen', 'gold_rejected' (float64 arrays) and, with ids, 'chosen_ids' and
+      'rejected_ids' (lists of int lists).
     """
     cfg = self.cfg
     num = len(prompts)
     eos_a = np.ones(num, bool) if has_eos_a is None else np.asarray(has_eos_a, bool)
     eos_b = np.ones(num, bool) if has_eos_b is None else np.asarray(has_eos_b, bool)
-    gold_a = np.array([self.gold_reward(p, r, e) for p, r, e in zip(prompts, responses_a, eos_a)])
-    gold_b = np.array([self.gold_reward(p, r, e) for p, r, e in zip(prompts, responses_b, eos_b)])
-    length_gap = np.array([len(a) - len(b) for a, b in zip(responses_a, responses_b)], float)
+    with_ids = ids_a is not None and ids_b is not None
+    if with_ids:
+      # The ids, not their decoded text: a decode renders a non-byte id as U+FFFD, a symbol
+      # the task's keys never match, but several ids could share one rendering.
+      sym_a = [tuple(int(t) for t in x) for x in ids_a]
+      sym_b = [tuple(int(t) for t in x) for x in ids_b]
+      gold_a = np.array([self.gold_reward_ids(p, r, e) for p, r, e in zip(prompts, sym_a, eos_a)])
+      gold_b = np.array([self.gold_reward_ids(p, r, e) for p, r, e in zip(prompts, sym_b, eos_b)])
+    else:
+      sym_a, sym_b = list(responses_a), list(responses_b)
+      gold_a = np.array([self.gold_reward(p, r, e) for p, r, e in zip(prompts, sym_a, eos_a)])
+      gold_b = np.array([self.gold_reward(p, r, e) for p, r, e in zip(prompts, sym_b, eos_b)])
+    length_gap = np.array([len(a) - len(b) for a, b in zip(sym_a, sym_b)], float)
     logits = (gold_a - gold_b + cfg.length_bias * length_gap) / cfg.label_temperature
     a_wins = np.random.default_rng(seed).random(num) < 1.0 / (1.0 + np.exp(-logits))
     keep = np.array([(a, ea) != (b, eb) for a, b, ea, eb in
-                     zip(responses_a, responses_b, eos_a, eos_b)], bool).reshape(num)
+                     zip(sym_a, sym_b, eos_a, eos_b)], bool).reshape(num)
     out = collections.defaultdict(list)
+    texts, golds, syms = (responses_a, responses_b), (gold_a, gold_b), (sym_a, sym_b)
     for i in np.flatnonzero(keep):
-      first, second = (responses_a[i], responses_b[i]) if a_wins[i] else (responses_b[i],
-                                                                           responses_a[i])
-      gold_first, gold_second = (gold_a[i], gold_b[i]) if a_wins[i] else (gold_b[i], gold_a[i])
+      won, lost = (0, 1) if a_wins[i] else (1, 0)
       out["prompt"].append(prompts[i])
-      out["chosen"].append(first)
-      out["rejected"].append(second)
-      out["gold_chosen"].append(gold_first)
-      out["gold_rejected"].append(gold_second)
-    return dict(prompt=out["prompt"], chosen=out["chosen"], rejected=out["rejected"],
-                gold_chosen=np.array(out["gold_chosen"], float),
-                gold_rejected=np.array(out["gold_rejected"], float))
+      out["chosen"].append(texts[won][i])
+      out["rejected"].append(texts[lost][i])
+      out["gold_chosen"].append(golds[won][i])
+      out["gold_rejected"].append(golds[lost][i])
+      if with_ids:
+        out["chosen_ids"].append(list(syms[won][i]))
+        out["rejected_ids"].append(list(syms[lost][i]))
+    columns = dict(prompt=out["prompt"], chosen=out["chosen"], rejected=out["rejected"],
+                   gold_chosen=np.array(out["gold_chosen"], float),
+                   gold_rejected=np.array(out["gold_rejected"], float))
+    if with_ids:
+      columns.update(chosen_ids=out["chosen_ids"], rejected_ids=out["rejected_ids"])
+    return columns
 
   def demo_pairs(self, n: int, seed, prompts: Optional[Sequence[str]] = None) -> dict:
     """n labeled pairs of two independent SFT-demonstrator samples per prompt.

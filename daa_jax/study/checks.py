@@ -79,22 +79,25 @@ def _spearman(x, y) -> float:
 
 
 def win_rate_against(config) -> str:
-  """The report's sentence on what a win rate compares, from the study's judge."""
-  j = config.judge
-  synthetic = config.daa.data.source == "synthetic"
-  name = j.name if j.name != "auto" else ("gold" if synthetic else "llm")
+  """The report's sentence on what a win rate compares, from the study's judge.
+
+  `config` is the sweep's ConfigDict or its sweep_config.json as a dict (the refit command's).
+  """
+  j = config["judge"]
+  synthetic = config["daa"]["data"]["source"] == "synthetic"
+  name = j["name"] if j["name"] != "auto" else ("gold" if synthetic else "llm")
   interval = "ties count half; 95% Wilson intervals"
   if name == "gold":
     return ("Win rate: the share of held-out prompts on which the policy's sample has a higher "
             "gold reward than the task's reference summary for that prompt (the same "
             f"references for every checkpoint; {interval}).")
   if name == "llm":
-    return (f"Win rate: the share of held-out prompts on which the LLM judge ({j.model}, both "
+    return (f"Win rate: the share of held-out prompts on which the LLM judge ({j['model']}, both "
             "presentation orders) prefers the policy's sample to the dataset's reference "
             f"response ({interval}).")
   if name == "reward_model":
     return ("Win rate: the share of held-out prompts on which the reward model "
-            f"{j.reward_model} scores the policy's sample above the dataset's reference "
+            f"{j['reward_model']} scores the policy's sample above the dataset's reference "
             f"response ({interval}).")
   return "No judge (config.judge.name='none'): win rates are empty."
 
@@ -122,11 +125,11 @@ def check_lines(results: dict[str, dict]) -> list[str]:
               "for a paired test)")
     lines.append(
         f"- **{key}**: best win rate {c['best_win_rate']:.3f} at √KL {c['best_sqrt_kl']:.2f} "
-        f"(β={c['best_beta']:g}, step {int(c['best_step'])}); {rise} → rises then falls: "
-        f"**{'yes' if c['rises_then_falls'] else 'no'}**. Final KL by β "
+        f"(β_DAA={c['best_beta']:g}, step {int(c['best_step'])}); {rise} → rises then falls: "
+        f"**{'yes' if c['rises_then_falls'] else 'no'}**. Final KL by β_DAA "
         + ", ".join(f"{b}: {v:.2f}" for b, v in c["final_kl_by_beta"].items())
-        + f" → smaller β, larger KL: **{'yes' if c['smaller_beta_larger_kl'] else 'no'}**. "
-        + ("Log-form fit (all checkpoints) a={:.3f} {}, b={:.3f} {}, RMSE {:.4f} vs best-of-n "
+        + f" → smaller β_DAA, larger KL: **{'yes' if c['smaller_beta_larger_kl'] else 'no'}**. "
+        + ("Log-form fit (all checkpoints) α={:.3f} {}, β={:.3f} {}, RMSE {:.4f} vs best-of-n "
            "{:.4f} and quadratic {:.4f}; log form lower than best-of-n in {} of bootstrap "
            "replicates → log form preferred over quadratic: **{}**, over best-of-n at 95%: "
            "**{}**.".format(c["log_alpha"], _fmt_ci(c["log_alpha_ci"]), c["log_beta"],

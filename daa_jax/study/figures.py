@@ -117,7 +117,7 @@ def _frontier_legend(ax, sizes, color, marker, with_reference: bool) -> None:
               for b, m in marker.items()]
   if with_reference:
     handles.append(Line2D([], [], color="k", marker="*", ms=9, ls="", label="SFT (d = 0)"))
-  handles.append(Line2D([], [], color="0.4", ls=":", label="log-form fit"))
+  handles.append(Line2D([], [], color="0.4", ls=":", label="log-form fit R0 + d(α − β ln d)"))
   ax.legend(handles=handles, fontsize=7, loc="best")
 
 

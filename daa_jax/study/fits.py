@@ -1,4 +1,4 @@
-"""Scaling-law fits of win rate against KL (numpy/scipy; figures and report: study/report.py).
+"""Scaling-law fits of win rate against KL (numpy/scipy; report: study/report.py).
 
 With d = √KL(πθ‖π_ref) (sequence-level, from policy samples) and R the win rate against the
 reference summaries, three forms are fitted by exact linear least squares (each is linear in
@@ -29,10 +29,8 @@ the win rate rises then falls is a paired test on split halves of the prompts
 (`paired_peak_test`), not a comparison of overlapping intervals around the maximum of ~20
 noisy points.
 
-Figures and report.md: `daa_jax.study.report`. Command line (no JAX needed or imported):
-  python -m daa_jax.scaling SWEEP_DIR [--r0 fit|sft|0.17] [--out DIR]
-reads SWEEP_DIR/summary.csv (and prompt_outcomes.json when present) and writes fits.json,
-figures/*.png|pdf and report.md.
+Figures and report.md: `daa_jax.study.report`; the files of a sweep and the refit command
+`python -m daa_jax.scaling SWEEP_DIR` (no JAX needed or imported): `daa_jax.study.outputs`.
 """
 
 from __future__ import annotations

@@ -52,8 +52,8 @@ def bootstrap_group(d, win_rate, r0: float | None, weights=None, outcomes=None, 
   Returns:
     {form: {'alpha_ci', 'beta_ci' (quadratic: 'c1_ci', 'c2_ci'), 'd_star_ci',
     'peak_win_rate_ci', 'peak_frac' (share of replicates with a maximum)}, 'num_samples',
-    'method', 'log_beats_bon' (share of replicates where the log form's RMSE is below the
-    best-of-n form's), 'log_beats_quadratic'}.
+    'method', 'log_beats_bon' (share of replicates where the log form's RMSE, weighted by
+    `weights` as in `fit_form`, is below the best-of-n form's), 'log_beats_quadratic'}.
   """
   d = np.asarray(d, dtype=np.float64)
   y = np.asarray(win_rate, dtype=np.float64)
@@ -85,7 +85,10 @@ def bootstrap_group(d, win_rate, r0: float | None, weights=None, outcomes=None, 
     root = np.sqrt(wb)[..., None]
     sol = np.linalg.pinv(x * root) @ (target * root[..., 0])[..., None]  # [S, k, 1]
     sol = sol[..., 0]
-    rmse[form] = np.sqrt(np.mean((np.einsum("snk,sk->sn", x, sol) - target) ** 2, axis=1))
+    # Weighted as the fits and `fit_form`'s RMSE are: an unweighted comparison would rank the
+    # forms by the noisy points the fits chose to discount.
+    resid = np.einsum("snk,sk->sn", x, sol) - target
+    rmse[form] = np.sqrt(np.sum(wb * resid**2, axis=1) / np.sum(wb, axis=1))
     names = ("c1", "c2") if form == "quadratic" else ("alpha", "beta")
     offset = sol[:, 0] if r0 is None else np.full(len(sol), float(r0))
     c = sol[:, -2:]

@@ -1,28 +1,20 @@
-"""Figures and report.md of a sweep, from summary.csv rows and their fits (`daa_jax.study.fits`).
+"""report.md of a sweep, from summary.csv rows and their fits (`daa_jax.study.fits`).
 
-Command line (no JAX needed or imported; `python -m daa_jax.scaling` is the same):
-  python -m daa_jax.study.report SWEEP_DIR [--r0 fit|sft|0.17] [--out DIR]
-reads SWEEP_DIR/summary.csv (and prompt_outcomes.json when present) and writes fits.json,
-figures/*.png|pdf and report.md.
+The sweep and the refit command (`python -m daa_jax.scaling SWEEP_DIR`) write it through
+`daa_jax.study.outputs`, with fits.json, checks.json and the figures.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
-import sys
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
-from daa_jax.errors import DaaError
-from daa_jax.study.fits import (by_group, final_rows, is_reference, load_prompt_outcomes,
-    load_summary, run_id, write_fits)
+from daa_jax.study.fits import by_group, final_rows, is_reference, run_id
 
-# --- Figures --------------------------------------------------------------------------------
-from daa_jax.study.intervals import fit_all
 from daa_jax.study import figures as figures_lib
 
 
@@ -134,20 +126,28 @@ def figure_readings(rows, fits) -> dict[str, str]:
   return out
 
 
-# The fitted laws as the report writes them. Their coefficients are a and b, not the α and β
-# of the scaling-law literature: β here is always the objective's KL coefficient.
+# The fitted laws as the report writes them, in the paper's notation R(d) = d(α − β log d) plus
+# the offset R0: α and β are the keys alpha and beta of fits.json. The objective's own KL
+# coefficient is written β_DAA wherever both could be meant (checkpoint labels say β=…).
 _LAWS = {
-    "log": "R(d) = R0 + d·(a − b·ln d)",
-    "bon": "R(d) = R0 + d·(a − b·d)",
+    "log": "R(d) = R0 + d·(α − β·ln d)",
+    "bon": "R(d) = R0 + d·(α − β·d)",
     "quadratic": "R(d) = R0 + c1·d² + c2·d⁴ (d² = KL)",
 }
+_NOTATION = (
+    "Notation: the log form is the paper's law R(d) = d(α − β log d) (Rafailov et al. 2024, "
+    "after Gao et al. 2023), with the offset R0 because a win rate at d = 0 is the SFT "
+    "policy's, not 0. α and β are the law's coefficients (fits.json: alpha, beta), the same "
+    "names in every table, check and figure; the objective's KL coefficient is β_DAA, and a "
+    "checkpoint's label β=… means β_DAA.")
 _COLUMNS = (
     "Columns: **set** = each run's final checkpoint only, or all its checkpoints; **n** = "
-    "checkpoints fitted; **R0** = win rate at d = 0; **a**, **b** = the log-form law's "
-    "coefficients; **RMSE** = root-mean-square error of the log-form law; **best-of-n RMSE** "
+    "checkpoints fitted; **R0** = win rate at d = 0; **α**, **β** = the log-form law's "
+    "coefficients; **RMSE** = root-mean-square error of the log-form law (weighted as the "
+    "fit); **best-of-n RMSE** "
     f"= that of {_LAWS['bon']} (the best-of-n law's shape, same number of coefficients); "
     f"**quadratic RMSE** = that of {_LAWS['quadratic']}; **RMSE ratio** = log-form RMSE / "
-    "quadratic RMSE (< 1: the log form fits better); **d\\*** = exp(a/b − 1), where the "
+    "quadratic RMSE (< 1: the log form fits better); **d\\*** = exp(α/β − 1), where the "
     "log-form law peaks; **peak win rate** = its value there.")
 
 
@@ -155,7 +155,7 @@ def _fit_table(groups) -> list[str]:
   if all(g["skipped"] for g in groups):
     reasons = sorted({g["skipped"] for g in groups})
     return [f"No fit: every objective × size was skipped ({'; '.join(reasons)})."]
-  lines = ["| objective | size | set | n | R0 | a | b | RMSE | best-of-n RMSE | quadratic RMSE "
+  lines = ["| objective | size | set | n | R0 | α | β | RMSE | best-of-n RMSE | quadratic RMSE "
            "| RMSE ratio | d\\* | peak win rate | note |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for g in groups:
@@ -212,7 +212,7 @@ def _interval_table(groups) -> list[str]:
   lines = ["", "Log-form 95% bootstrap intervals (resampling "
            f"{rows[0].get('bootstrap', {}).get('method', 'checkpoints')}; fits weighted by "
            "1/σ² of each win rate where every point has an interval):", "",
-           "| objective | size | set | weighted | a | b | d* | peak win rate | log RMSE < "
+           "| objective | size | set | weighted | α | β | d* | peak win rate | log RMSE < "
            "best-of-n | log RMSE < quadratic |", "|---|---|---|---|---|---|---|---|---|---|"]
   for g in rows:
     log, boot = g["log"], g.get("bootstrap", {})
@@ -279,8 +279,7 @@ def write_report(rows, fits, figures: Mapping[str, Sequence[str]], out_path: str
       f"d = √KL(πθ‖π_ref). The law {_LAWS['log']} is fitted by least squares per objective × "
       f"size, on each run's final checkpoint and on all checkpoints, next to {_LAWS['bon']} "
       f"and {_LAWS['quadratic']}. R0 (the win rate at d = 0): "
-      f"{_R0_TEXT.get(fits.get('r0_mode') or 'fit', fits.get('r0_mode'))}. The fits' "
-      "coefficients are a and b; β always means the objective's β.", "", _COLUMNS, *_measurement_lines(rows),
+      f"{_R0_TEXT.get(fits.get('r0_mode') or 'fit', fits.get('r0_mode'))}.", "", _NOTATION, "", _COLUMNS, *_measurement_lines(rows),
       "", "## Fits on √KL(πθ‖π_ref)", ""] + _fit_table(fits["groups"])
   lines += _interval_table(fits["groups"])
   if fits.get("forward_kl_groups"):
@@ -311,40 +310,3 @@ def write_report(rows, fits, figures: Mapping[str, Sequence[str]], out_path: str
 
 _R0_TEXT = {"fit": "fitted with the other coefficients",
             "sft": "the SFT policy's own win rate (its evaluation at step 0)"}
-
-
-# --- Command line ---------------------------------------------------------------------------
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """`python -m daa_jax.study.report SWEEP_DIR`: fits.json, figures/ and report.md from summary.csv."""
-  parser = argparse.ArgumentParser(prog="python -m daa_jax.scaling", description=main.__doc__)
-  parser.add_argument("sweep_dir", help="directory holding summary.csv")
-  parser.add_argument("--r0", default="fit",
-                      help="win rate at d = 0: 'fit' (default), 'sft' (rows with objective sft) "
-                           "or a number such as 0.17")
-  parser.add_argument("--out", default=None, help="output directory (default: SWEEP_DIR)")
-  args = parser.parse_args(argv)
-  r0: Any = args.r0
-  if r0 not in ("fit", "sft"):
-    try:
-      r0 = float(r0)
-    except ValueError:
-      parser.error(f"--r0={args.r0!r}: use fit, sft or a number")
-  out_dir = args.out or args.sweep_dir
-  try:
-    rows = load_summary(os.path.join(args.sweep_dir, "summary.csv"))
-    outcomes = load_prompt_outcomes(os.path.join(args.sweep_dir, "prompt_outcomes.json"))
-    fits = fit_all(rows, r0=None if r0 == "fit" else r0, outcomes=outcomes)
-    fits_path = write_fits(fits, os.path.join(out_dir, "fits.json"))
-    figures = figures_lib.make_figures(rows, fits, os.path.join(out_dir, "figures"))
-    report = write_report(rows, fits, figures, os.path.join(out_dir, "report.md"))
-  except DaaError as e:
-    sys.stderr.write(f"error: {e}\n")
-    return 2
-  print(f"wrote {fits_path}, {report} and {2 * len(figures)} figure files")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -38,16 +38,13 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from daa_jax.study import report as report_lib
 from daa_jax.study import fits as scaling
 from daa_jax.data import pipeline as data_pipeline
 from daa_jax.data import synthetic as synthetic_lib
 from daa_jax.data import tokenize as tokenize_lib
 from daa_jax.train import init as init_lib
-from daa_jax.study import intervals as intervals_lib
-from daa_jax.study import figures as figures_lib
-from daa_jax.study import checks as checks_lib
-from daa_jax.train import metrics as metrics_lib
+from daa_jax.study import outputs as outputs_lib
+from daa_jax.study import pairs as pairs_lib
 
 SUMMARY_COLUMNS = ("objective", "size", "beta", "step", "epoch_fraction", "kl", "kl_stderr",
                    "sqrt_kl", "forward_kl", "win_rate", "win_rate_lo", "win_rate_hi",
@@ -133,7 +130,8 @@ def eval_config(config, run_dir: str, include_reference: bool = False):
 
 def policy_pairs(config, size: str, workdir: str) -> str:
   """Samples two responses per prompt from the SFT policy and labels them with the synthetic
-  task's Bradley–Terry labeler. Writes `pairs.jsonl` and `eval_pairs.jsonl`.
+  task's Bradley–Terry labeler, on their sampled ids (`pairs.write_pairs`). Writes
+  `pairs.jsonl` and `eval_pairs.jsonl`.
 
   Pairs where either sample has no EOS within the budget are dropped: the data pipeline
   appends EOS to every response, which would misrepresent them. A sample that is EOS alone is
@@ -176,7 +174,7 @@ def policy_pairs(config, size: str, workdir: str) -> str:
     batch = int(pp.batch_size)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     batch = max(dp, batch // dp * dp)
-    texts, eos = [[], []], [[], []]
+    texts, eos, ids_out = [[], []], [[], []], [[], []]
     for start in range(0, len(prompts), batch):
       rows = encoded[start:start + batch]
       n = len(rows)
@@ -198,25 +196,13 @@ def policy_pairs(config, size: str, workdir: str) -> str:
           if finished:
             ids = ids[:-1]
           texts[k].append(tokenizer.decode(ids))
+          ids_out[k].append(ids)  # the labeler scores these, not their decoded text
           eos[k].append(finished)
-    return texts, eos
+    return texts, eos, ids_out
 
   def write(name, prompts, samples, stream, limit):
-    (a, b), (ea, eb) = samples
-    keep = [i for i in range(len(prompts)) if ea[i] and eb[i]]
-    labeled = task.label_pairs([prompts[i] for i in keep], [a[i] for i in keep],
-                               [b[i] for i in keep], seed=[pp.seed, stream])
-    rows = [dict(zip(labeled, values)) for values in zip(*labeled.values())][:limit]
-    with open(os.path.join(out_dir, f"{name}.jsonl"), "w", encoding="utf-8") as f:
-      for row in rows:
-        f.write(json.dumps({k: (float(v) if isinstance(v, (np.floating, float)) else v)
-                            for k, v in row.items()}) + "\n")
-    gaps = np.array([r["gold_chosen"] - r["gold_rejected"] for r in rows])
-    return dict(pairs=len(rows), drawn=len(prompts), kept=len(keep),
-                empty_responses=sum(not r[k].strip() for r in rows
-                                    for k in ("chosen", "rejected")),
-                label_agrees_with_gold=float(np.mean(gaps > 0)),
-                gold_ties=float(np.mean(gaps == 0)))
+    return pairs_lib.write_pairs(task, os.path.join(out_dir, f"{name}.jsonl"), prompts,
+                                 *samples, seed=[pp.seed, stream], limit=limit)
 
   def write_all():
     os.makedirs(out_dir, exist_ok=True)
@@ -421,17 +407,11 @@ def _report(config, runs: list[dict], workdir: str) -> dict:
   """summary.csv, fits.json, figures, checks.json and report.md; the job's summary."""
   rows = collect(runs, workdir)
   outcomes = scaling.load_prompt_outcomes(os.path.join(workdir, "prompt_outcomes.json"))
-  fits = intervals_lib.fit_all(rows, r0=config.get("fit_r0", "sft"), outcomes=outcomes)
-  scaling.write_fits(fits, os.path.join(workdir, "fits.json"))
-  on_policy = config.pairs == "policy_samples"
-  figures = figures_lib.make_figures(rows, fits, os.path.join(workdir, "figures"),
-                                    pairs_on_policy=on_policy)
-  results = checks_lib.checks(rows, fits, outcomes)
-  with open(os.path.join(workdir, "checks.json"), "w", encoding="utf-8") as f:
-    json.dump(metrics_lib.jsonable(results), f, indent=2)
-  report = os.path.join(workdir, "report.md")
-  report_lib.write_report(rows, fits, figures, report, extra_lines=checks_lib.check_lines(results),
-                          win_rate_against=checks_lib.win_rate_against(config), pairs_on_policy=on_policy)
+  # The refit command (`python -m daa_jax.scaling`) goes through the same function with the
+  # same settings, read back from sweep_config.json: a refit reproduces these files.
+  written = outputs_lib.write_all(rows, outcomes, workdir, outputs_lib.settings(config),
+                                  warn=lambda line: logging.warning("%s", line))
+  results, report = written["checks"], written["report"]
   # Counted as report.md counts them: DAA runs and their checkpoints; the SFT runs and their
   # step-0 reference rows (the fits' R0) on the side.
   daa_runs = sum(r["kind"] == "daa" for r in runs)

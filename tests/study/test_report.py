@@ -25,11 +25,16 @@ def test_report_defines_what_it_measured(tmp_path):
       extra_lines=["## Checks of the paper's findings", "", "- ok"],
       pairs_on_policy=True)).read()
   assert "Win rate: X vs Y." in text
-  assert "| R0 | a | b | RMSE | best-of-n RMSE |" in text and "| α |" not in text
+  # One notation, the paper's: α and β in every table and check (fits.json's alpha, beta), the
+  # law stated, and no leftover a/b coefficients.
+  assert "| R0 | α | β | RMSE | best-of-n RMSE |" in text and "| a | b |" not in text
+  assert "| weighted | α | β | d* |" in text
+  assert "the paper's law R(d) = d(α − β log d)" in text and "(fits.json: alpha, beta)" in text
   for column in ("**best-of-n RMSE**", "**RMSE ratio**", "**set**", "**n**", "**d\\***",
                  "**peak win rate**", "**quadratic RMSE**"):
     assert column in text, column
-  assert "R(d) = R0 + d·(a − b·ln d)" in text and "alpha" not in text
+  assert "R(d) = R0 + d·(α − β·ln d)" in text and "(a − b" not in text
+  assert "exp(α/β − 1)" in text and "**α**, **β**" in text
   assert "## Notes" not in text  # the checks bring their own heading: no empty section
   assert "## Checks of the paper's findings" in text
   assert "= −KL(π_ref‖πθ) exactly: the dashed line is that identity, not a finding" in text

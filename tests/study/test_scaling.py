@@ -325,3 +325,21 @@ def test_fit_rmse_uses_the_fit_weights():
     resid = scaling.predict(form, fit["coef"], d) - y
     assert fit["rmse"] == pytest.approx(math.sqrt(np.sum(w * resid ** 2) / np.sum(w)),
                                         rel=1e-12)
+
+
+def test_bootstrap_form_comparison_uses_the_fit_weights():
+  # Twelve precise points on a log law, three near-weightless ones placed on the best-of-n
+  # fit's extrapolation. Weighted (as the fits are), the log form fits the points that count
+  # exactly and beats best-of-n in every replicate; unweighted, the three outliers would
+  # decide the comparison for best-of-n whenever a replicate draws one.
+  d_hi = np.linspace(0.3, 2.0, 12)
+  y_hi = _law("log", d_hi, 0.2, 0.3, 0.2)
+  bon = scaling.fit_form("bon", d_hi, y_hi)["coef"]
+  d_lo = np.array([3.0, 3.5, 4.0])
+  d = np.concatenate([d_hi, d_lo])
+  y = np.concatenate([y_hi, scaling.predict("bon", bon, d_lo)])
+  w = np.concatenate([np.ones(12), np.full(3, 1e-9)])
+  assert (scaling.fit_form("log", d, y, None, w)["rmse"]
+          < scaling.fit_form("bon", d, y, None, w)["rmse"])
+  boot = intervals_lib.bootstrap_group(d, y, None, weights=w, num_samples=300, seed=0)
+  assert boot["log_beats_bon"] == 1.0
