@@ -235,6 +235,29 @@ def test_recipe_two_processes_sigterm_to_one_then_resume_equals_one_process(tmp_
                         f"export {step}")
 
 
+def test_ctrl_c_to_one_of_two_processes_is_a_preemption_both_save_then_resume(tmp_path,
+                                                                             jax_cache):
+  """Ctrl-C (SIGINT) on process 1 only: agreed like SIGTERM, both processes save the same step
+  and exit 0; the resumed run finishes with every schedule export and each step logged once."""
+  run = functools.partial(launch, flags=RECIPE, cache_dir=jax_cache,
+                          log_dir=str(tmp_path / "logs"))
+  pod = tmp_path / "pod"
+  logs = run(pod, 2, faults={"sigint_at_batch": [20], "process": 1})
+  saved = [re.search(r"every process saved step (\d+)", log) for log in logs]
+  assert all(saved), [log[-2000:] for log in logs]
+  stopped = {int(m.group(1)) for m in saved}
+  assert len(stopped) == 1, stopped
+  stop = stopped.pop()
+  assert 20 <= stop < 48
+  assert "SIGINT (Ctrl-C) during training" in logs[1], logs[1][-2000:]
+  assert "SIGINT" not in logs[0]
+  assert ckpt_lib.exported_steps(str(pod)) == [s for s in RECIPE_SCHEDULE if s <= stop]
+  logs = run(pod, 2)
+  assert all(f"resume: step {stop}" in log for log in logs)
+  assert ckpt_lib.exported_steps(str(pod)) == RECIPE_SCHEDULE
+  metrics(pod)  # asserts each (step, metric) once after the resume
+
+
 def test_mesh_spanning_processes_and_checkpoints_cross_over(tmp_path, jax_cache):
   """(b): mesh (1,2,4) — fsdp and tensor axes span the two processes — against one process
   with the same mesh, while checkpoints cross topologies: 1 -> 2 -> 1 processes."""
