@@ -195,6 +195,9 @@ def test_small_data_adapts_unset_batch_and_warmup_and_says_so(caplog):
   assert cfg.optim.warmup_steps == 1  # 10% of 11 steps
   (message,) = warnings_of(caplog)
   assert "train.batch_size 128 -> 16" in message and "optim.warmup_steps 150 -> 1" in message
+  # The text states the warmup that was set (1 of 11 steps), not a bound it was not cut to.
+  assert "11 optimizer steps (11 per epoch, warmup 1 step(s) = 9% of them)" in message
+  assert "25%" not in message
   # On 8 data-parallel devices the micro-batch must still split over them.
   cfg = fit_lib.fit_to_data(_daa_config(), 190, data_parallel=8, explicit=frozenset())
   assert (cfg.train.batch_size, cfg.train.grad_accum) == (16, 2)

@@ -178,6 +178,25 @@ def test_run_writes_every_summary_key(evaluated_run):
   assert 0 <= last["length_r2"] <= 1 and last["chosen_logp_drift"] != 0
 
 
+def test_heldout_accuracy_of_an_unmoved_policy_is_flagged_beside_its_margin_scale(evaluated_run):
+  workdir, _, result = evaluated_run
+  ref, last = read_summary(workdir, 0), read_summary(workdir, 6)
+  # params == reference: every margin is exactly 0, so the 0.5 accuracy is flagged.
+  assert ref["heldout_abs_margin"] == 0.0 and ref["heldout_abs_logratio_margin"] == 0.0
+  assert ref["heldout_margin_tiny"] is True
+  assert "tiny: the accuracy means little" in evaluate.heldout_text(ref)
+  # The trained policy moved: its margin scale is reported and not flagged.
+  beta = last["beta"]
+  assert last["heldout_abs_logratio_margin"] == pytest.approx(last["heldout_abs_margin"] / beta)
+  assert last["heldout_abs_margin"] >= abs(last["heldout_margin"])
+  assert last["heldout_abs_logratio_margin"] >= 0.05 and last["heldout_margin_tiny"] is False
+  assert "tiny" not in evaluate.heldout_text(last)
+  # The reference is expected to be unmoved: only trained steps earn the console warning.
+  assert "warning" not in result["message"]
+  flagged = {6: dict(last, heldout_margin_tiny=True), 0: ref}
+  assert "at step(s) [6]" in evaluate.tiny_margin_warning(flagged)
+
+
 def test_exported_arrays_restore_and_match_the_summary(evaluated_run):
   workdir, _, _ = evaluated_run
   step_dir = os.path.join(workdir, "eval", "6")
