@@ -183,7 +183,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, explicit=None) -> di
   if steps_per_epoch == 0:
     raise ConfigError(f"config.train.batch_size={global_batch} exceeds the {len(train_ds)} "
                       "training examples; lower it.")
-  total_steps = fit_lib.total_steps(config, steps_per_epoch)
+  total_steps = fit_lib._total_steps(config, steps_per_epoch)
   tx, lr_fn = optim.make(config.optim, total_steps)
   agreement.stop_here()  # a SIGTERM during data preparation: every process leaves here
 
