@@ -66,6 +66,7 @@ from daa_jax.train import fit as fit_lib
 from daa_jax.evaluate import kl as kl_lib
 from daa_jax.evaluate import store as store_lib
 from daa_jax.evaluate import setup as setup_lib
+from daa_jax.evaluate import run_table
 
 SUMMARY_KEYS = ("step", "kl", "kl_stderr", "sqrt_kl", "forward_kl", "forward_kl_stderr",
                 "win_rate", "win_rate_ci", "reward_acc", "heldout_abs_margin",
@@ -247,6 +248,16 @@ def _fmt(value, digits: int = 4) -> str:
   return "n/a" if value is None else f"{float(value):.{digits}f}"
 
 
+def _write_table(workdir: str, result: dict) -> None:
+  """`eval/checkpoints.{csv,md,png}` over every evaluated step (process 0, local workdirs)."""
+  if jax.process_index() != 0 or "://" in str(workdir):
+    return
+  result["tables"] = run_table.write(str(workdir))
+  if result["tables"]:
+    result["message"] += (f"\n  table:   {result['tables']['md']} (and .csv)"
+                          f"\n  plot:    {result['tables']['png']}")
+
+
 def heldout_text(summary: dict) -> str:
   """Held-out accuracy with its margin scale, marked when the margins are too small to mean much."""
   text = (f"held-out acc {summary['reward_acc']:.3f} (mean |margin| "
@@ -308,6 +319,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     why = (f"evaluated: {skipped}" if skipped else
            f"{epath.Path(run_dir) / 'params'} has no exports yet")
     result["message"] = f"eval: nothing to do in {workdir} ({why})."
+    _write_table(workdir, result)
     return result
 
   setup = setup_lib.prepare(rcfg, run_dir, workdir)
@@ -338,6 +350,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         "scorer": setup.scorer._cache_size()}  # pylint: disable=protected-access
   result["message"] = (f"eval: wrote {len(result['evaluated'])} step(s) "
                        f"{result['evaluated']} under {epath.Path(workdir) / 'eval'}.")
+  _write_table(workdir, result)
   tiny = tiny_margin_warning(result["summaries"])
   if tiny:
     logging.warning("%s", tiny)
