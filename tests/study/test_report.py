@@ -130,3 +130,14 @@ def test_figure_legends_never_cover_a_plotted_point(tmp_path):
     covered, legends = covered_points(fig)
     assert legends >= 1, name  # the check checked something
     assert not covered, (name, covered[:5])
+
+
+def test_report_flags_reward_accuracies_from_near_zero_margins(tmp_path):
+  rows, fits = _rows_and_fits(tmp_path)
+  assert "near-zero margins" not in report_lib.figure_readings(rows, fits)["proxy_metrics"]
+  trained = [r for r in rows if not scaling.is_reference(r)]
+  for i, r in enumerate(trained):
+    r["heldout_abs_logratio_margin"] = 1e-3 if i < 2 else 0.4  # two barely-moved checkpoints
+  text = report_lib.figure_readings(rows, fits)["proxy_metrics"]
+  assert (f"2 of {len(trained)} trained checkpoints have a mean held-out |log-ratio margin| "
+          "under 0.05 nats") in text
