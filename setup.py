@@ -44,6 +44,8 @@ setuptools.setup(
         "tfds": ["tensorflow-datasets>=4.9", "array_record>=0.5"],
         # format='hf': preference data from the `datasets` library (save_to_disk, hub ids).
         "hf": ["datasets>=2.14"],
+        # config.log.wandb=PROJECT: metrics also to Weights & Biases (imported only when set).
+        "wandb": ["wandb>=0.16"],
     },
     entry_points={"console_scripts": ["daa-jax=daa_jax.main:cli"]},
 )

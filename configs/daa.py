@@ -53,6 +53,7 @@ def get_config(arg=None):
   c.train.grad_accum = 8
   c.optim = config_lib.optim_fields("paper")
   c.checkpoint = config_lib.checkpoint_fields()
+  c.log = config_lib.log_fields()  # --config.log.wandb=PROJECT: also to Weights & Biases
   c.mesh = (-1, 1, 1)
   config_lib.apply_precision(c, a.precision)
   if a.runlocal:

@@ -36,6 +36,7 @@ def get_config(arg=None):
   c.optim = config_lib.optim_fields("adamw")
   c.optim.lr = 1e-5  # The paper's SFT hyperparameters are unknown (README); a common Pythia choice.
   c.checkpoint = config_lib.checkpoint_fields()
+  c.log = config_lib.log_fields()  # --config.log.wandb=PROJECT: also to Weights & Biases
   c.checkpoint.epoch_fractions = (1.0,)
   c.mesh = (-1, 1, 1)
   config_lib.apply_precision(c, a.precision)

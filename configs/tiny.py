@@ -30,6 +30,7 @@ def get_config(arg=None):
   c.optim = config_lib.optim_fields("adamw")
   c.optim.update(lr=1e-3, warmup_steps=0, schedule="constant")
   c.checkpoint = config_lib.checkpoint_fields()
+  c.log = config_lib.log_fields()  # --config.log.wandb=PROJECT: also to Weights & Biases
   c.checkpoint.epoch_fractions = ()
   c.checkpoint.async_save = False
   c.mesh = (-1, 1, 1)

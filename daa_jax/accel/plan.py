@@ -28,7 +28,9 @@ micro-batch: on TPU through the compiled totals at the configured micro-batch an
 
 Packed rows are planned at their largest size: a `--prompt_len` prompt (default
 `config.data.max_prompt_length`) and two responses of `--response_len` tokens (default
-`max_length - prompt_len`), as `packing.pack_pairs` lays them out.
+`max_length - prompt_len`), as `packing.pack_pairs` lays them out. 'Auto' data lengths are fitted
+from `config.data` as training fits them (`init.resolve_auto`); the configs' default synthetic
+task, or data that cannot be read here, needs both flags (a ConfigError says so).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from daa_jax.train import packing as packing_lib
 from daa_jax.evaluate import sampling
 from daa_jax.models import sharding
 from daa_jax.train import step as step_lib
-from daa_jax.errors import ConfigError
+from daa_jax.errors import ConfigError, DataError
 from daa_jax.models import config as model_configs
 from daa_jax.train import init as init_lib
 
@@ -96,9 +96,13 @@ class Setup:
 
 def make_setup(config, mesh, prompt_len=None, response_len=None, sample_batch=None,
                new_tokens=None) -> Setup:
-  """Model, optimizer, abstract params/state/reference with the trainer's shardings."""
-  # 'auto' fields (model.size, data lengths) as the run would resolve them.
-  config = init_lib.resolve_auto(config, None)
+  """Model, optimizer, abstract params/state/reference with the trainer's shardings.
+
+  The planned lengths are `prompt_len`/`response_len` when both are given; otherwise the
+  config's data lengths, 'auto' ones fitted from `config.data` by `init.resolve_auto` exactly
+  as training fits them (raises ConfigError, naming the flags, where no data can be read).
+  """
+  config = _with_planned_lengths(config, prompt_len, response_len)
   model_cfg = init_lib.model_config(config)
   tx, lr_fn = optim.make(config.optim, 1000)
   param_shardings = sharding.param_shardings(model_cfg, mesh)
@@ -124,6 +128,38 @@ def make_setup(config, mesh, prompt_len=None, response_len=None, sample_batch=No
   return Setup(config, mesh, model_cfg, model_lib.CausalLM(model_cfg), tx, lr_fn,
                state.params, state, state_shardings, ref, prompt_len, response_len,
                int(sample_batch or micro), int(new_tokens or response_len))
+
+
+def _with_planned_lengths(config, prompt_len, response_len):
+  """`config` with its 'auto' fields resolved as the run would, lengths from flags or data."""
+  config = config.copy_and_resolve_references()
+  d = config.data
+  auto = int(d.max_length) == 0 or (d.max_prompt_length is not None
+                                    and int(d.max_prompt_length) == 0)
+  flags = "--prompt_len=N --response_len=M (prompt tokens; response tokens with EOS)"
+  if prompt_len and response_len:
+    # The flags are the shapes: nothing to fit, so no data is read.
+    d.max_length, d.max_prompt_length = int(prompt_len) + int(response_len), int(prompt_len)
+  elif auto and d.source == "synthetic":
+    # The configs' default data is the synthetic task (21 + 17 tokens): planning a real run
+    # at those shapes would promise micro-batches that never fit.
+    raise ConfigError(
+        "config.data.source='synthetic' (the configs' default) with 'auto' lengths: plan "
+        "would size the run for the synthetic task's 21-token prompts and 17-token responses. "
+        "Give the data you will train on (--config.data.source=PATH --config.data.format=..., "
+        "and --config.data.tokenizer as for training) so its lengths are fitted as training "
+        f"fits them, or the lengths as flags: {flags}, e.g. --prompt_len=384 "
+        "--response_len=48 for TL;DR posts and summaries with Pythia's tokenizer; to plan the synthetic task itself, "
+        "--prompt_len=21 --response_len=17.")
+  try:
+    return init_lib.resolve_auto(config, None)
+  except DataError as e:
+    if not auto or (prompt_len and response_len):
+      raise
+    raise ConfigError(
+        f"plan fits the 'auto' lengths of config.data (max_length=0) from the data, as "
+        f"training does, and could not read it: {e} Run plan where the data is, or give the "
+        f"lengths as flags: {flags}.") from e
 
 
 def _hparams(config, mesh):

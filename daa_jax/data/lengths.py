@@ -39,8 +39,8 @@ def fit(prompt_lengths: Sequence[int], response_lengths: Sequence[int],
   """
   prompts = np.asarray(prompt_lengths, np.float64)
   responses = np.asarray(response_lengths, np.float64)
-  if prompts.size == 0:
-    return min(512, max_positions), min(256, max_positions - 1)
+  if prompts.size == 0:  # nothing to fit: as long as the model allows, half for the prompt
+    return int(max_positions), max(int(max_positions) // 2, 1)
   total = np.quantile(prompts + responses, QUANTILE)
   max_length = max(8, min(_round_up(total), int(max_positions)))
   response_room = _round_up(np.quantile(responses, QUANTILE))
@@ -55,7 +55,7 @@ def needed(prompt_lengths: Sequence[int], response_lengths: Sequence[int]) -> in
 
 
 def warn_truncation(stats: Mapping[str, int], max_length: int, what: str,
-                    suggestion: int | None = None) -> None:
+                    suggestion: int | None = None, fitted_limit: int = 0) -> None:
   """Warns once when more than a few percent of the examples were cut or dropped.
 
   Args:
@@ -64,16 +64,28 @@ def warn_truncation(stats: Mapping[str, int], max_length: int, what: str,
     max_length: the batch length used.
     what: names the dataset in the message, e.g. 'pairs (train)'.
     suggestion: a max_length that would fit most examples, when known.
+    fitted_limit: 0 when the user set max_length; else max_length was 'auto' (fitted to the
+      training data) and this is the model's position limit the fit was capped at.
   """
   kept, dropped = int(stats.get("examples", 0)), int(stats.get("dropped", 0))
   total = kept + dropped
   cut = int(stats.get("truncated", 0)) + dropped
   if total == 0 or cut / total <= TRUNCATION_WARN_FRACTION:
     return
+  counts = (f"({100 * cut / total:.0f}%: {stats.get('prompt_truncated', 0)} prompts and "
+            f"{stats.get('response_truncated', 0)} responses truncated, {dropped} dropped)")
+  if fitted_limit:
+    # 'auto' already fitted the data: telling the user to set 0 would send them in a circle.
+    need = f"; 99% of them fit in {suggestion} tokens" if suggestion else ""
+    capped = (f", the model's position limit (max_position_embeddings={fitted_limit})"
+              if max_length >= fitted_limit else " (fitted to the training data)")
+    warn_misfit(
+        f"config.data.max_length=0 (auto) set max_length={max_length}{capped}; it cuts {cut} "
+        f"of {total} {what} {counts}{need}. Shorten the data, set "
+        "--config.data.overlong=drop to leave them out, or use a model with more positions.")
+    return
   fix = (f"--config.data.max_length={suggestion}" if suggestion else
          "a larger --config.data.max_length")
   warn_misfit(
-      f"config.data.max_length={max_length} cuts {cut} of {total} {what} "
-      f"({100 * cut / total:.0f}%: {stats.get('prompt_truncated', 0)} prompts and "
-      f"{stats.get('response_truncated', 0)} responses truncated, {dropped} dropped). Set "
+      f"config.data.max_length={max_length} cuts {cut} of {total} {what} {counts}. Set "
       f"{fix} (and max_prompt_length), or 0 for both to fit them to the data.")

@@ -51,6 +51,9 @@ def default_config() -> ml_collections.ConfigDict:
   # exact 38 / 21), and written as numbers to the run's config.json.
   c.max_length = 0  # Tokens of prompt + response + EOS: the batch length L.
   c.max_prompt_length = 0  # Prompts are cut to this only when an example does not fit.
+  # Set by resolve_lengths, not by hand: the model's position limit an 'auto' max_length was
+  # fitted up to (0: max_length was set by the user), so warnings name what was set.
+  c.fitted_length_limit = 0
   c.truncation_side = "keep_end"  # Of an over-long prompt keep the end (near "TL;DR:").
   c.overlong = "truncate"  # 'truncate' or 'drop' examples that do not fit max_length.
   c.chat_template = ""  # "": off; 'tokenizer': the tokenizer's chat_template; or a .jinja
@@ -201,6 +204,7 @@ def resolve_lengths(cfg: ml_collections.ConfigDict, kind: str = "pairs",
                               for i in range(len(examples))], max_positions)
   if auto_length:
     cfg.max_length = int(min(fitted[0], max_positions))
+    cfg.fitted_length_limit = int(max_positions)
   if auto_prompt:
     cfg.max_prompt_length = int(min(fitted[1], int(cfg.max_length) - 1))
   logging.info("config.data lengths fitted to %s: max_length=%d, max_prompt_length=%s",
@@ -234,7 +238,7 @@ def _load(cfg, kind: str, split: str, workdir: Optional[str]):
   if cached is not None:
     logging.info("Loaded %s %s data from cache %s: %s", kind, split, cache_path, cached.stats)
     cached.from_cache = True
-    _warn_truncation(cached, settings, kind, split)
+    _warn_truncation(cached, settings, kind, split, cfg)
     return cached
   stats = collections.Counter()
   examples = _read_examples(plan, kind, cfg.skip_invalid, stats)
@@ -260,14 +264,15 @@ def _load(cfg, kind: str, split: str, workdir: Optional[str]):
   built = cls.build(examples, tokenizer, settings, stats, fingerprint)
   built.save(cache_path)
   built.from_cache = False
-  _warn_truncation(built, settings, kind, split)
+  _warn_truncation(built, settings, kind, split, cfg)
   return built
 
 
-def _warn_truncation(dataset, settings, kind: str, split: str) -> None:
+def _warn_truncation(dataset, settings, kind: str, split: str, cfg) -> None:
   lengths_lib.warn_truncation(dataset.stats, settings.max_length,
                               f"{'pairs' if kind == 'pairs' else 'SFT examples'} ({split})",
-                              dataset.stats.get("fitting_length") or None)
+                              dataset.stats.get("fitting_length") or None,
+                              int(cfg.get("fitted_length_limit") or 0))
 
 
 def load_pairs(data_config: ml_collections.ConfigDict, split: str = "train",

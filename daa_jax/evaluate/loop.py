@@ -62,12 +62,15 @@ from daa_jax.models import sharding
 from daa_jax.errors import ConfigError
 from daa_jax.train import init as init_lib
 from daa_jax.train import heldout as heldout_lib
+from daa_jax.train import fit as fit_lib
 from daa_jax.evaluate import kl as kl_lib
 from daa_jax.evaluate import store as store_lib
 from daa_jax.evaluate import setup as setup_lib
+from daa_jax.evaluate import run_table
 
 SUMMARY_KEYS = ("step", "kl", "kl_stderr", "sqrt_kl", "forward_kl", "forward_kl_stderr",
-                "win_rate", "win_rate_ci", "reward_acc", "heldout_loss", "length_r2",
+                "win_rate", "win_rate_ci", "reward_acc", "heldout_abs_margin",
+                "heldout_abs_logratio_margin", "heldout_margin_tiny", "heldout_loss", "length_r2",
                 "chosen_logp_drift", "rejected_logp_drift", "num_samples", "mean_sample_length",
                 "truncation_rate", "epoch_fraction", "sampling", "judge", "reference")
 
@@ -124,9 +127,16 @@ def _heldout(setup: setup_lib.Setup, params) -> tuple[dict[str, float], dict[str
   # The length R² uses the paper's implicit reward β·log πθ/π_ref of the raw summed log-probs.
   rewards = float(setup.config.objective.beta) * (cat["policy_logps"] - cat["ref_logps"])
   drift = (cat["policy_logps"] - cat["ref_logps"]).mean(0)  # [2] chosen, rejected
+  # The accuracy is the sign of the margins: beside it, their scale. Below fit.MOVED_LOGRATIO
+  # nats of log-ratio margin h = margin / β the policy has barely left the reference and the
+  # accuracy counts signs of roundoff-sized numbers, so it is flagged.
+  abs_margin = float(np.abs(margin).mean())
+  abs_logratio = abs_margin / float(setup.config.objective.beta)
   out = {"heldout_loss": float(cat["loss"].mean()),
          "reward_acc": float(cat["accuracy"].mean()),
          "heldout_margin": float(margin.mean()), "heldout_margin_std": float(margin.std()),
+         "heldout_abs_margin": abs_margin, "heldout_abs_logratio_margin": abs_logratio,
+         "heldout_margin_tiny": bool(abs_logratio < fit_lib.MOVED_LOGRATIO),
          "chosen_logp_drift": float(drift[0]), "rejected_logp_drift": float(drift[1]),
          "length_r2": kl_lib.length_r2(rewards.reshape(-1), cat["lengths"].reshape(-1)),
          "num_pairs": int(len(margin))}
@@ -238,6 +248,36 @@ def _fmt(value, digits: int = 4) -> str:
   return "n/a" if value is None else f"{float(value):.{digits}f}"
 
 
+def _write_table(workdir: str, result: dict) -> None:
+  """`eval/checkpoints.{csv,md,png}` over every evaluated step (process 0, local workdirs)."""
+  if jax.process_index() != 0 or "://" in str(workdir):
+    return
+  result["tables"] = run_table.write(str(workdir))
+  if result["tables"]:
+    result["message"] += (f"\n  table:   {result['tables']['md']} (and .csv)"
+                          f"\n  plot:    {result['tables']['png']}")
+
+
+def heldout_text(summary: dict) -> str:
+  """Held-out accuracy with its margin scale, marked when the margins are too small to mean much."""
+  text = (f"held-out acc {summary['reward_acc']:.3f} (mean |margin| "
+          f"{summary['heldout_abs_margin']:.2g}, /β {summary['heldout_abs_logratio_margin']:.2g} "
+          "nats")
+  return text + (", tiny: the accuracy means little)" if summary["heldout_margin_tiny"] else ")")
+
+
+def tiny_margin_warning(summaries: dict) -> str:
+  """One line naming the trained checkpoints whose held-out margins are tiny ('' if none)."""
+  steps = sorted(s for s, v in summaries.items()
+                 if v.get("heldout_margin_tiny") and not v.get("is_reference"))
+  if not steps:
+    return ""
+  return (f"warning: at step(s) {steps} the mean held-out |log-ratio margin| is below "
+          f"{fit_lib.MOVED_LOGRATIO} nats (heldout_margin_tiny in summary.json): the policy "
+          "barely left the reference and those held-out accuracies are signs of near-zero "
+          "margins; train longer, raise config.optim.lr, or give more data.")
+
+
 def _plan(config, run_dir: str, workdir: str):
   """([(step, is_reference)] to evaluate, steps already evaluated)."""
   exported = ckpt_lib.exported_steps(run_dir)
@@ -279,6 +319,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     why = (f"evaluated: {skipped}" if skipped else
            f"{epath.Path(run_dir) / 'params'} has no exports yet")
     result["message"] = f"eval: nothing to do in {workdir} ({why})."
+    _write_table(workdir, result)
     return result
 
   setup = setup_lib.prepare(rcfg, run_dir, workdir)
@@ -297,10 +338,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                                   abstract)[0]
     summary, arrays, rows = evaluate_params(setup, params, step, spe, is_reference=is_ref)
     store_lib.write_step(workdir, step, summary, arrays, rows)
-    logging.info("eval step %d: kl %.4f ± %.4f, forward kl %s, win rate %s, reward acc %.3f, "
-                 "%.1fs", step, summary["kl"], summary["kl_stderr"],
-                 _fmt(summary["forward_kl"]), _fmt(summary["win_rate"], 3),
-                 summary["reward_acc"], summary["eval_seconds"])
+    logging.info("eval step %d: kl %.4f ± %.4f, forward kl %s, win rate %s, %s, %.1fs", step,
+                 summary["kl"], summary["kl_stderr"], _fmt(summary["forward_kl"]),
+                 _fmt(summary["win_rate"], 3), heldout_text(summary), summary["eval_seconds"])
     result["evaluated"].append(step)
     result["summaries"][step] = summary
     bar.update(1, {})
@@ -310,4 +350,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         "scorer": setup.scorer._cache_size()}  # pylint: disable=protected-access
   result["message"] = (f"eval: wrote {len(result['evaluated'])} step(s) "
                        f"{result['evaluated']} under {epath.Path(workdir) / 'eval'}.")
+  _write_table(workdir, result)
+  tiny = tiny_margin_warning(result["summaries"])
+  if tiny:
+    logging.warning("%s", tiny)
+    result["message"] += "\n  " + tiny
   return result

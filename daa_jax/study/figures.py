@@ -7,6 +7,7 @@ import os
 import re
 from typing import Any, Mapping, Sequence
 import numpy as np
+from daa_jax.evaluate import run_table
 from daa_jax.study.fits import (by_group, final_rows, is_reference, predict, run_id, size_key)
 
 
@@ -29,21 +30,11 @@ def finite(rows, *cols):
   return [r for r in rows if all(math.isfinite(r.get(c, math.nan)) for c in cols)]
 
 
-def _new_figure(nrows: int, ncols: int, width: float = 3.8, height: float = 3.0,
-                sharey: bool | str = False):
-  # matplotlib is imported here, not at module level: reading and fitting need none of it, and
-  # a bare Figure (no pyplot) renders through Agg without touching the global backend.
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
-  return fig, fig.subplots(nrows, ncols, squeeze=False, sharey=sharey)
-
-
-def _win_rate_errors(rows, y_col: str = "win_rate"):
-  """[2, N] asymmetric error bars from the 95% interval columns (0 where missing)."""
-  y = np.array([r[y_col] for r in rows])
-  lo = np.array([r.get("win_rate_lo", math.nan) for r in rows], np.float64)
-  hi = np.array([r.get("win_rate_hi", math.nan) for r in rows], np.float64)
-  return np.stack([np.nan_to_num(y - lo), np.nan_to_num(hi - y)]).clip(min=0.0)
+# Shared with the single-run table (evaluate/run_table.py): one way to make a figure, draw
+# win-rate intervals and place a legend (outside the axes, so it never covers a point).
+_new_figure = run_table.new_figure
+_win_rate_errors = run_table.win_rate_errors
+_outside_legend = run_table.outside_legend
 
 
 def _beta_markers(rows) -> dict[float, str]:
@@ -118,7 +109,7 @@ def _frontier_legend(ax, sizes, color, marker, with_reference: bool) -> None:
   if with_reference:
     handles.append(Line2D([], [], color="k", marker="*", ms=9, ls="", label="SFT (d = 0)"))
   handles.append(Line2D([], [], color="0.4", ls=":", label="log-form fit R0 + d(α − β ln d)"))
-  ax.legend(handles=handles, fontsize=7, loc="best")
+  _outside_legend(ax, handles=handles)
 
 
 def _epoch_figure(rows, size: str):
@@ -163,7 +154,7 @@ def _epoch_figure(rows, size: str):
       else:
         axes[i][j].set_xlabel("epochs")
     if runs:
-      axes[0][j].legend(fontsize=7)
+      _outside_legend(axes[0][j])
   return fig
 
 
@@ -199,7 +190,7 @@ def _scatter_figure(rows, panels, width: float = 3.8):
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-      ax.legend(fontsize=7, loc="lower right")
+      _outside_legend(ax)
   return fig, axes
 
 
@@ -248,7 +239,7 @@ def make_figures(rows: Sequence[Mapping[str, Any]], fits: Mapping[str, Any],
         width=5.0)
     top = max(r["forward_kl"] for r in finite(rows, "forward_kl"))
     axes[0][0].plot([0, top], [0, -top], "k--", lw=0.8, label="−KL(π_ref‖πθ)")
-    axes[0][0].legend(fontsize=7, loc="lower left")
+    _outside_legend(axes[0][0])
     axes[0][0].set_title(
         ("pairs sampled from π_ref: their mean over both responses\nlies on the dashed line "
          "by identity; "

@@ -48,8 +48,8 @@ from daa_jax.errors import DataError
 from daa_jax.train import metrics as metrics_lib
 
 NUMERIC_COLUMNS = ("beta", "step", "epoch_fraction", "kl", "sqrt_kl", "forward_kl", "win_rate",
-                   "win_rate_lo", "win_rate_hi", "reward_acc", "heldout_loss", "length_r2",
-                   "chosen_logp_drift", "truncation_rate", "num_seeds", "seed_win_rate_lo",
+                   "win_rate_lo", "win_rate_hi", "reward_acc", "heldout_abs_logratio_margin",
+                   "heldout_loss", "length_r2", "chosen_logp_drift", "truncation_rate", "num_seeds", "seed_win_rate_lo",
                    "seed_win_rate_hi", "seed_kl_lo", "seed_kl_hi")
 _MISSING = ("", "nan", "na", "n/a", "none", "null")
 # Rows of the reference policy itself: a source of R0, never a fitted group.

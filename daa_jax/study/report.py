@@ -16,6 +16,7 @@ import numpy as np
 from daa_jax.study.fits import by_group, final_rows, is_reference, run_id
 
 from daa_jax.study import figures as figures_lib
+from daa_jax.train import fit as fit_lib
 
 
 # --- Report ---------------------------------------------------------------------------------
@@ -93,6 +94,15 @@ def figure_readings(rows, fits) -> dict[str, str]:
       parts.append(f"{objective.upper()} {size}: " + ", ".join(cells) + ".")
   out["proxy_metrics"] = (("Spearman ρ per objective and size: " + " ".join(parts)) if parts
                           else "")
+  # A held-out accuracy from near-zero margins is a sign of roundoff, not a preference.
+  trained = figures_lib.finite([r for r in rows if not is_reference(r)],
+                               "heldout_abs_logratio_margin")
+  tiny = [r for r in trained if r["heldout_abs_logratio_margin"] < fit_lib.MOVED_LOGRATIO]
+  if tiny:
+    out["proxy_metrics"] += (
+        f" {len(tiny)} of {len(trained)} trained checkpoints have a mean held-out |log-ratio "
+        f"margin| under {fit_lib.MOVED_LOGRATIO} nats (heldout_abs_logratio_margin): their "
+        "reward accuracies are signs of near-zero margins and mean little.")
 
   by_size: dict[str, list] = {}
   for (_, size), group_rows in groups.items():

@@ -48,7 +48,8 @@ from daa_jax.study import pairs as pairs_lib
 
 SUMMARY_COLUMNS = ("objective", "size", "beta", "step", "epoch_fraction", "kl", "kl_stderr",
                    "sqrt_kl", "forward_kl", "win_rate", "win_rate_lo", "win_rate_hi",
-                   "reward_acc", "heldout_loss", "length_r2", "chosen_logp_drift",
+                   "reward_acc", "heldout_abs_logratio_margin", "heldout_loss", "length_r2",
+                   "chosen_logp_drift",
                    "rejected_logp_drift", "mean_sample_length", "truncation_rate",
                    "reference", "run",
                    "seed", "num_seeds", "seed_win_rate_lo", "seed_win_rate_hi", "seed_kl_lo",
@@ -289,6 +290,7 @@ def collect(runs: list[dict], workdir: str) -> list[dict]:
                  kl_stderr=s.get("kl_stderr"), sqrt_kl=s.get("sqrt_kl"),
                  forward_kl=s.get("forward_kl"), win_rate=s.get("win_rate"),
                  win_rate_lo=lo, win_rate_hi=hi, reward_acc=s.get("reward_acc"),
+                 heldout_abs_logratio_margin=s.get("heldout_abs_logratio_margin"),
                  heldout_loss=s.get("heldout_loss"), length_r2=s.get("length_r2"),
                  chosen_logp_drift=s.get("chosen_logp_drift"),
                  rejected_logp_drift=s.get("rejected_logp_drift"),

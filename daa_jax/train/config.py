@@ -158,6 +158,28 @@ def train_fields() -> ml_collections.ConfigDict:
       progress=True))
 
 
+def log_fields() -> ml_collections.ConfigDict:
+  """`config.log`: where metrics go besides `metrics.jsonl` and TensorBoard (`<workdir>/tb`)."""
+  return ml_collections.ConfigDict(dict(
+      wandb=""))  # a Weights & Biases project name ("": off); WANDB_MODE=offline needs no network
+
+
+def check_wandb(config, prefix: str = "config.") -> None:
+  """Raises ConfigError when `log.wandb` is set but the wandb package is not importable."""
+  log = config.get("log")
+  project = log.get("wandb") if log is not None else ""
+  if not project:
+    return
+  try:
+    import wandb  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    raise ConfigError(
+        f"{prefix}log.wandb={project!r} asks for Weights & Biases logging, but the wandb "
+        f"package is not installed ({e}). Install it with pip install -e \".[wandb]\" (or pip "
+        f"install wandb), or set --{prefix}log.wandb='' to log to metrics.jsonl and "
+        "TensorBoard only.") from None
+
+
 def checkpoint_fields() -> ml_collections.ConfigDict:
   """`config.checkpoint`: schedule checkpoints (kept forever) + periodic ones (rotated)."""
   return ml_collections.ConfigDict(dict(
@@ -274,6 +296,7 @@ def validate(config, num_devices: int | None = None, prefix: str = "config.") ->
         validate(config[sub], None, prefix=f"{prefix}{sub}.")
     return
   if job in ("sft", "daa"):
+    check_wandb(config, prefix)
     t = config.train
     if t.batch_size <= 0:
       raise ConfigError(f"{prefix}train.batch_size={t.batch_size} must be positive.")

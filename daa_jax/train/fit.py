@@ -118,11 +118,14 @@ def fit_to_data(config: ml_collections.ConfigDict, num_train: int, data_parallel
     config.optim.warmup_steps = int(WARMUP_FRACTION * total)
     changes.append(f"optim.warmup_steps {warmup} -> {config.optim.warmup_steps}")
   if changes:
+    # Name the warmup actually set: a cut warmup is WARMUP_FRACTION of the run, a kept one is
+    # whatever share it already was (at most WARMUP_TOO_LONG).
+    share = int(config.optim.warmup_steps) / total if total else 0.0
     errors.warn_misfit(
         f"{num_train} training {what} are few for this config's defaults; adapted "
         f"{', '.join(changes)} so the run has {total} optimizer steps ({spe} per epoch, "
-        f"warmup at most {WARMUP_TOO_LONG:.0%} of them); config.json records the values. "
-        "Set these fields with --config.* to keep your own.")
+        f"warmup {config.optim.warmup_steps} step(s) = {share:.0%} of them); config.json "
+        "records the values. Set these fields with --config.* to keep your own.")
   for w in warnings:
     errors.warn_misfit(f"{w}; with so few steps the run measures little. Lower "
                        "config.train.batch_size or give more data.")

@@ -277,7 +277,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, explicit=None) -> di
     eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model, cfg=scfg),
                       out_shardings=replicated)
 
-  writer = metrics_lib.MetricsWriter(workdir, is_main)
+  log_cfg = config.get("log")
+  writer = metrics_lib.MetricsWriter(
+      workdir, is_main, wandb_project=(log_cfg.get("wandb") if log_cfg is not None else ""),
+      config=metrics_lib.jsonable(config.to_dict()))
   start = int(jax.device_get(state.step))
   writer.resume_at(start)  # steps logged after the checkpoint are logged again below
   progress = metrics_lib.Progress(total_steps, start, bool(t.progress) and is_main,

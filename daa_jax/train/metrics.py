@@ -1,5 +1,6 @@
-"""Metrics: `metrics.jsonl` (+ TensorBoard when installed) on process 0, a progress bar,
-and DPO-aware FLOP accounting for throughput and MFU.
+"""Metrics: `metrics.jsonl` (+ TensorBoard when installed, + Weights & Biases when
+`config.log.wandb` names a project) on process 0, a progress bar, and DPO-aware FLOP
+accounting for throughput and MFU.
 
 FLOPs (PaLM appendix B convention): a forward pass costs 2·N_matmul + 4·n_layers·H·K·T FLOPs per
 token (N_matmul = non-embedding matmul parameters + the output projection, from the real
@@ -11,6 +12,7 @@ the reference term drops. Only real (non-pad) tokens are counted.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -85,10 +87,32 @@ class _TensorBoard:
     self._writer.close()
 
 
+class _WandB:
+  """One Weights & Biases run per workdir (imported only when `config.log.wandb` is set)."""
+
+  def __init__(self, project: str, workdir: str, config: Mapping[str, Any] | None):
+    import wandb  # pylint: disable=g-import-not-at-top
+    local = "://" not in str(workdir)
+    # The id follows the workdir, so a resumed run continues the same W&B run.
+    run_id = hashlib.sha256(str(workdir).encode()).hexdigest()[:16]
+    self._run = wandb.init(project=project, id=run_id, resume="allow",
+                           name=os.path.basename(os.path.normpath(str(workdir))),
+                           dir=str(workdir) if local else None, config=dict(config or {}))
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    self._run.log(values, step=int(step))
+
+  def close(self) -> None:
+    self._run.finish()
+
+
 class MetricsWriter:
   """Appends one JSON object per logged step to `workdir/metrics.jsonl` (process 0 only)."""
 
-  def __init__(self, workdir: str, is_main: bool = True, tensorboard: bool = True):
+  def __init__(self, workdir: str, is_main: bool = True, tensorboard: bool = True,
+               wandb_project: str = "", config: Mapping[str, Any] | None = None):
+    """`wandb_project` ("": off) also logs every scalar to that W&B project, `config` as the
+    run's config; WANDB_MODE=offline writes `<workdir>/wandb/` without network."""
     self.is_main = is_main
     self.path = epath.Path(workdir) / "metrics.jsonl"  # local or gs://
     # Object stores (gs://) have no append (gcsfs silently truncates on mode 'a'): keep the
@@ -104,6 +128,7 @@ class MetricsWriter:
           self._tb = _TensorBoard(os.path.join(workdir, "tb"))
         except ImportError:
           logging.info("tensorboard not installed; metrics go to metrics.jsonl only.")
+    self._wandb = _WandB(wandb_project, workdir, config) if is_main and wandb_project else None
 
   def resume_at(self, step: int) -> None:
     """Drops the rows logged after `step` (the checkpoint a run resumes from): a run stopped
@@ -139,12 +164,18 @@ class MetricsWriter:
     else:
       with self.path.open("a") as f:
         f.write(line)
+    scalars = {k: v for k, v in clean.items() if isinstance(v, float)}
     if self._tb is not None:
-      self._tb.scalars(step, {k: v for k, v in clean.items() if isinstance(v, float)})
+      self._tb.scalars(step, scalars)
+    if self._wandb is not None:
+      self._wandb.scalars(step, scalars)
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+    if self._wandb is not None:
+      self._wandb.close()
+      self._wandb = None
 
 
 def read_jsonl(path: str) -> list[dict]:

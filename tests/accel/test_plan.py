@@ -27,6 +27,9 @@ needs_libtpu = pytest.mark.skipif(
     reason="libtpu is not installed (pip install -e \".[tpu]\"); the TPU compiler is needed to "
            "compile for TPU topologies")
 FIELDS = ("params", "grads", "opt_state", "reference", "activations", "total")
+# The synthetic task's shapes, asked for by name: without flags plan refuses to size a run
+# for them (test_plan_takes_its_lengths_from_the_data_as_training_does).
+SYNTHETIC = dict(prompt_len=21, response_len=17)
 
 
 def daa_config(size="tiny", precision="fp32", **train):
@@ -73,9 +76,9 @@ def test_cuda_lowers_every_program_on_two_pod_meshes_with_exact_weight_bytes():
 def test_precision_policy_sets_the_stored_bytes_exactly():
   n = num_params("tiny")
   fp32 = plan.plan(daa_config(), (1, 1, 1), "cuda", device_memory="1GB",
-                   programs=["daa_live_packed"], fit=False)
+                   programs=["daa_live_packed"], fit=False, **SYNTHETIC)
   lean = plan.plan(daa_config(precision="bf16_state"), (1, 1, 1), "cuda",
-                   device_memory="1GB", programs=["daa_live_packed"], fit=False)
+                   device_memory="1GB", programs=["daa_live_packed"], fit=False, **SYNTHETIC)
   assert fp32["per_device_bytes"]["params"] == 4 * n == lean["per_device_bytes"]["params"]
   assert fp32["per_device_bytes"]["opt_state"] == 4 * n + 4
   assert lean["per_device_bytes"]["opt_state"] == 2 * n + 4  # bfloat16 nu, int32 count
@@ -138,8 +141,8 @@ def test_bad_flags_are_config_errors_naming_the_flag(kwargs, message):
 def test_cli_prints_a_table_then_one_json_line():
   cmd = [sys.executable, "-m", "daa_jax.accel.plan", "--config", "configs/daa.py:size=tiny",
          "--mesh", "1,4,1", "--platform", "cuda", "--device_memory", "16GiB",
-         "--programs", "sample_decode", "--config.train.batch_size=8",
-         "--config.train.grad_accum=1"]
+         "--programs", "sample_decode", "--prompt_len=21", "--response_len=17",
+         "--config.train.batch_size=8", "--config.train.grad_accum=1"]
   env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
@@ -147,9 +150,55 @@ def test_cli_prints_a_table_then_one_json_line():
   result = json.loads(lines[-1])
   assert result["primary"] == "daa_live_packed" and result["device_memory"] == 16 * 2**30
   assert any(line.startswith("daa_live_packed") for line in lines[:-1])
-  bad = subprocess.run(cmd[:-6] + ["--mesh", "1,-1,1", "--device_memory", "8GB"], cwd=REPO,
+  bad = subprocess.run(cmd[:-8] + ["--mesh", "1,-1,1", "--device_memory", "8GB"], cwd=REPO,
                        env=env, capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and "give all three sizes" in bad.stderr
+  # No data and no lengths: one paragraph naming the flags, exit 2, no traceback.
+  no_lengths = [c for c in cmd if not c.startswith(("--prompt_len", "--response_len"))]
+  bad = subprocess.run(no_lengths, cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+  assert "--prompt_len=N --response_len=M" in bad.stderr
+
+
+def write_pairs(path, n, prompt_len, response_len):
+  """n JSONL pairs with prompts of `prompt_len` bytes and responses of up to `response_len`."""
+  with open(path, "w") as f:
+    for i in range(n):
+      f.write(json.dumps(dict(prompt=f"q{i:04d} ".ljust(prompt_len, "x"),
+                              chosen="a" * response_len,
+                              rejected="b" * (response_len - 1))) + "\n")
+  return str(path)
+
+
+def test_plan_takes_its_lengths_from_the_data_as_training_does(tmp_path):
+  """A real-data config is planned at the lengths training fits to that data, never at the
+  synthetic task's 21/17; a config without data needs the lengths as flags."""
+  from daa_jax.train import init as init_lib  # pylint: disable=g-import-not-at-top
+  config = daa_config()
+  config.data.update(source=write_pairs(tmp_path / "pairs.jsonl", 40, 100, 30), format="jsonl",
+                     cache_dir=str(tmp_path / "cache"))
+  trained = init_lib.resolve_auto(config, str(tmp_path)).data  # what train.run would use
+  # 100 + 30 + EOS = 131 -> 136; the prompt keeps 136 - ceil8(31) = 104 (bytes tokenizer).
+  assert (trained.max_length, trained.max_prompt_length) == (136, 104)
+  result = plan.plan(config, (1, 1, 1), "cuda", device_memory="1GB",
+                     programs=["daa_live_packed"], fit=False)
+  assert (result["config"]["prompt_len"], result["config"]["response_len"]) == (104, 32)
+  assert config.data.max_length == 0  # the user's config is left as given
+  # Flags win over the data (and need none of it).
+  result = plan.plan(config, (1, 1, 1), "cuda", device_memory="1GB",
+                     programs=["daa_live_packed"], fit=False, prompt_len=48, response_len=16)
+  assert (result["config"]["prompt_len"], result["config"]["response_len"]) == (48, 16)
+  # The configs' synthetic default with 'auto' lengths: refused, naming the flags.
+  with pytest.raises(ConfigError, match=r"source='synthetic'.*--prompt_len=N --response_len=M"):
+    plan.plan(daa_config(), (1, 1, 1), "cuda", device_memory="1GB", fit=False)
+  # Data that cannot be read here: the same flags, with the reason.
+  config.data.source = str(tmp_path / "elsewhere.jsonl")
+  with pytest.raises(ConfigError, match=r"could not read it.*elsewhere\.jsonl.*--prompt_len=N"):
+    plan.plan(config, (1, 1, 1), "cuda", device_memory="1GB", fit=False)
+  result = plan.plan(config, (1, 1, 1), "cuda", device_memory="1GB",
+                     programs=["daa_live_packed"], fit=False, prompt_len=48, response_len=16)
+  assert result["config"]["prompt_len"] == 48
 
 
 @needs_libtpu
@@ -157,7 +206,7 @@ def test_tpu_compiles_every_tiny_program_for_two_topologies():
   # 4 chips each; the micro-batch fit (one more compile) on the first only.
   for topology, mesh, fit in (("v5e:2x2", (1, 4, 1), True), ("v4:2x2x1", (2, 2, 1), False)):
     config = daa_config(batch_size=8, grad_accum=2)
-    result = plan.plan(config, mesh, "tpu", topology=topology, fit=fit)
+    result = plan.plan(config, mesh, "tpu", topology=topology, fit=fit, **SYNTHETIC)
     check_result(result, plan.PROGRAMS)
     assert result["compiled"], {k: v.get("error") for k, v in result["programs"].items()}
     assert result["device_kind"].startswith("TPU v")

@@ -77,6 +77,31 @@ def test_fit_ignores_a_rare_outlier_and_respects_the_position_limit():
   assert lengths.fit([300] * 10, [300] * 10, 512)[0] == 512
 
 
+def test_auto_lengths_without_data_take_the_model_position_limit():
+  assert lengths.fit([], [], 2048) == (2048, 1024)  # not a fixed 512
+  assert lengths.fit([], [], 4096) == (4096, 2048)
+  assert lengths.fit([], [], 128) == (128, 64)
+
+
+def test_auto_lengths_fit_long_data_up_to_the_model_positions_not_512(tmp_path):
+  path = write_pairs(tmp_path / "p.jsonl", 40, prompt_len=900, response_len=100)
+  cfg = data_pipeline.resolve_lengths(config(tmp_path, path), "pairs", max_positions=2048)
+  # 900 + 100 + EOS = 1001 -> 1008: past the old fixed 512, within the model's 2048.
+  assert cfg.max_length == 1008 and cfg.fitted_length_limit == 2048
+
+
+def test_auto_length_capped_by_the_model_warns_without_suggesting_auto(tmp_path, caplog):
+  path = write_pairs(tmp_path / "p.jsonl", 50, prompt_len=40, response_len=10)
+  cfg = data_pipeline.resolve_lengths(config(tmp_path, path), "pairs", max_positions=32)
+  assert (cfg.max_length, cfg.fitted_length_limit) == (32, 32)  # 56 would fit; the model has 32
+  data_pipeline.load_pairs(cfg, "train")
+  (found,) = [w for w in warnings_of(caplog) if "max_length" in w]
+  assert "config.data.max_length=0 (auto) set max_length=32" in found
+  assert "max_position_embeddings=32" in found and "99% of them fit in 56 tokens" in found
+  assert "or 0 for both" not in found and "--config.data.max_length=" not in found
+  assert "--config.data.overlong=drop" in found
+
+
 def test_truncating_most_examples_warns_once_with_the_fix(tmp_path, caplog):
   path = write_pairs(tmp_path / "p.jsonl", 50, prompt_len=40, response_len=10)
   for _ in range(2):  # loading again (from the cache) does not repeat the warning
@@ -85,6 +110,7 @@ def test_truncating_most_examples_warns_once_with_the_fix(tmp_path, caplog):
   assert len(found) == 1, warnings_of(caplog)
   assert f"cuts {len(ds)} of {len(ds)} pairs (train) (100%" in found[0]
   assert "--config.data.max_length=56" in found[0]  # the length at which 99% fit
+  assert "or 0 for both to fit them to the data" in found[0]  # set by hand: auto is the fix
 
 
 def test_an_empty_hash_holdout_falls_back_to_the_lowest_hash_prompts(tmp_path, caplog):
@@ -195,6 +221,9 @@ def test_small_data_adapts_unset_batch_and_warmup_and_says_so(caplog):
   assert cfg.optim.warmup_steps == 1  # 10% of 11 steps
   (message,) = warnings_of(caplog)
   assert "train.batch_size 128 -> 16" in message and "optim.warmup_steps 150 -> 1" in message
+  # The text states the warmup that was set (1 of 11 steps), not a bound it was not cut to.
+  assert "11 optimizer steps (11 per epoch, warmup 1 step(s) = 9% of them)" in message
+  assert "25%" not in message
   # On 8 data-parallel devices the micro-batch must still split over them.
   cfg = fit_lib.fit_to_data(_daa_config(), 190, data_parallel=8, explicit=frozenset())
   assert (cfg.train.batch_size, cfg.train.grad_accum) == (16, 2)

@@ -178,6 +178,61 @@ def test_run_writes_every_summary_key(evaluated_run):
   assert 0 <= last["length_r2"] <= 1 and last["chosen_logp_drift"] != 0
 
 
+def test_heldout_accuracy_of_an_unmoved_policy_is_flagged_beside_its_margin_scale(evaluated_run):
+  workdir, _, result = evaluated_run
+  ref, last = read_summary(workdir, 0), read_summary(workdir, 6)
+  # params == reference: every margin is exactly 0, so the 0.5 accuracy is flagged.
+  assert ref["heldout_abs_margin"] == 0.0 and ref["heldout_abs_logratio_margin"] == 0.0
+  assert ref["heldout_margin_tiny"] is True
+  assert "tiny: the accuracy means little" in evaluate.heldout_text(ref)
+  # The trained policy moved: its margin scale is reported and not flagged.
+  beta = last["beta"]
+  assert last["heldout_abs_logratio_margin"] == pytest.approx(last["heldout_abs_margin"] / beta)
+  assert last["heldout_abs_margin"] >= abs(last["heldout_margin"])
+  assert last["heldout_abs_logratio_margin"] >= 0.05 and last["heldout_margin_tiny"] is False
+  assert "tiny" not in evaluate.heldout_text(last)
+  # The reference is expected to be unmoved: only trained steps earn the console warning.
+  assert "warning" not in result["message"]
+  flagged = {6: dict(last, heldout_margin_tiny=True), 0: ref}
+  assert "at step(s) [6]" in evaluate.tiny_margin_warning(flagged)
+
+
+def test_run_writes_a_checkpoint_table_and_plot_into_eval(evaluated_run):
+  import csv  # pylint: disable=g-import-not-at-top
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from daa_jax.evaluate import run_table  # pylint: disable=g-import-not-at-top
+  workdir, _, result = evaluated_run
+  eval_dir = os.path.join(workdir, "eval")
+  assert result["tables"] == {k: os.path.join(eval_dir, f"checkpoints.{k}")
+                              for k in ("csv", "md", "png")}
+  with open(result["tables"]["csv"]) as f:
+    rows = list(csv.DictReader(f))
+  assert [int(r["step"]) for r in rows] == [0, 4, 6]
+  for r in rows:
+    s = read_summary(workdir, int(r["step"]))
+    assert float(r["sqrt_kl"]) == s["sqrt_kl"] and float(r["win_rate"]) == s["win_rate"]
+    assert float(r["win_rate_lo"]) == s["win_rate_ci"][0]
+    assert float(r["reward_acc"]) == s["reward_acc"]
+    assert r["heldout_margin_tiny"] == str(s["heldout_margin_tiny"])
+  text = open(result["tables"]["md"]).read()
+  lines = [line for line in text.splitlines() if line.startswith("| ")]
+  assert len(lines) == 4 and "| held-out acc |" in lines[0]
+  assert "0 (reference)" in lines[1] and "0.500 (tiny margins)" in lines[1]
+  assert "tiny" not in lines[3]  # step 6 moved
+  with open(result["tables"]["png"], "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  # The plot: win rate vs √KL and held-out accuracy per step, legends outside both axes.
+  fig = run_table.plot(run_table.rows_of(run_table.read_summaries(workdir)), "t")
+  canvas = FigureCanvasAgg(fig)
+  canvas.draw()
+  renderer = canvas.get_renderer()
+  assert [ax.get_xlabel() for ax in fig.axes] == ["√KL(πθ‖π_ref)", "step"]
+  for ax in fig.axes:
+    legend = ax.get_legend().get_window_extent(renderer)
+    assert not legend.overlaps(ax.get_window_extent(renderer)), ax.get_xlabel()
+  assert "table:" in result["message"] and "plot:" in result["message"]
+
+
 def test_exported_arrays_restore_and_match_the_summary(evaluated_run):
   workdir, _, _ = evaluated_run
   step_dir = os.path.join(workdir, "eval", "6")

@@ -92,3 +92,57 @@ def test_proxy_metrics_panels_state_spearman_rho(tmp_path):
       assert f"ρ = {figures_lib._fmt(rho, 2)} ({objective} 1b, n={len(pts)})" in title  # pylint: disable=protected-access
   assert axes[0][0].containers  # win-rate intervals as horizontal bars
   del fig
+
+
+def covered_points(fig):
+  """Plotted points (every Line2D vertex inside its axes) that some legend's box covers, after
+  rendering: what a reader could not see."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  canvas = FigureCanvasAgg(fig)
+  canvas.draw()
+  renderer = canvas.get_renderer()
+  boxes = [ax.get_legend().get_window_extent(renderer) for ax in fig.axes if ax.get_legend()]
+  boxes += [legend.get_window_extent(renderer) for legend in fig.legends]
+  covered = []
+  for ax in fig.axes:
+    frame = ax.get_window_extent(renderer)
+    for line in ax.get_lines():
+      xy = np.asarray(line.get_xydata(), np.float64)
+      xy = xy[np.isfinite(xy).all(1)]
+      if not len(xy):
+        continue
+      for x, y in ax.transData.transform(xy):
+        if frame.contains(x, y) and any(b.contains(x, y) for b in boxes):
+          covered.append((ax.get_title(), line.get_label(), float(x), float(y)))
+  return covered, len(boxes)
+
+
+def test_figure_legends_never_cover_a_plotted_point(tmp_path):
+  rows, fits = _rows_and_fits(tmp_path)
+  spread = [dict(r, epoch_fraction=r["epoch_fraction"] * 2 ** (4 * r["epoch_fraction"]))
+            for r in rows]
+  figures = {
+      "frontier": figures_lib._frontier_figure(rows, fits["groups"], "sqrt_kl", "√KL"),  # pylint: disable=protected-access
+      "epoch": figures_lib._epoch_figure(rows, "1b"),  # pylint: disable=protected-access
+      "epoch_log": figures_lib._epoch_figure(spread, "1b"),  # pylint: disable=protected-access
+      "proxy": figures_lib._scatter_figure(rows, [  # pylint: disable=protected-access
+          ("win_rate", "reward_acc", "win rate", "acc"),
+          ("win_rate", "heldout_loss", "win rate", "loss")])[0],
+      "length_r2": figures_lib._scatter_figure(rows, [("kl", "length_r2", "KL", "R²")])[0],  # pylint: disable=protected-access
+  }
+  for name, fig in figures.items():
+    covered, legends = covered_points(fig)
+    assert legends >= 1, name  # the check checked something
+    assert not covered, (name, covered[:5])
+
+
+def test_report_flags_reward_accuracies_from_near_zero_margins(tmp_path):
+  rows, fits = _rows_and_fits(tmp_path)
+  assert "near-zero margins" not in report_lib.figure_readings(rows, fits)["proxy_metrics"]
+  trained = [r for r in rows if not scaling.is_reference(r)]
+  for i, r in enumerate(trained):
+    r["heldout_abs_logratio_margin"] = 1e-3 if i < 2 else 0.4  # two barely-moved checkpoints
+  text = report_lib.figure_readings(rows, fits)["proxy_metrics"]
+  assert (f"2 of {len(trained)} trained checkpoints have a mean held-out |log-ratio margin| "
+          "under 0.05 nats") in text

@@ -7,6 +7,8 @@ import pytest
 from daa_jax.train import metrics
 from daa_jax.models import config as model_configs
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 def test_jsonl_and_tensorboard_events(tmp_path):
   writer = metrics.MetricsWriter(str(tmp_path), is_main=True)
@@ -20,6 +22,50 @@ def test_jsonl_and_tensorboard_events(tmp_path):
   acc = ea.EventAccumulator(str(tmp_path / "tb"))
   acc.Reload()
   assert [(e.step, round(e.value, 4)) for e in acc.Scalars("loss/total")] == [(1, 0.69), (2, 0.5)]
+
+
+def test_wandb_offline_logs_every_scalar_to_one_run_per_workdir(tmp_path, monkeypatch):
+  pytest.importorskip("wandb")
+  monkeypatch.setenv("WANDB_MODE", "offline")  # no network, no account
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  writer = metrics.MetricsWriter(str(tmp_path), is_main=True, wandb_project="daa_jax_test",
+                                 config={"job": "daa", "objective": {"beta": 0.1}})
+  writer.write(1, {"loss/total": 0.6931, "daa/reward_acc": 0.5, "note": "text"})
+  writer.write(2, {"loss/total": 0.4321})
+  writer.close()
+  (run,) = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
+  (records,) = [f for f in os.listdir(tmp_path / "wandb" / run) if f.endswith(".wandb")]
+  data = (tmp_path / "wandb" / run / records).read_bytes()
+  # The run's record file holds the scalars and the config (protobuf: keys and JSON values
+  # are stored as plain bytes).
+  for needle in (b"loss/total", b"daa/reward_acc", b"0.6931", b"0.4321", b"objective"):
+    assert needle in data, needle
+  assert b"text" not in data  # only scalars are logged
+  # The same workdir maps to the same run id: a resumed run continues it.
+  again = metrics.MetricsWriter(str(tmp_path), is_main=True, wandb_project="daa_jax_test")
+  again.close()
+  ids = {f for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")
+         for f in os.listdir(tmp_path / "wandb" / d) if f.endswith(".wandb")}
+  assert ids == {records}  # run-<id>.wandb: one id for both
+
+
+def test_wandb_off_never_imports_it_and_set_without_it_is_a_config_error(tmp_path, monkeypatch):
+  import sys  # pylint: disable=g-import-not-at-top
+  from daa_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from daa_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+  writer = metrics.MetricsWriter(str(tmp_path), is_main=True)  # log.wandb="" (the default)
+  writer.write(1, {"loss/total": 1.0})
+  writer.close()
+  assert not os.path.exists(tmp_path / "wandb")
+  config = config_lib.load_sibling(os.path.join(REPO, "configs", "x.py"), "tiny", "job=daa")
+  assert config.log.wandb == ""
+  config_lib.validate(config, 1)
+  config.log.wandb = "my-project"
+  with pytest.raises(ConfigError, match=r"config\.log\.wandb='my-project'.*not installed.*"
+                                        r"pip install -e \"\.\[wandb\]\".*"
+                                        r"--config\.log\.wandb=''"):
+    config_lib.validate(config, 1)
 
 
 def test_non_main_process_writes_nothing(tmp_path):
