@@ -91,7 +91,7 @@ def make_mesh(shape, platform: str, topology: str | None):
 
 
 @contextlib.contextmanager
-def activate(mesh):
+def _activate(mesh):
   """`sharding.activate` for a concrete mesh; the abstract-mesh equivalent otherwise."""
   if isinstance(mesh, jax.sharding.AbstractMesh):
     with jax.sharding.use_abstract_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):

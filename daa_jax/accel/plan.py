@@ -135,7 +135,7 @@ def lower_one(s: programs_lib.Setup, name: str, micro: int, platform: str) -> di
   out = {"program": name, "micro_batch": micro, "lowered": False, "compiled": False}
   t0 = time.time()
   try:
-    with devices_lib.activate(s.mesh):
+    with devices_lib._activate(s.mesh):
       traced = fn.trace(*args)
       lowered = (traced.lower() if platform == "tpu"
                  else traced.lower(lowering_platforms=(platform,)))

@@ -245,7 +245,7 @@ def _load(cfg, kind: str, split: str, workdir: Optional[str]):
         f"domain ({stats['skipped_other_domain']} CNN/DailyMail rows: `info.post` is null); "
         "give files with TL;DR rows (`info.post` set).")
   if plan["select"] is not None:
-    examples, stats["other_split"] = split_lib.select(examples, cfg=cfg, **plan["select"])
+    examples, stats["other_split"] = split_lib._select(examples, cfg=cfg, **plan["select"])
   if kind == "sft" and plan["fmt"] == "tldr":
     # One summary can be chosen in several comparisons; train on it once.
     seen, unique = set(), []

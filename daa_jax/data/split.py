@@ -54,7 +54,7 @@ def _file_labels_only(examples: list) -> bool:
       e.split is None or e.split == readers.split_from_filename(e.source) for e in examples)
 
 
-def select(examples: list, split: str, cfg, separate_eval: bool) -> tuple[list, int]:
+def _select(examples: list, split: str, cfg, separate_eval: bool) -> tuple[list, int]:
   """The examples of `split` ('train', 'eval' or a split name present in the data).
 
   Split labels come from the rows' `split` field or from split names in file names. File-name

@@ -191,7 +191,7 @@ def _scatter_figure(rows, panels, width: float = 3.8):
       xs.setdefault((objective, size), []).extend(r[x_col] for r in pts)
       ys.setdefault((objective, size), []).extend(r[y_col] for r in pts)
     # The rank correlations the report quotes (per objective and size), on the panel itself.
-    text = [f"ρ = {fmt(spearman(xs[k], ys[k]), 2)} ({k[0]} {k[1]}, n={len(xs[k])})"
+    text = [f"ρ = {_fmt(spearman(xs[k], ys[k]), 2)} ({k[0]} {k[1]}, n={len(xs[k])})"
             for k in sorted(xs, key=lambda k: (_objective_key(k[0]), size_key(k[1])))]
     if text:
       ax.set_title("Spearman " + ", ".join(text), fontsize=9)
@@ -258,7 +258,7 @@ def make_figures(rows: Sequence[Mapping[str, Any]], fits: Mapping[str, Any],
   return figures
 
 
-def fmt(value, digits: int = 3) -> str:
+def _fmt(value, digits: int = 3) -> str:
   if value is None or (isinstance(value, float) and not math.isfinite(value)):
     return "—"
   return f"{value:.{digits}f}" if isinstance(value, float) else str(value)

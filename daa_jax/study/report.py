@@ -96,7 +96,7 @@ def figure_readings(rows, fits) -> dict[str, str]:
       pts = figures_lib.finite(size_rows, col, "win_rate")
       rho = figures_lib.spearman([r[col] for r in pts], [r["win_rate"] for r in pts])
       if pts:
-        cells.append(f"ρ({label}, win rate) = {figures_lib.fmt(rho, 2)} (n={len(pts)})")
+        cells.append(f"ρ({label}, win rate) = {figures_lib._fmt(rho, 2)} (n={len(pts)})")
     if cells:
       parts.append(f"{objective.upper()} {size}: " + ", ".join(cells) + ".")
   out["proxy_metrics"] = (("Spearman ρ per objective and size: " + " ".join(parts)) if parts
@@ -111,7 +111,7 @@ def figure_readings(rows, fits) -> dict[str, str]:
     if pts:
       rho = figures_lib.spearman([r["kl"] for r in pts], [r["length_r2"] for r in pts])
       parts.append(f"{size}: mean R² {np.mean([r['length_r2'] for r in pts]):.3f}, "
-                   f"ρ(R², KL) = {figures_lib.fmt(rho, 2)}.")
+                   f"ρ(R², KL) = {figures_lib._fmt(rho, 2)}.")
   out["length_r2"] = " ".join(parts)
 
   parts = []
@@ -130,7 +130,7 @@ def figure_readings(rows, fits) -> dict[str, str]:
     fkl = [r["forward_kl"] for r in final]
     out["likelihood_drift"] = (
         f"Final checkpoints: median chosen log-prob change {np.median(drift):.2f} nats against "
-        f"median forward KL {np.median(fkl):.2f} (ρ = {figures_lib.fmt(figures_lib.spearman(fkl, drift), 2)}).")
+        f"median forward KL {np.median(fkl):.2f} (ρ = {figures_lib._fmt(figures_lib.spearman(fkl, drift), 2)}).")
   return out
 
 
@@ -168,10 +168,10 @@ def _fit_table(groups) -> list[str]:
     if g["r0_source"] != "fitted":
       note = (note + "; " if note else "") + f"R0 from {g['r0_source']}"
     lines.append(
-        f"{head} {figures_lib.fmt(log['coef']['r0'])} | {figures_lib.fmt(log['coef']['alpha'])} | "
-        f"{figures_lib.fmt(log['coef']['beta'])} | {figures_lib.fmt(log['rmse'], 4)} | {figures_lib.fmt(g['bon']['rmse'], 4)} | "
-        f"{figures_lib.fmt(g['quadratic']['rmse'], 4)} | {figures_lib.fmt(g['rmse_ratio'], 2)} | "
-        f"{figures_lib.fmt(log['d_star'], 2)} | {figures_lib.fmt(log['peak_win_rate'])} | {note} |")
+        f"{head} {figures_lib._fmt(log['coef']['r0'])} | {figures_lib._fmt(log['coef']['alpha'])} | "
+        f"{figures_lib._fmt(log['coef']['beta'])} | {figures_lib._fmt(log['rmse'], 4)} | {figures_lib._fmt(g['bon']['rmse'], 4)} | "
+        f"{figures_lib._fmt(g['quadratic']['rmse'], 4)} | {figures_lib._fmt(g['rmse_ratio'], 2)} | "
+        f"{figures_lib._fmt(log['d_star'], 2)} | {figures_lib._fmt(log['peak_win_rate'])} | {note} |")
   return lines
 
 
@@ -201,7 +201,7 @@ _ON_POLICY = (" Here both responses of every pair are samples of the reference (
 
 
 def _ci(ci, digits: int = 3) -> str:
-  return "—" if not ci else f"[{figures_lib.fmt(ci[0], digits)}, {figures_lib.fmt(ci[1], digits)}]"
+  return "—" if not ci else f"[{figures_lib._fmt(ci[0], digits)}, {figures_lib._fmt(ci[1], digits)}]"
 
 
 def _interval_table(groups) -> list[str]:

@@ -38,7 +38,7 @@ WARMUP_TOO_LONG = 0.25
 MOVED_LOGRATIO = 0.05
 
 
-def total_steps(config, steps_per_epoch: int) -> int:
+def _total_steps(config, steps_per_epoch: int) -> int:
   t = config.train
   total = int(math.ceil(float(t.num_epochs) * steps_per_epoch))
   if t.max_steps and t.max_steps > 0:
@@ -48,7 +48,7 @@ def total_steps(config, steps_per_epoch: int) -> int:
 
 def _distinct(config, steps_per_epoch: int) -> bool:
   """Do the schedule checkpoints within the run land on distinct, positive steps."""
-  total = total_steps(config, steps_per_epoch)
+  total = _total_steps(config, steps_per_epoch)
   fracs = {float(f) for f in config.checkpoint.epoch_fractions or ()
            if float(f) * steps_per_epoch <= total + 0.5}
   steps = {int(round(f * steps_per_epoch)) for f in fracs}
@@ -112,7 +112,7 @@ def fit_to_data(config: ml_collections.ConfigDict, num_train: int, data_parallel
   if spe and not _distinct(config, spe):
     warnings.append(f"the schedule checkpoints (config.checkpoint.epoch_fractions) share "
                     f"steps at {spe} steps per epoch")
-  total = total_steps(config, spe) if spe else 0
+  total = _total_steps(config, spe) if spe else 0
   warmup = int(config.optim.warmup_steps)
   if total and "optim.warmup_steps" not in explicit and warmup > WARMUP_TOO_LONG * total:
     config.optim.warmup_steps = int(WARMUP_FRACTION * total)

@@ -183,8 +183,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, explicit=None) -> di
   if steps_per_epoch == 0:
     raise ConfigError(f"config.train.batch_size={global_batch} exceeds the {len(train_ds)} "
                       "training examples; lower it.")
-  total_steps = fit_lib.total_steps(config, steps_per_epoch)
-  tx, lr_fn = optim.make(config.optim, fit_lib.total_steps)
+  total_steps = fit_lib._total_steps(config, steps_per_epoch)
+  tx, lr_fn = optim.make(config.optim, total_steps)
   agreement.stop_here()  # a SIGTERM during data preparation: every process leaves here
 
   # 3. Shapes and shardings.
@@ -200,7 +200,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, explicit=None) -> di
   abstract_state = ckpt_lib.abstract_with_shardings(abstract_state, state_shardings)
 
   checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint,
-                                       fit_lib.schedule_steps(config, steps_per_epoch, fit_lib.total_steps))
+                                       fit_lib.schedule_steps(config, steps_per_epoch, total_steps))
 
   # 4-5. Init or restore, and the reference.
   cached_ref = kind == "daa" and config.objective.reference == "cached"
@@ -261,7 +261,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, explicit=None) -> di
       packing=packing)
   hparams = jax.device_put(step_lib.hparams_from_config(config.objective), replicated)
   ref_shardings = None if ref_params is None else param_shardings
-  key = (kind, model_cfg, scfg, config.optim.to_json(sort_keys=True), fit_lib.total_steps,
+  key = (kind, model_cfg, scfg, config.optim.to_json(sort_keys=True), total_steps,
          tuple(mesh.shape.items()), tuple(d.id for d in mesh.devices.flat),
          ref_params is None)
   if key not in _STEP_CACHE:
@@ -280,7 +280,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, explicit=None) -> di
   writer = metrics_lib.MetricsWriter(workdir, is_main)
   start = int(jax.device_get(state.step))
   writer.resume_at(start)  # steps logged after the checkpoint are logged again below
-  progress = metrics_lib.Progress(fit_lib.total_steps, start, bool(t.progress) and is_main,
+  progress = metrics_lib.Progress(total_steps, start, bool(t.progress) and is_main,
                                   desc=f"{kind} {os.path.basename(os.path.normpath(workdir))}")
   peak = metrics_lib.peak_flops(jax.devices()[0].device_kind)
   seq_len = int(train_ds.max_length)
@@ -323,7 +323,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, explicit=None) -> di
   with sharding.activate(mesh):
     try:
       stop = None  # the agreement dispatched at the previous step boundary
-      for step in range(start, fit_lib.total_steps):
+      for step in range(start, total_steps):
         host_batch = next(loader)
         host_batch.pop("index", None)
         batch = sharding.host_to_global(pack(host_batch) if pack else host_batch, mesh)
@@ -334,7 +334,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, explicit=None) -> di
         pending.append((step, m, metrics_lib.step_flops(model_cfg, tokens, seq_len, kind,
                                                         cached_ref)))
         done = step + 1
-        final = done == fit_lib.total_steps
+        final = done == total_steps
         due_ckpt = checkpointer.should_save(done, final)
         if done % t.log_every == 0 or due_ckpt or final:
           flush(done)

@@ -84,6 +84,6 @@ def test_proxy_metrics_panels_state_spearman_rho(tmp_path):
            and math.isfinite(r.get("reward_acc", math.nan)) and math.isfinite(r["win_rate"])]
     rho = figures_lib.spearman([r["win_rate"] for r in pts], [r["reward_acc"] for r in pts])  # pylint: disable=protected-access
     if pts:
-      assert f"ρ = {figures_lib.fmt(rho, 2)} ({objective} 1b, n={len(pts)})" in title  # pylint: disable=protected-access
+      assert f"ρ = {figures_lib._fmt(rho, 2)} ({objective} 1b, n={len(pts)})" in title  # pylint: disable=protected-access
   assert axes[0][0].containers  # win-rate intervals as horizontal bars
   del fig
