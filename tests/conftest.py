@@ -35,7 +35,8 @@ def pytest_collection_modifyitems(config, items):
   skip_study = pytest.mark.skip(reason="the :full study (~30 min on 2 cores): run with "
                                 "--runstudy; too long for CI")
   for item in items:
-    if "study" in item.keywords and not config.getoption("--runstudy"):
+    # Markers, not keywords: a test's keywords include its directory's name (tests/study/).
+    if item.get_closest_marker("study") and not config.getoption("--runstudy"):
       item.add_marker(skip_study)
-    elif "slow" in item.keywords and not config.getoption("--runslow"):
+    elif item.get_closest_marker("slow") and not config.getoption("--runslow"):
       item.add_marker(skip_slow)

@@ -163,10 +163,10 @@ def test_cli_runs_without_jax(tmp_path):
   code = ("import runpy, sys\n"
           f"sys.argv = ['scaling', {str(tmp_path)!r}]\n"
           "try:\n"
-          "  runpy.run_module('daa_jax.study.fits', run_name='__main__', alter_sys=True)\n"
+          "  runpy.run_module('daa_jax.scaling', run_name='__main__', alter_sys=True)\n"
           "except SystemExit as e:\n"
           "  assert not e.code, e.code\n"
-          "assert 'jax' not in sys.modules, 'daa_jax.study.fits imported jax'\n"
+          "assert 'jax' not in sys.modules, 'daa_jax.scaling imported jax'\n"
           "import daa_jax.evaluate.judges\n"
           "assert 'jax' not in sys.modules, 'daa_jax.evaluate.judges imported jax'\n")
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))

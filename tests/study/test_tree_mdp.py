@@ -12,7 +12,7 @@ import pytest
 from daa_jax.study import tree_mdp
 from daa_jax.errors import ConfigError
 
-_CONFIG_PATH = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "configs", "study/tree_mdp.py")
+_CONFIG_PATH = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "configs", "tree_mdp.py")
 
 
 def get_config(arg=None, **overrides):
