@@ -23,8 +23,9 @@ checkpoints, against √KL and against √forward-KL (KL(π_ref‖πθ)).
 
 Uncertainty: each point is weighted by 1/σ² of its win rate (σ from its 95% interval), and
 every fit gets percentile bootstrap intervals of its coefficients, d* and peak win rate
-(`bootstrap_group`: checkpoints resampled and, with per-prompt outcomes, prompts too — every
-checkpoint is judged on the same prompts, so one prompt resample moves them together). Whether
+(`bootstrap_group`: with per-prompt outcomes the prompts are resampled — every checkpoint and
+the SFT row that gives R0 are judged on the same prompts, so one prompt resample moves them
+together — else the checkpoints, with interval noise). Whether
 the win rate rises then falls is a paired test on split halves of the prompts
 (`paired_peak_test`), not a comparison of overlapping intervals around the maximum of ~20
 noisy points.
