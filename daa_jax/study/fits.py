@@ -224,6 +224,14 @@ def fit_group(d, win_rate, r0: float | None = None, weights=None) -> dict[str, A
     if result["rank"] < n_free:
       out = {"n": int(len(d)), "skipped": f"degenerate: {len(np.unique(d))} distinct d values"}
       return out
+    # A maximum past the largest sampled √KL is an extrapolation of the law, not a measured
+    # peak (a rising curve puts it at d = 9691): report the bound, never the number.
+    result["d_star_status"] = ("no_maximum" if result["d_star"] is None else
+                               "estimated" if result["d_star"] <= d.max() else
+                               "beyond_sampled_range")
+    if result["d_star_status"] == "beyond_sampled_range":
+      result.update(d_star=None, peak_win_rate=None, d_star_lower_bound=float(d.max()),
+                    peak_note=f"beyond the sampled range (> {d.max():.3g})")
     out[form] = result
   quad = out["quadratic"]["rmse"]
   out["rmse_ratio"] = out["log"]["rmse"] / quad if quad > 0 else None

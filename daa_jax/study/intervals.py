@@ -139,6 +139,9 @@ def bootstrap_group(d, win_rate, r0: float | None, weights=None, outcomes=None, 
   out: dict[str, Any] = {"num_samples": len(beats["bon"]), "method": method}
   for form, bucket in draws.items():
     out[form] = {f"{k}_ci": _percentile_ci(v) for k, v in bucket.items()}
+    if out[form]["peak_win_rate_ci"] is not None:  # a win rate lies in [0, 1]
+      out[form]["peak_win_rate_ci"] = [min(max(v, 0.0), 1.0)
+                                       for v in out[form]["peak_win_rate_ci"]]
     peaks = bucket.get("d_star", [])
     out[form]["peak_frac"] = (float(np.mean([p is not None for p in peaks])) if peaks
                               else None)
