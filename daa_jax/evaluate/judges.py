@@ -35,7 +35,7 @@ from daa_jax.errors import ConfigError, DataError
 
 
 def win_rate(outcomes: Sequence[float], method: str = "wilson", confidence: float = 0.95,
-             n_bootstrap: int = 2000, seed: int = 0) -> dict[str, float]:
+             n_bootstrap: int = 2000, seed: int = 0, groups=None) -> dict[str, float]:
   """Win rate of the policy with a confidence interval; ties count half.
 
   Methods:
@@ -48,6 +48,14 @@ def win_rate(outcomes: Sequence[float], method: str = "wilson", confidence: floa
     * 'bootstrap': percentile bootstrap of the mean over `n_bootstrap` resamples drawn with
       `numpy.random.default_rng(seed)` (deterministic for a given seed).
 
+  Several samples of one prompt are not independent comparisons (a hard prompt is lost by all
+  its samples). With `groups` (the prompt of each outcome) the interval treats prompts as the
+  independent units: the win rate is the mean of the prompt means (each prompt counts once),
+  'bootstrap' resamples prompts, and 'wilson' uses the effective number of comparisons
+  n_eff = G · p̂(1 − p̂) / s², with G prompts and s² the variance of the prompt means around
+  p̂ (the design effect), capped at n so that it is never narrower than the interval that
+  treats every outcome as independent. Both stay inside [0, 1] by construction.
+
   Args:
     outcomes: [N] values in [0, 1]: 1 policy wins, 0 reference wins, 0.5 tie. Values strictly
       between 0 and 1 (e.g. 0.75 when one of the LLM judge's two orders was a tie) count as ties
@@ -56,9 +64,12 @@ def win_rate(outcomes: Sequence[float], method: str = "wilson", confidence: floa
     confidence: two-sided confidence level.
     n_bootstrap: resamples for 'bootstrap'.
     seed: RNG seed for 'bootstrap'.
+    groups: [N] the prompt (any hashable id) of each outcome, or None: every outcome is its
+      own prompt.
 
   Returns:
-    dict with win_rate, lo, hi (floats) and n, wins, ties, losses (ints).
+    dict with win_rate, lo, hi (floats) and n, wins, ties, losses (ints); with `groups` also
+    num_prompts and n_eff ('wilson': the effective number of comparisons).
 
   Raises:
     DataError: no outcomes, or an outcome outside [0, 1] or not finite.
@@ -72,30 +83,47 @@ def win_rate(outcomes: Sequence[float], method: str = "wilson", confidence: floa
     raise DataError(f"win_rate: outcomes must lie in [0, 1] (1 win, 0.5 tie, 0 loss); got {bad}.")
   if not 0 < confidence < 1:
     raise ConfigError(f"win_rate: confidence={confidence} must lie in (0, 1).")
-  p = float(x.mean())
+  if method not in ("wilson", "bootstrap"):
+    raise ConfigError(f"win_rate: method={method!r}; use 'wilson' or 'bootstrap'.")
+  extra: dict[str, float] = {}
+  if groups is not None:
+    groups = np.asarray(groups).reshape(-1)
+    if groups.size != n:
+      raise DataError(f"win_rate: got {n} outcomes but {groups.size} groups; pass the prompt "
+                      "of every outcome.")
+    _, index = np.unique(groups, return_inverse=True)
+    units = np.bincount(index, weights=x) / np.bincount(index)  # [G] prompt means
+  else:
+    units = x
+  g = units.size
+  p = float(units.mean())
+  n_eff = float(n)
+  if groups is not None:
+    s2 = float(np.mean((units - p) ** 2))
+    if s2 > 0:
+      n_eff = min(float(n), g * p * (1 - p) / s2)
+    extra = {"num_prompts": int(g), "n_eff": n_eff}
   if method == "wilson":
     z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z / denom * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n))
+    denom = 1 + z * z / n_eff
+    center = (p + z * z / (2 * n_eff)) / denom
+    half = z / denom * math.sqrt(max(p * (1 - p), 0.0) / n_eff + z * z / (4 * n_eff * n_eff))
     lo, hi = max(0.0, center - half), min(1.0, center + half)
     # At p̂ = 0 (or 1) the bound is exactly 0 (or 1); rounding would leave 1e-17.
     lo, hi = (0.0 if p == 0 else lo), (1.0 if p == 1 else hi)
-  elif method == "bootstrap":
+  else:
     rng = np.random.default_rng(seed)
     means = []
-    # Chunked so that memory stays O(chunk · n) for large evaluations.
+    # Chunked so that memory stays O(chunk · g) for large evaluations.
     for start in range(0, n_bootstrap, 500):
       b = min(500, n_bootstrap - start)
-      means.append(x[rng.integers(0, n, size=(b, n))].mean(axis=1))
+      means.append(units[rng.integers(0, g, size=(b, g))].mean(axis=1))
     means = np.concatenate(means)
     alpha = 1 - confidence
     lo, hi = (float(v) for v in np.quantile(means, [alpha / 2, 1 - alpha / 2]))
-  else:
-    raise ConfigError(f"win_rate: method={method!r}; use 'wilson' or 'bootstrap'.")
   return dict(win_rate=p, lo=float(lo), hi=float(hi), n=int(n),
               wins=int(np.sum(x == 1)), ties=int(np.sum((x > 0) & (x < 1))),
-              losses=int(np.sum(x == 0)))
+              losses=int(np.sum(x == 0)), **extra)
 
 
 class Judge(Protocol):

@@ -201,7 +201,8 @@ def evaluate_params(setup: setup_lib.Setup, params, step: int, spe: float | None
                zip(samples["tokens"], lengths, samples["finished"])]
               if setup.judge_name == "gold" else texts)
     outcomes, info = judges.judge_once(setup.judge, prompts, judged, refs)
-    wr = judges.win_rate(outcomes)
+    # Samples of one prompt are not independent comparisons: the interval's units are prompts.
+    wr = judges.win_rate(outcomes, groups=setup.rows)
     summary.update(win_rate=wr["win_rate"], win_rate_ci=[wr["lo"], wr["hi"]],
                    win_rate_lo=wr["lo"], win_rate_hi=wr["hi"], wins=wr["wins"],
                    ties=wr["ties"], losses=wr["losses"])

@@ -23,8 +23,9 @@ checkpoints, against √KL and against √forward-KL (KL(π_ref‖πθ)).
 
 Uncertainty: each point is weighted by 1/σ² of its win rate (σ from its 95% interval), and
 every fit gets percentile bootstrap intervals of its coefficients, d* and peak win rate
-(`bootstrap_group`: checkpoints resampled and, with per-prompt outcomes, prompts too — every
-checkpoint is judged on the same prompts, so one prompt resample moves them together). Whether
+(`bootstrap_group`: with per-prompt outcomes the prompts are resampled — every checkpoint and
+the SFT row that gives R0 are judged on the same prompts, so one prompt resample moves them
+together — else the checkpoints, with interval noise). Whether
 the win rate rises then falls is a paired test on split halves of the prompts
 (`paired_peak_test`), not a comparison of overlapping intervals around the maximum of ~20
 noisy points.
@@ -221,6 +222,14 @@ def fit_group(d, win_rate, r0: float | None = None, weights=None) -> dict[str, A
     if result["rank"] < n_free:
       out = {"n": int(len(d)), "skipped": f"degenerate: {len(np.unique(d))} distinct d values"}
       return out
+    # A maximum past the largest sampled √KL is an extrapolation of the law, not a measured
+    # peak (a rising curve puts it at d = 9691): report the bound, never the number.
+    result["d_star_status"] = ("no_maximum" if result["d_star"] is None else
+                               "estimated" if result["d_star"] <= d.max() else
+                               "beyond_sampled_range")
+    if result["d_star_status"] == "beyond_sampled_range":
+      result.update(d_star=None, peak_win_rate=None, d_star_lower_bound=float(d.max()),
+                    peak_note=f"beyond the sampled range (> {d.max():.3g})")
     out[form] = result
   quad = out["quadratic"]["rmse"]
   out["rmse_ratio"] = out["log"]["rmse"] / quad if quad > 0 else None

@@ -11,18 +11,33 @@ from daa_jax.study import fits as fits_lib
 from daa_jax.train import metrics as metrics_lib
 
 
-def _resolve_r0(r0, rows, size) -> tuple[float | None, str]:
+def _resolve_r0(r0, rows, size) -> tuple[float | None, str, list]:
+  """(R0 or None to fit it, its source, the reference rows it was measured on)."""
   if r0 is None or r0 == "fit":
-    return None, "fitted"
+    return None, "fitted", []
   if isinstance(r0, str) and r0 == "sft":
-    ref = [r["win_rate"] for r in rows if fits_lib.is_reference(r) and r["size"] == size
+    ref = [r for r in rows if fits_lib.is_reference(r) and r["size"] == size
            and not math.isnan(r["win_rate"])]
     if not ref:
-      return None, "fitted (no sft row for this size)"
-    return float(np.mean(ref)), "sft rows"
+      return None, "fitted (no sft row for this size)", []
+    return float(np.mean([r["win_rate"] for r in ref])), "sft rows", ref
   if isinstance(r0, Mapping):
-    return (None, "fitted") if r0.get(size) is None else (float(r0[size]), "given")
-  return float(r0), "given"
+    return (None, "fitted", []) if r0.get(size) is None else (float(r0[size]), "given", [])
+  return float(r0), "given", []
+
+
+def _r0_noise(ref_rows, outcomes, num_prompts):
+  """What the bootstrap needs to resample an R0 measured on `ref_rows` (the SFT rows):
+  ([R, P] their per-prompt outcomes or None, σ of their mean win rate or None)."""
+  if not ref_rows:
+    return None, None
+  keys = [fits_lib.outcome_key(r) for r in ref_rows]
+  if (outcomes is not None and num_prompts is not None and all(k in outcomes for k in keys)
+      and all(len(outcomes[k]) == num_prompts for k in keys)):
+    return np.stack([outcomes[k] for k in keys]), None
+  sigma = fits_lib.point_sigmas(ref_rows)
+  # A mean of R independent measurements: σ/√R.
+  return None, (None if sigma is None else float(np.sqrt(np.sum(sigma**2)) / len(sigma)))
 
 
 def _percentile_ci(values, confidence: float = 0.95) -> list[float] | None:
@@ -34,13 +49,23 @@ def _percentile_ci(values, confidence: float = 0.95) -> list[float] | None:
 
 
 def bootstrap_group(d, win_rate, r0: float | None, weights=None, outcomes=None, sigmas=None,
-                    num_samples: int = 1000, seed: int = 0) -> dict[str, Any]:
+                    num_samples: int = 1000, seed: int = 0, r0_outcomes=None,
+                    r0_sigma: float | None = None) -> dict[str, Any]:
   """Percentile intervals of every form's coefficients, d* and peak win rate.
 
-  Each replicate resamples the checkpoints (with replacement) and, when `outcomes` is given,
-  the prompts too: every checkpoint's win rate is recomputed on the same resampled prompts
-  (they were judged on the same prompts, so the resampling keeps their correlation). Without
-  outcomes each resampled win rate gets Gaussian noise of its own σ (`sigmas`), if given.
+  With per-prompt `outcomes`, each replicate resamples the prompts (with replacement) and
+  recomputes every checkpoint's win rate on them: the checkpoints were judged on the same
+  prompts, so one prompt resample moves them together and keeps their correlation. The
+  checkpoints themselves are not resampled then: their √KL are the design, and their win-rate
+  noise is the prompts'; resampling both counts that noise twice (in the simulation of
+  tests/study/test_coverage.py the d* interval then covers 0.995 instead of 0.95). Without
+  outcomes each replicate resamples the checkpoints and gives each resampled win rate
+  Gaussian noise of its own σ (`sigmas`), if given.
+
+  A given R0 that was itself measured (the SFT policy's win rate) is resampled with the rest:
+  with `r0_outcomes`, as the mean of the SFT rows on the replicate's prompts (the same prompts
+  as the checkpoints'); else with Gaussian noise of `r0_sigma`. Holding a measured R0 fixed
+  would leave its error out of every interval.
 
   Args:
     d: [N] √KL. win_rate: [N]. r0: fixed offset or None (fitted).
@@ -48,6 +73,9 @@ def bootstrap_group(d, win_rate, r0: float | None, weights=None, outcomes=None, 
     outcomes: [N, P] per-prompt mean outcomes of the N checkpoints, or None.
     sigmas: [N] σ of each win rate (`point_sigmas`), used only without outcomes.
     num_samples: bootstrap replicates. seed: of the resampling.
+    r0_outcomes: [R, P] or [P] per-prompt outcomes R0 was measured on (needs `outcomes`,
+      with the same P), or None.
+    r0_sigma: σ of a measured R0, used without `r0_outcomes`; None: R0 is exact.
 
   Returns:
     {form: {'alpha_ci', 'beta_ci' (quadratic: 'c1_ci', 'c2_ci'), 'd_star_ci',
@@ -60,7 +88,10 @@ def bootstrap_group(d, win_rate, r0: float | None, weights=None, outcomes=None, 
   n = len(d)
   rng = np.random.default_rng(seed)
   n_free = 3 if r0 is None else 2
-  rows = rng.integers(0, n, (num_samples, n))  # [S, N] resampled checkpoints
+  if outcomes is not None:
+    rows = np.tile(np.arange(n), (num_samples, 1))  # [S, N] every checkpoint, every time
+  else:
+    rows = rng.integers(0, n, (num_samples, n))  # [S, N] resampled checkpoints
   if outcomes is not None:
     prompts = rng.integers(0, outcomes.shape[1], (num_samples, outcomes.shape[1]))
     # [S, N]: checkpoint rows[s, i]'s mean outcome on the prompts of replicate s.
@@ -69,9 +100,16 @@ def bootstrap_group(d, win_rate, r0: float | None, weights=None, outcomes=None, 
     yb = y[rows]
     if sigmas is not None:
       yb = yb + rng.normal(0.0, 1.0, yb.shape) * np.asarray(sigmas)[rows]
+  r0b = None if r0 is None else np.full(num_samples, float(r0))  # [S]
+  if r0 is not None and r0_outcomes is not None and outcomes is not None:
+    ref = np.atleast_2d(np.asarray(r0_outcomes, np.float64))  # [R, P]
+    r0b = ref[:, prompts].mean(axis=2).mean(axis=0)
+  elif r0 is not None and r0_sigma:
+    r0b = r0b + rng.normal(0.0, float(r0_sigma), num_samples)
   db = d[rows]
   keep = np.array([len(np.unique(r)) >= n_free + 1 for r in db])  # a full-rank design
   db, yb = db[keep], yb[keep]
+  r0b = None if r0b is None else r0b[keep]
   wb = np.ones_like(db) if weights is None else np.asarray(weights, np.float64)[rows][keep]
   draws: dict[str, dict[str, list]] = {}
   rmse = {}
@@ -81,7 +119,7 @@ def bootstrap_group(d, win_rate, r0: float | None, weights=None, outcomes=None, 
       x = np.concatenate([np.ones(db.shape + (1,)), x], axis=2)
       target = yb
     else:
-      target = yb - r0
+      target = yb - r0b[:, None]
     root = np.sqrt(wb)[..., None]
     sol = np.linalg.pinv(x * root) @ (target * root[..., 0])[..., None]  # [S, k, 1]
     sol = sol[..., 0]
@@ -90,7 +128,7 @@ def bootstrap_group(d, win_rate, r0: float | None, weights=None, outcomes=None, 
     resid = np.einsum("snk,sk->sn", x, sol) - target
     rmse[form] = np.sqrt(np.sum(wb * resid**2, axis=1) / np.sum(wb, axis=1))
     names = ("c1", "c2") if form == "quadratic" else ("alpha", "beta")
-    offset = sol[:, 0] if r0 is None else np.full(len(sol), float(r0))
+    offset = sol[:, 0] if r0 is None else r0b
     c = sol[:, -2:]
     bucket = draws[form] = {names[0]: list(c[:, 0]), names[1]: list(c[:, 1]),
                             "d_star": [], "peak_win_rate": []}
@@ -99,11 +137,14 @@ def bootstrap_group(d, win_rate, r0: float | None, weights=None, outcomes=None, 
       bucket["d_star"].append(d_star)
       bucket["peak_win_rate"].append(r_star)
   beats = {other: list(rmse["log"] < rmse[other]) for other in ("bon", "quadratic")}
-  method = ("checkpoints and prompts" if outcomes is not None else
+  method = ("prompts" if outcomes is not None else
             "checkpoints and interval noise" if sigmas is not None else "checkpoints")
   out: dict[str, Any] = {"num_samples": len(beats["bon"]), "method": method}
   for form, bucket in draws.items():
     out[form] = {f"{k}_ci": _percentile_ci(v) for k, v in bucket.items()}
+    if out[form]["peak_win_rate_ci"] is not None:  # a win rate lies in [0, 1]
+      out[form]["peak_win_rate_ci"] = [min(max(v, 0.0), 1.0)
+                                       for v in out[form]["peak_win_rate_ci"]]
     peaks = bucket.get("d_star", [])
     out[form]["peak_frac"] = (float(np.mean([p is not None for p in peaks])) if peaks
                               else None)
@@ -153,7 +194,7 @@ def fit_all(rows: Sequence[Mapping[str, Any]], r0=None, outcomes=None, weighted:
           continue  # the sweep measured no forward KL: nothing to report
         kept = [r for r, k in zip(subset, ok) if k]
         weights = fits_lib.point_weights(kept) if weighted else None
-        group_r0, source = _resolve_r0(r0, rows, size)
+        group_r0, source, ref_rows = _resolve_r0(r0, rows, size)
         result = fits_lib.fit_group(x[ok], y[ok], group_r0, weights)
         entry = {"objective": objective, "size": size, "set": set_name,
                  "x": "sqrt_kl" if x_col == "sqrt_kl" else "sqrt_forward_kl",
@@ -167,8 +208,11 @@ def fit_all(rows: Sequence[Mapping[str, Any]], r0=None, outcomes=None, weighted:
             arrays = [outcomes[fits_lib.outcome_key(r)] for r in kept]
             if len({a.shape for a in arrays}) == 1:
               per_prompt = np.stack(arrays)
+          r0_outcomes, r0_sigma = _r0_noise(
+              ref_rows, outcomes, None if per_prompt is None else per_prompt.shape[1])
           boot = bootstrap_group(x[ok], y[ok], group_r0, weights, per_prompt,
-                                 fits_lib.point_sigmas(kept), num_samples=num_bootstrap, seed=seed)
+                                 fits_lib.point_sigmas(kept), num_samples=num_bootstrap,
+                                 seed=seed, r0_outcomes=r0_outcomes, r0_sigma=r0_sigma)
           for form in fits_lib.FORMS:
             entry[form].update(boot.pop(form))
           entry["bootstrap"] = boot

@@ -161,6 +161,13 @@ _COLUMNS = (
     "log-form law peaks; **peak win rate** = its value there.")
 
 
+def _d_star(fit) -> str:
+  """d* as text: a number, or the bound when the maximum lies past the sampled √KL."""
+  if fit.get("d_star_status") == "beyond_sampled_range":
+    return f"beyond the sampled range (> {figures_lib._fmt(fit['d_star_lower_bound'], 2)})"
+  return figures_lib._fmt(fit["d_star"], 2)
+
+
 def _fit_table(groups) -> list[str]:
   if all(g["skipped"] for g in groups):
     reasons = sorted({g["skipped"] for g in groups})
@@ -181,7 +188,7 @@ def _fit_table(groups) -> list[str]:
         f"{head} {figures_lib._fmt(log['coef']['r0'])} | {figures_lib._fmt(log['coef']['alpha'])} | "
         f"{figures_lib._fmt(log['coef']['beta'])} | {figures_lib._fmt(log['rmse'], 4)} | {figures_lib._fmt(g['bon']['rmse'], 4)} | "
         f"{figures_lib._fmt(g['quadratic']['rmse'], 4)} | {figures_lib._fmt(g['rmse_ratio'], 2)} | "
-        f"{figures_lib._fmt(log['d_star'], 2)} | {figures_lib._fmt(log['peak_win_rate'])} | {note} |")
+        f"{_d_star(log)} | {figures_lib._fmt(log['peak_win_rate'])} | {note} |")
   return lines
 
 

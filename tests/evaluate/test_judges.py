@@ -458,3 +458,24 @@ def test_config_errors(monkeypatch):
   cfg = llm_judge.LLMJudgeConfig.from_dict({"task": "dialogue", "api_key_env": None})
   assert llm_judge.LLMJudge(cfg).config.task == "dialogue"
   assert "More helpful" in judge_prompts.DIALOGUE_PROMPT and "Preferred" in judge_prompts.TLDR_PROMPT
+
+
+def test_win_rate_with_groups_counts_prompts_not_samples():
+  # 4 identical samples per prompt carry one prompt's worth of evidence: the interval is the
+  # Wilson interval of the 50 prompt outcomes, not of the 200 samples.
+  per_prompt = np.array([1.0] * 15 + [0.0] * 35)
+  x = np.repeat(per_prompt, 4)
+  groups = np.repeat(np.arange(50), 4)
+  clustered = judges.win_rate(x, groups=groups)
+  prompts = judges.win_rate(per_prompt)
+  assert clustered["win_rate"] == prompts["win_rate"] == 0.3
+  assert math.isclose(clustered["lo"], prompts["lo"]) and math.isclose(clustered["hi"], prompts["hi"])
+  assert clustered["n_eff"] == 50 and clustered["num_prompts"] == 50 and clustered["n"] == 200
+  assert clustered["hi"] - clustered["lo"] > judges.win_rate(x)["hi"] - judges.win_rate(x)["lo"]
+  boot = judges.win_rate(x, method="bootstrap", groups=groups)
+  assert 0.0 <= boot["lo"] < 0.3 < boot["hi"] <= 1.0
+  # Independent-looking samples (prompt means vary less than p(1-p)/k) never narrow it below iid.
+  mixed = np.tile([1.0, 0.0, 0.0, 1.0], 50)
+  assert judges.win_rate(mixed, groups=groups)["n_eff"] == 200
+  with pytest.raises(DataError, match="groups"):
+    judges.win_rate(x, groups=groups[:-1])

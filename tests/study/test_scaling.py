@@ -229,7 +229,7 @@ def test_bootstrap_intervals_cover_the_truth_over_prompts_and_checkpoints(tmp_pa
   outcomes = {scaling.outcome_key(r): outcomes_table[i] for i, r in enumerate(rows)}
   fits = intervals_lib.fit_all(rows, outcomes=outcomes, num_bootstrap=400)
   g = next(g for g in fits["groups"] if g["set"] == "all")
-  assert g["bootstrap"]["method"] == "checkpoints and prompts"
+  assert g["bootstrap"]["method"] == "prompts"
   log = g["log"]
   truth = dict(alpha=0.25, beta=0.2, d_star=math.exp(0.25 / 0.2 - 1),
                peak_win_rate=0.17 + 0.2 * math.exp(0.25 / 0.2 - 1))
