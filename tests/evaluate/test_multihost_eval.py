@@ -199,7 +199,7 @@ def check_llm_judged_eval(tmp, run, chat, monkeypatch):
   assert chat["requests"] == 2 * questions
   two = json.loads((tmp / "llm_2p/eval/2/summary.json").read_text())
   assert_summaries_match(two, one, "2 processes, mesh (1,2,4) vs 1 process")
-  lines = [re.findall(r"eval step 2: .* reward acc [\d.]+", log) for log in logs]
+  lines = [re.findall(r"eval step 2: .* held-out acc [\d.]+", log) for log in logs]
   assert len(lines[0]) == 1 and lines[0] == lines[1], lines
   cache = (tmp / "llm_2p/eval/llm_judge_cache.jsonl").read_text().splitlines()
   assert len(cache) == questions
