@@ -89,11 +89,18 @@ def init(names: tuple[str, ...], initializer=nn.initializers.normal(INIT_STD)):
 
 
 def rotary_inv_freq(config: ModelConfig, positions: Array) -> Array:
-  """[R/2] float32 inverse frequencies, with HF's rope scaling (`rope_scaling` type).
+  """Float32 inverse frequencies, with HF's rope scaling (`rope_scaling` type): [R/2], or
+  [B,L,R/2] (one set per token) for dynamic.
 
   linear: positions / factor. llama3: low frequencies / factor, high ones kept, a smooth
-  ramp between (Llama 3.1/3.2). dynamic (NTK): the base grows once the longest position
-  in the batch passes `max_position_embeddings` (what a freshly loaded HF model does).
+  ramp between (Llama 3.1/3.2). dynamic (NTK): a token at position p is rotated with the
+  base of length `max(p + 1, max_position_embeddings)`, the length at which it is generated.
+  That is causal and per token, so a sequence sampled with the KV cache is scored by teacher
+  forcing with the rotations it was sampled with, and a row does not depend on its batch;
+  it equals transformers' cached decoding one token at a time, and its teacher-forced
+  forward up to `max_position_embeddings` (past it, transformers rotates every token with
+  the base of the batch's longest position, so a token's probability there depends on the
+  tokens after it).
   """
   dim = config.rotary_dim
   base = jnp.float32(config.rotary_emb_base)
@@ -102,7 +109,7 @@ def rotary_inv_freq(config: ModelConfig, positions: Array) -> Array:
   kind = scaling.get("rope_type", "default")
   if kind == "dynamic":
     max_pos = config.max_position_embeddings
-    seq = jnp.maximum(jnp.max(positions).astype(jnp.float32) + 1, max_pos)
+    seq = jnp.maximum(positions.astype(jnp.float32) + 1, max_pos)[..., None]  # [B,L,1]
     factor = scaling["factor"]
     base = base * ((factor * seq / max_pos) - (factor - 1)) ** (dim / (dim - 2))
   inv_freq = 1.0 / (base ** exponents)

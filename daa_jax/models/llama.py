@@ -165,7 +165,7 @@ def rope_from_hf(d: Mapping[str, Any]) -> dict:
     raise ConfigError(
         f"HF config has rope type {kind!r}; daa_jax implements default, "
         f"{', '.join(_SCALING_KEYS)}. Use a checkpoint with one of these or add the type "
-        "to models/common.py's rotary_inv_freq.")
+        "to models/layers.py's rotary_inv_freq.")
   missing = [k for k in _SCALING_KEYS[kind] if rope.get(k) is None]
   if missing:
     raise ConfigError(f"HF config's {kind} rope scaling lacks {', '.join(missing)}; "
