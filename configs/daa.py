@@ -34,6 +34,7 @@ data.
 from ml_collections import config_dict
 
 from daa_jax.train import config as config_lib
+from daa_jax.train import guard_config
 from daa_jax.data import pipeline as data_pipeline
 
 
@@ -53,6 +54,9 @@ def get_config(arg=None):
   c.train.grad_accum = 8
   c.optim = config_lib.optim_fields("paper")
   c.checkpoint = config_lib.checkpoint_fields()
+  # The over-optimization guard (README, "The over-optimization guard"): off by default;
+  # --config.guard.enabled=True --config.guard.stop=peak watches the win rate while training.
+  c.guard = guard_config.guard_fields(enabled=False)
   c.log = config_lib.log_fields()  # --config.log.wandb=PROJECT: also to Weights & Biases
   c.mesh = (-1, 1, 1)
   config_lib.apply_precision(c, a.precision)

@@ -17,6 +17,7 @@ Common overrides:
 from ml_collections import config_dict
 
 from daa_jax.train import config as config_lib
+from daa_jax.train import guard_config
 
 
 def get_config(arg=None):
@@ -48,20 +49,8 @@ def get_config(arg=None):
   c.eval.num_pairs = 2000         # held-out preference pairs (0: all)
   c.eval.steps = config_dict.placeholder(tuple)  # None: every exported step
 
-  c.judge = config_dict.ConfigDict()
-  # auto (gold on the synthetic task, else llm) | gold | reward_model | llm | none (KL only)
-  c.judge.name = "auto"
-  # llm: an OpenAI-compatible chat-completions endpoint (llm_judge.LLMJudgeConfig).
-  c.judge.base_url = "https://api.openai.com/v1"
-  c.judge.model = "gpt-4-turbo-2024-04-09"
-  c.judge.api_key_env = "OPENAI_API_KEY"  # the variable's name; keys never go in configs
-  c.judge.task = "tldr"           # tldr | dialogue
-  c.judge.max_concurrency = 8
-  c.judge.max_requests = config_dict.placeholder(int)  # a spending cap per checkpoint
-  c.judge.cache_path = config_dict.placeholder(str)    # None: <workdir>/eval/llm_judge_cache.jsonl
-  # reward_model: a local *ForSequenceClassification directory (any supported family).
-  c.judge.reward_model = ""
-  c.judge.tokenizer = ""          # "": the reward model's own, else the run's tokenizer
-  c.judge.max_length = 512
-  c.judge.batch_size = 16
+  # Who scores a sample against its reference: name = auto (gold on the synthetic task, else
+  # llm) | gold | reward_model | llm | none (KL only); the llm and reward_model settings are
+  # in daa_jax/train/guard_config.py's judge_fields (shared with config.guard.judge).
+  c.judge = guard_config.judge_fields()
   return c.lock()

@@ -61,6 +61,11 @@ def get_config(arg=None):
   daa.objective.reference = "cached"
   daa.checkpoint.update(epoch_fractions=(0.25, 0.5, 1.0, 2.0, 4.0, 8.0, a.epochs),
                         async_save=True, max_to_keep=1)
+  # The over-optimization guard measures each run while it trains (a console line per
+  # point, guard.json, best/): at the schedule checkpoints with the evaluation's own
+  # settings, so its points are the sweep's evaluations. It only measures here (stop=none):
+  # the study needs every run to go past its peak. configs/guard.py stops at the peak.
+  daa.guard.update(enabled=True, stop="none")
   c.daa = daa
 
   ev = config_lib.load_sibling(__file__, "eval")

@@ -216,6 +216,16 @@ def summary_text(config, workdir: str, summary: Any) -> str:
           f"  the policy barely moved: RMS log-ratio margin "
           f"{float(summary['logratio_margin_rms']):.2g} nats (accuracies of margins this small "
           "mean little); train longer, raise config.optim.lr, or give more data.")
+    if "guard_points" in summary:
+      kept = summary.get("guard_kept_step")
+      why = summary.get("guard_reason") or "it measured only"
+      lines.append(
+          f"  guard:   {summary['guard_points']} points, {summary['guard_seconds']:.1f} s "
+          f"({100 * summary['guard_cost_fraction']:.0f}% of the training time); "
+          + (f"stopped: {why}" if summary.get("guard_stopped") else "did not stop")
+          + ("" if kept is None else
+             f"; kept step {kept} (√KL {summary['guard_kept_sqrt_kl']:.2f}, win rate "
+             f"{summary['guard_kept_win_rate']:.3f}) in {os.path.join(workdir, 'best')}"))
     if status_word == "preempted":
       lines.append("  rerun the same command to resume from the last checkpoint.")
     lines += [f"  run:     {workdir}", f"  metrics: {os.path.join(workdir, 'metrics.jsonl')}"]

@@ -103,6 +103,9 @@ def dispatch(config, workdir: str, explicit=None):
       "quickstart": "finished runs and evaluations are kept; the run in progress resumes from "
                     "its last checkpoint",
   }.get(job, "nothing was saved"))
+  if job == "daa" and config.get("guard") is not None and config.guard.get("enabled"):
+    from daa_jax.study import guard  # pylint: disable=g-import-not-at-top
+    return guard.run(config, workdir, explicit)
   if job in ("sft", "daa"):
     from daa_jax.train import loop as train  # pylint: disable=g-import-not-at-top
     return train.run(config, workdir, explicit)

@@ -146,11 +146,16 @@ class Setup:
   forward_samples: dict | None = None
 
 
-def prepare(config, run_dir: str, out_dir: str) -> Setup:
-  """Builds the mesh, judge, data, reference params and compiled functions, once per `run`."""
+def prepare(config, run_dir: str, out_dir: str, mesh=None, ref_params=None) -> Setup:
+  """Builds the mesh, judge, data, reference params and compiled functions, once per `run`.
+
+  `mesh`, `ref_params`: given by a caller that already has them (the guard, inside
+  training: the training mesh and the trainer's reference), else built from `config`.
+  """
   e = config.eval
   _validate(e)
-  mesh = sharding.make_mesh(tuple(config.mesh))
+  if mesh is None:
+    mesh = sharding.make_mesh(tuple(config.mesh))
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
   tokenizer = tokenize_lib.get_tokenizer(config.data.tokenizer)
   judge_name, judge = make_judge(config, tokenizer, mesh, out_dir)
@@ -168,9 +173,12 @@ def prepare(config, run_dir: str, out_dir: str) -> Setup:
   model_cfg = init_lib.model_config(config, tokenizer.vocab_size)
   model = model_lib.CausalLM(model_cfg)
   param_shardings = sharding.param_shardings(model_cfg, mesh)
-  ref = init_lib.initial_params(config, model_cfg, mesh, param_shardings)
-  ref_dtype = np.dtype(config.objective.get("ref_dtype", "float32"))
-  ref = jax.tree.map(lambda p: p.astype(ref_dtype), ref)  # as the trainer's reference
+  if ref_params is None:
+    ref = init_lib.initial_params(config, model_cfg, mesh, param_shardings)
+    ref_dtype = np.dtype(config.objective.get("ref_dtype", "float32"))
+    ref = jax.tree.map(lambda p: p.astype(ref_dtype), ref)  # as the trainer's reference
+  else:
+    ref = ref_params
 
   batch_size = -(-int(e.batch_size) // dp) * dp
   rows = np.repeat(np.arange(len(prompts.texts)), int(e.samples_per_prompt))

@@ -97,6 +97,12 @@ def daa_config(config, size: str, objective: str, beta: float, workdir: str, see
     c.hf_model = config.hf_model_template.format(size=size)
   if config.pairs == "policy_samples":
     c.data.synthetic.pairs_dir = os.path.join(workdir, f"pairs_{size}")
+  if c.get("guard") is not None and c.guard.enabled:
+    # The guard's points are the sweep's evaluations: the same settings and judge, written
+    # to eval/<step>/, so the evaluation after training skips the steps the guard measured.
+    c.guard.eval = _unlocked_copy(config.eval)
+    c.guard.judge = _unlocked_copy(config.judge)
+    c.guard.eval.include_reference = False  # run(): True for a size's first DAA run
   return c
 
 
@@ -376,20 +382,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # (training, sampling, evaluation); process 0 alone writes the sweep's files, and the
   # others continue once they are written.
   sharding.share_from_process_0(lambda: _write_config(config, workdir))
+  from daa_jax.study import guard  # pylint: disable=g-import-not-at-top
   for i, r in enumerate(runs):
     logging.info("sweep: run %d/%d %s", i + 1, len(runs), r["name"])
     if r["kind"] == "daa" and config.pairs == "policy_samples":
       policy_pairs(config, r["size"], workdir)
+    # The first DAA run of a size also evaluates its reference (the SFT policy, KL 0) as
+    # step 0: the intercept R0 of the fits.
+    first = r["kind"] == "daa" and r is next(
+        x for x in runs if x["kind"] == "daa" and x["size"] == r["size"])
+    guarded = r["kind"] == "daa" and r["config"].get("guard") is not None and (
+        r["config"].guard.enabled)
     if not _exists(_done_marker(r["dir"])):
-      summary = train.run(r["config"], r["dir"])
-      if summary.get("status") != "finished":
+      if guarded:
+        r["config"].guard.eval.include_reference = first
+      summary = (guard.run if guarded else train.run)(r["config"], r["dir"])
+      if summary.get("status") not in ("finished", "stopped"):
         return {"message": f"sweep stopped in {r['dir']} ({summary.get('status')}); rerun the "
                            "same command to resume.", "status": summary.get("status")}
       sharding.share_from_process_0(lambda: _write_marker(r["dir"], summary.get("step")))
     if r["kind"] == "daa":
-      # The first DAA run of a size also evaluates its reference (the SFT policy, KL 0) as
-      # step 0: the intercept R0 of the fits.
-      first = r is next(x for x in runs if x["kind"] == "daa" and x["size"] == r["size"])
       evaluate.run(eval_config(config, r["dir"], include_reference=first), r["dir"])
   return sharding.share_from_process_0(lambda: _report(config, runs, workdir))
 

@@ -24,6 +24,7 @@ collective: every process calls `save` for the same step.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Any, Iterable
@@ -187,6 +188,15 @@ def load_params(spec: str, abstract_params: PyTree) -> tuple[PyTree, int]:
   run_dir, _, step_text = str(spec).partition("@")
   if "://" not in run_dir:
     run_dir = os.path.abspath(run_dir)  # orbax restores from absolute paths only
+  if step_text == "best":  # the over-optimization guard's kept point (study/guard.py)
+    best = epath.Path(run_dir) / "best"
+    if not (best / "best.json").exists():
+      raise CheckpointError(
+          f"config.init_from={spec!r}: {best} holds no kept point; only a DAA run trained "
+          "with config.guard.enabled writes best/ (best/best.json names its step).")
+    with ocp.StandardCheckpointer() as ckptr:
+      params = ckptr.restore(best / "params", abstract_params)
+    return params, int(json.loads((best / "best.json").read_text())["step"])
   steps = require_run_dir(spec)
   step = int(step_text) if step_text else steps[-1]
   if step not in steps:

@@ -14,6 +14,7 @@ from daa_jax.errors import ConfigError
 import ml_collections
 
 from daa_jax.models import config as model_configs
+from daa_jax.train import guard_config
 
 
 # --- ml_collections configs ---------------------------------------------------------------
@@ -313,6 +314,7 @@ def validate(config, num_devices: int | None = None, prefix: str = "config.") ->
                           "log-ratio; beta -> 0 removes the KL constraint).")
       if not 0 <= o.epsilon < 0.5:
         raise ConfigError(f"{prefix}objective.epsilon={o.epsilon} must be in [0, 0.5).")
+      guard_config.validate_guard(config, prefix)
     fr = tuple(config.checkpoint.epoch_fractions or ())
     if any(f <= 0 for f in fr):
       raise ConfigError(f"{prefix}checkpoint.epoch_fractions={fr} must all be > 0.")

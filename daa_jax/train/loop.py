@@ -10,6 +10,14 @@
   6. the jitted step with explicit shardings and donation, then an ordinary `for` loop with
      logging, schedule checkpoints, SIGTERM/Ctrl-C handling and a non-finite guard.
 
+A `monitor` (the over-optimization guard, `daa_jax.study.guard`: training cannot import it)
+watches the run at step boundaries: `monitor_factory(context)` builds it once the state and
+the reference exist; `due(step, final, schedule)` says whether it looks at a step,
+`observe(step, params)` looks and returns True to stop (the same answer on every process),
+`state()`/`restore(state)` go into each checkpoint's metadata (a resumed run resumes its
+history), `stopped` says a restored monitor had already stopped the run, and `finish(summary)`
+adds its results to the summary.
+
 A SIGTERM or Ctrl-C to any process stops every process at the same point (`preemption`): inside the
 loop they all save the same step and return with status 'preempted'; before it they all
 raise `preemption.Preempted` (nothing half-written: checkpoints commit atomically, the
@@ -127,19 +135,30 @@ def _saved_so_far(workdir: str):
   return describe
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, explicit=None) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, explicit=None,
+        monitor_factory=None) -> dict:
   """Trains per `config.job` ('sft' or 'daa'); returns a summary dict (also logged).
 
   `explicit`: the dotted fields the user set (`--config.train.batch_size=...`, as `main`
   passes them); the others adapt to a small data set (`fit_to_data`). None (library callers,
   sweeps: their configs are deliberate recipes) adapts nothing. Raises
   `preemption.Preempted` on every process when any was signalled before the loop.
+  `monitor_factory`: see the module docstring (None: no monitor; a DAA config with
+  `guard.enabled` then needs one: `daa_jax.study.guard.run` passes it).
   """
+  g = config.get("guard")
+  if monitor_factory is None and config.get("job") == "daa" and g is not None and g.get(
+      "enabled"):
+    raise ConfigError(
+        "config.guard.enabled=True, but train.loop.run was called without the guard; run it "
+        "through python -m daa_jax.main (or daa_jax.study.guard.run(config, workdir)), or "
+        "set --config.guard.enabled=False.")
   with preemption.deferred():
-    return _train(config, workdir, explicit)
+    return _train(config, workdir, explicit, monitor_factory)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, explicit=None) -> dict:
+def _train(config: ml_collections.ConfigDict, workdir: str, explicit=None,
+           monitor_factory=None) -> dict:
   config_lib.validate(config, jax.device_count())
   config = init_lib.resolve_auto(config, workdir)
   kind = config.job
@@ -235,8 +254,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, explicit=None) -> di
 
   latest = checkpointer.latest_step()
   if latest is not None:
-    state, meta = checkpointer.restore(latest, abstract_state)
-    loader.restore(meta["data"])
+    state, restored_meta = checkpointer.restore(latest, abstract_state)
+    loader.restore(restored_meta["data"])
     logging.info("resume: step %d from %s", latest, workdir)
     for missing in checkpointer.missing_exports():  # a run dir of the earlier layout
       old = state if missing == latest else checkpointer.restore(missing, abstract_state)[0]
@@ -251,6 +270,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, explicit=None) -> di
     ref_params = reference()
   else:
     ref_params = None
+  # The guard scores its samples under the reference: with a cached reference it keeps
+  # the reference params (one more copy of the weights) for its KL estimates.
+  guard_ref = None
+  if monitor_factory is not None and kind == "daa":
+    guard_ref = ref_params if ref_params is not None else reference()
   cache.clear()
 
   # 6. The jitted step.
@@ -283,6 +307,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, explicit=None) -> di
       config=metrics_lib.jsonable(config.to_dict()))
   start = int(jax.device_get(state.step))
   writer.resume_at(start)  # steps logged after the checkpoint are logged again below
+  monitor = None
+  if guard_ref is not None:
+    monitor = monitor_factory(dict(
+        config=config, workdir=workdir, model=model, mesh=mesh, ref_params=guard_ref,
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+        schedule_steps=checkpointer.schedule_steps, writer=writer))
+    if latest is not None:
+      monitor.restore(restored_meta.get("guard"))
   progress = metrics_lib.Progress(total_steps, start, bool(t.progress) and is_main,
                                   desc=f"{kind} {os.path.basename(os.path.normpath(workdir))}")
   peak = metrics_lib.peak_flops(jax.devices()[0].device_kind)
@@ -321,12 +353,26 @@ def _train(config: ml_collections.ConfigDict, workdir: str, explicit=None) -> di
     pending.clear()
     window_start, window_tokens = time.time(), 0.0
 
+  def meta(done):
+    out = {"data": loader.state(), "seed": int(config.seed), "step": done}
+    if monitor is not None:
+      out["guard"] = monitor.state()
+    return out
+
   agreement.stop_here()  # before the first step (and its compilation)
   preemption.set_phase("training", saved)
+  train_start = time.time()
   with sharding.activate(mesh):
     try:
       stop = None  # the agreement dispatched at the previous step boundary
-      for step in range(start, total_steps):
+      last = total_steps
+      if monitor is not None:
+        if monitor.stopped:  # the guard stopped this run before: nothing left to train
+          last = start
+          summary["status"] = "stopped"
+        elif start == 0 and monitor.due(0, False, False):
+          monitor.observe(0, guard_ref)
+      for step in range(start, last):
         host_batch = next(loader)
         host_batch.pop("index", None)
         batch = sharding.host_to_global(pack(host_batch) if pack else host_batch, mesh)
@@ -346,15 +392,19 @@ def _train(config: ml_collections.ConfigDict, workdir: str, explicit=None) -> di
                                heldout_lib.eval_batch_size(config, mesh), t.eval_batches, eval_pack)
           writer.write(done, ev)
           summary.update(ev)
+        if monitor is not None and monitor.due(done, final, due_ckpt):
+          if monitor.observe(done, state.params):
+            flush(done)
+            checkpointer.save(done, _saveable(state), meta(done), export=True)
+            summary["status"] = "stopped"
+            break
         if due_ckpt:
-          checkpointer.save(done, _saveable(state), {
-              "data": loader.state(), "seed": int(config.seed), "step": done})
+          checkpointer.save(done, _saveable(state), meta(done))
         # Every process reads the same agreed flag here (dispatched one step ago, so the host
         # never waits on the step in flight): all save this step and leave together.
         if stop is not None and agreement.read(stop):
           flush(done)
-          checkpointer.save(done, _saveable(state), {
-              "data": loader.state(), "seed": int(config.seed), "step": done}, export=False)
+          checkpointer.save(done, _saveable(state), meta(done), export=False)
           summary["status"] = "preempted"
           break
         stop = agreement.dispatch()
@@ -363,6 +413,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, explicit=None) -> di
       checkpointer.close()
       writer.close()
   summary["step"] = int(jax.device_get(state.step))
+  summary["train_seconds"] = time.time() - train_start
+  if monitor is not None:
+    monitor.finish(summary)
   if kind == "daa":
     summary.update(fit_lib.moved_summary(summary, config.objective.beta))
   if summary["status"] == "preempted":
