@@ -6,6 +6,7 @@
 from ml_collections import config_dict
 
 from daa_jax.train import config as config_lib
+from daa_jax.train import guard_config
 from daa_jax.data import pipeline as data_pipeline
 
 
@@ -31,6 +32,8 @@ def get_config(arg=None):
   c.optim.update(lr=1e-3, warmup_steps=0, schedule="constant")
   c.checkpoint = config_lib.checkpoint_fields()
   c.log = config_lib.log_fields()  # --config.log.wandb=PROJECT: also to Weights & Biases
+  c.guard = guard_config.guard_fields(enabled=False)  # --config.guard.enabled=True
+  c.guard.eval.update(num_prompts=16, num_pairs=16, batch_size=16)
   c.checkpoint.epoch_fractions = ()
   c.checkpoint.async_save = False
   c.mesh = (-1, 1, 1)

@@ -224,8 +224,10 @@ def summary_text(config, workdir: str, summary: Any) -> str:
           f"({100 * summary['guard_cost_fraction']:.0f}% of the training time); "
           + (f"stopped: {why}" if summary.get("guard_stopped") else "did not stop")
           + ("" if kept is None else
-             f"; kept step {kept} (√KL {summary['guard_kept_sqrt_kl']:.2f}, win rate "
-             f"{summary['guard_kept_win_rate']:.3f}) in {os.path.join(workdir, 'best')}"))
+             f"; kept step {kept} (√KL {summary['guard_kept_sqrt_kl']:.2f}"
+             + ("" if summary.get("guard_kept_win_rate") is None else
+                f", win rate {summary['guard_kept_win_rate']:.3f}")
+             + f") in {os.path.join(workdir, 'best')}"))
     if status_word == "preempted":
       lines.append("  rerun the same command to resume from the last checkpoint.")
     lines += [f"  run:     {workdir}", f"  metrics: {os.path.join(workdir, 'metrics.jsonl')}"]

@@ -292,6 +292,9 @@ class Guard:
                "step": kept["step"], "sqrt_kl": kept["sqrt_kl"], "win_rate": kept["win_rate"],
                "win_rate_ci": kept["win_rate_ci"], "params": os.path.join("best", "params")},
            "seconds": self.seconds,
+           # One compile per run: the sampler and scorer are compiled once, not per point.
+           "compiles": {"sampler": self.setup.sampler.jitted._cache_size(),  # pylint: disable=protected-access
+                        "scorer": self.setup.scorer._cache_size()},  # pylint: disable=protected-access
            "cost_fraction": None if summary is None else summary.get("guard_cost_fraction")}
     path = epath.Path(self.workdir) / "guard.json"
     tmp = path.parent / "guard.json.tmp"
