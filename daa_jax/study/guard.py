@@ -169,6 +169,7 @@ class Guard:
     self.fit: dict = {"status": "not identifiable", "reason": "no points yet"}
     self.best: int | None = None
     self.stopped, self.reason, self.stop_step = False, "", None
+    self.kept: int | None = None  # the best point when the rule stopped (or would have)
     self.seconds = time.time() - start
     self.is_main = jax.process_index() == 0
 
@@ -212,15 +213,18 @@ class Guard:
         self.g.stop, self.points, self.fit, self.best, float(self.g.kl_budget),
         float(self.g.alpha)))
     point["paired_vs_best"] = test
+    stop = bool(stop) and self.stop_step is None  # a dry run records its first stop only
     if stop:
-      self.stopped, self.reason, self.stop_step = True, why, int(step)
+      self.reason, self.stop_step, self.kept = why, int(step), self.best
+      self.stopped = not self.g.dry_run
     self.seconds += time.time() - start
-    self._report(point)
-    return bool(stop)
+    self._report(point, stop)
+    return stop and not self.g.dry_run
 
   def state(self) -> dict:
     return {"points": self.points, "best": self.best, "stopped": self.stopped,
-            "reason": self.reason, "stop_step": self.stop_step, "seconds": self.seconds}
+            "reason": self.reason, "stop_step": self.stop_step, "kept": self.kept,
+            "seconds": self.seconds}
 
   def restore(self, state: dict | None) -> None:
     if not state:
@@ -228,13 +232,30 @@ class Guard:
     self.points = list(state["points"])
     self.best, self.stopped = state["best"], bool(state["stopped"])
     self.reason, self.stop_step = state["reason"], state["stop_step"]
+    self.kept = state.get("kept")
     self.seconds = float(state["seconds"])
     self.fit = running_fit(self.points, int(self.g.num_bootstrap))
     logging.info("guard: resumed with %d points (best step %s)", len(self.points),
                  self.points[self.best]["step"] if self.points else None)
 
+  def kept_index(self) -> int | None:
+    """The point the run keeps: the best one when the rule stopped (or, in a dry run, would
+    have), else the best of all."""
+    return self.kept if self.kept is not None else self.best
+
+  def kept_vs_best(self) -> dict | None:
+    """The best point of all minus the kept one, paired on the prompts (None if the same)."""
+    k = self.kept_index()
+    if k is None or k == self.best or "outcomes" not in self.points[k]:
+      return None
+    test = intervals._paired(  # pylint: disable=protected-access
+        np.asarray(self.points[self.best]["outcomes"]) - np.asarray(self.points[k]["outcomes"]))
+    test["ci95"] = [test["diff"] - Z95 * test["stderr"], test["diff"] + Z95 * test["stderr"]]
+    test["within"] = bool(test["ci95"][0] <= 0.0)  # the kept point is not significantly worse
+    return test
+
   def finish(self, summary: dict) -> None:
-    kept = self.points[self.best] if self.best is not None else None
+    kept = self.points[self.kept_index()] if self.kept_index() is not None else None
     train = max(float(summary.get("train_seconds", 0.0)) - self.seconds, 1e-9)
     summary.update({
         "guard_points": len(self.points), "guard_seconds": self.seconds,
@@ -257,7 +278,7 @@ class Guard:
       tmp.write_text(json.dumps(metrics_lib.jsonable(info), indent=2, sort_keys=True))
       tmp.replace(best / "best.json")
 
-  def _report(self, point: dict) -> None:
+  def _report(self, point: dict, stop: bool) -> None:
     values = {f"guard/{k}": point[k] for k in ("kl", "kl_k3", "sqrt_kl", "reward_acc")}
     values["guard/sqrt_kl_lo"], values["guard/sqrt_kl_hi"] = point["sqrt_kl_ci"]
     if point["win_rate"] is not None:
@@ -268,8 +289,9 @@ class Guard:
       values["guard/peak_win_rate"] = self.fit["peak_win_rate"]
     self.writer.write(point["step"], values)
     line = point_line(point, self.fit)
-    if self.stopped:
-      line += f"\nguard: stopping — {self.reason}"
+    if stop:
+      line += ("\nguard: would stop here (dry run) — " if self.g.dry_run else
+               "\nguard: stopping — ") + self.reason
     logging.info("%s", line)
     if self.is_main:
       try:
@@ -280,7 +302,9 @@ class Guard:
       self._write_json(None)
 
   def _write_json(self, summary: dict | None) -> None:
-    kept = self.points[self.best] if self.best is not None else None
+    k = self.kept_index()
+    kept = self.points[k] if k is not None else None
+    best = self.points[self.best] if self.best is not None else None
     doc = {"rule": self.g.stop, "kl_budget": float(self.g.kl_budget),
            "alpha": float(self.g.alpha), "every": int(self.g.every),
            "eval": self.g.eval.to_dict(), "judge": self.setup.judge_name,
@@ -290,7 +314,12 @@ class Guard:
                                      f"not stopped: the run {summary.get('status')}"),
            "kept": None if kept is None else {
                "step": kept["step"], "sqrt_kl": kept["sqrt_kl"], "win_rate": kept["win_rate"],
-               "win_rate_ci": kept["win_rate_ci"], "params": os.path.join("best", "params")},
+               "win_rate_ci": kept["win_rate_ci"],
+               "params": os.path.join("best", "params") if k == self.best else None},
+           "best": None if best is None else {
+               "step": best["step"], "sqrt_kl": best["sqrt_kl"], "win_rate": best["win_rate"],
+               "win_rate_ci": best["win_rate_ci"]},
+           "kept_vs_best": self.kept_vs_best(), "dry_run": bool(self.g.dry_run),
            "seconds": self.seconds,
            # One compile per run: the sampler and scorer are compiled once, not per point.
            "compiles": {"sampler": self.setup.sampler.jitted._cache_size(),  # pylint: disable=protected-access
@@ -300,3 +329,35 @@ class Guard:
     tmp = path.parent / "guard.json.tmp"
     tmp.write_text(json.dumps(metrics_lib.jsonable(doc), indent=2, sort_keys=True))
     tmp.replace(path)
+
+
+def evidence_table(run_dirs: list[str]) -> str | None:
+  """Markdown table of the guarded runs among `run_dirs` (those with guard.json), or None.
+
+  Per run: the rule, where it stopped (or would have, in a dry run), the kept point, the best
+  point of all the run's points, the best minus the kept win rate paired on the prompts
+  (95% interval; "within" = the kept point is not significantly worse) and the steps saved.
+  """
+  lines = ["| run | rule | stop step | last step | kept step | kept √KL | kept win rate | "
+           "best step | best win rate | best − kept [95% CI] | within | steps saved |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  found = False
+  for run_dir in run_dirs:
+    path = epath.Path(run_dir) / "guard.json"
+    if not path.exists():
+      continue
+    found = True
+    doc = json.loads(path.read_text())
+    last = max(p["step"] for p in doc["points"])
+    kept, best, test = doc["kept"], doc["best"], doc.get("kept_vs_best")
+    rule = doc["rule"] + (" (dry run)" if doc.get("dry_run") else "")
+    stop = doc["stop_step"]
+    win = lambda x: "—" if x is None or x.get("win_rate") is None else f"{x['win_rate']:.3f}"
+    diff = ("0 (same point)" if test is None else
+            f"{test['diff']:+.3f} [{test['ci95'][0]:+.3f}, {test['ci95'][1]:+.3f}]")
+    within = "yes" if test is None or test["within"] else "no"
+    lines.append(
+        f"| {epath.Path(run_dir).name} | {rule} | {'—' if stop is None else stop} | {last} | "
+        f"{kept['step']} | {kept['sqrt_kl']:.2f} | {win(kept)} | {best['step']} | {win(best)} "
+        f"| {diff} | {within} | {0 if stop is None else last - stop} |")
+  return "\n".join(lines) + "\n" if found else None

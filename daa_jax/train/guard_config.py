@@ -67,6 +67,10 @@ def guard_fields(enabled: bool = False) -> ml_collections.ConfigDict:
       kl_budget=0.0,      # kl_budget: the largest √KL (nats^½) the run may reach
       alpha=0.05,         # peak: level of the paired test against the best point
       num_bootstrap=300,  # replicates of the running fit's intervals
+      # Record where the rule would stop (and which point it would keep), but train on: the
+      # same decisions as a real stop (tests/study/test_guard.py), and the points past it
+      # show what stopping saved and lost.
+      dry_run=False,
       # Write each point as the evaluation's `eval/<step>/` too (same files as `daa-jax eval`
       # writes): a later evaluation with the same settings skips those steps.
       write_eval=True,

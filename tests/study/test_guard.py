@@ -238,3 +238,21 @@ def test_two_processes_decide_like_one(tmp_path):
     np.testing.assert_allclose(q["sqrt_kl"], p["sqrt_kl"], atol=1e-4)
   # Both processes stopped at that step: each saved it (one collective checkpoint).
   assert ckpt_lib.exported_steps(str(two))[-1] == a["stop_step"]
+
+
+def test_a_dry_run_decides_as_a_real_stop_and_trains_on(tmp_path):
+  flags = GUARD + ["--config.guard.stop=kl_budget", "--config.guard.kl_budget=0.3"]
+  real, dry = str(tmp_path / "real"), str(tmp_path / "dry")
+  _cli(flags + [f"--workdir={real}"])
+  proc = _cli(flags + ["--config.guard.dry_run=True", f"--workdir={dry}"])
+  a, b = _read(real), _read(dry)
+  assert a["stopped"] and not b["stopped"] and b["dry_run"]
+  assert b["stop_step"] == a["stop_step"] and b["reason"] == a["reason"]
+  assert b["kept"]["step"] == a["kept"]["step"]
+  assert b["points"][:len(a["points"])] == a["points"]  # the same points up to the stop
+  assert [p["step"] for p in b["points"]][-1] == 12 and "daa: finished at step 12" in proc.stdout
+  assert "guard: would stop here (dry run)" in proc.stderr
+  table = guard.evidence_table([real, dry, str(tmp_path)])
+  rows = table.strip().splitlines()[2:]
+  assert len(rows) == 2 and "| kl_budget (dry run) |" in rows[1]
+  assert f"| {a['stop_step']} | 12 |" in rows[1] and rows[1].endswith(f"| {12 - a['stop_step']} |")
