@@ -330,34 +330,3 @@ class Guard:
     tmp.write_text(json.dumps(metrics_lib.jsonable(doc), indent=2, sort_keys=True))
     tmp.replace(path)
 
-
-def evidence_table(run_dirs: list[str]) -> str | None:
-  """Markdown table of the guarded runs among `run_dirs` (those with guard.json), or None.
-
-  Per run: the rule, where it stopped (or would have, in a dry run), the kept point, the best
-  point of all the run's points, the best minus the kept win rate paired on the prompts
-  (95% interval; "within" = the kept point is not significantly worse) and the steps saved.
-  """
-  lines = ["| run | rule | stop step | last step | kept step | kept √KL | kept win rate | "
-           "best step | best win rate | best − kept [95% CI] | within | steps saved |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-  found = False
-  for run_dir in run_dirs:
-    path = epath.Path(run_dir) / "guard.json"
-    if not path.exists():
-      continue
-    found = True
-    doc = json.loads(path.read_text())
-    last = max(p["step"] for p in doc["points"])
-    kept, best, test = doc["kept"], doc["best"], doc.get("kept_vs_best")
-    rule = doc["rule"] + (" (dry run)" if doc.get("dry_run") else "")
-    stop = doc["stop_step"]
-    win = lambda x: "—" if x is None or x.get("win_rate") is None else f"{x['win_rate']:.3f}"
-    diff = ("0 (same point)" if test is None else
-            f"{test['diff']:+.3f} [{test['ci95'][0]:+.3f}, {test['ci95'][1]:+.3f}]")
-    within = "yes" if test is None or test["within"] else "no"
-    lines.append(
-        f"| {epath.Path(run_dir).name} | {rule} | {'—' if stop is None else stop} | {last} | "
-        f"{kept['step']} | {kept['sqrt_kl']:.2f} | {win(kept)} | {best['step']} | {win(best)} "
-        f"| {diff} | {within} | {0 if stop is None else last - stop} |")
-  return "\n".join(lines) + "\n" if found else None

@@ -24,6 +24,7 @@ from typing import Any, Mapping, Sequence
 from daa_jax.errors import DaaError, DataError
 from daa_jax.study import checks as checks_lib
 from daa_jax.study import figures as figures_lib
+from daa_jax.study import guard_report
 from daa_jax.study import fits as fits_lib
 from daa_jax.study import intervals as intervals_lib
 from daa_jax.study import report as report_lib
@@ -144,6 +145,10 @@ def write_all(rows, outcomes, out_dir: str, how: Mapping[str, Any],
       rows, fits, figures, os.path.join(out_dir, "report.md"),
       extra_lines=checks_lib.check_lines(results), win_rate_against=how["win_rate_against"],
       pairs_on_policy=how["pairs_on_policy"])
+  guard_lines = guard_report.write(out_dir)
+  if guard_lines:
+    with open(report, "a", encoding="utf-8") as f:
+      f.write("\n" + "\n".join(guard_lines) + "\n")
   return dict(fits=fits, checks=results, figures=figures, report=report, fits_path=fits_path,
               warnings=warnings)
 

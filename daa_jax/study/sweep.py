@@ -426,11 +426,7 @@ def _report(config, runs: list[dict], workdir: str) -> dict:
   written = outputs_lib.write_all(rows, outcomes, workdir, outputs_lib.settings(config),
                                   warn=lambda line: logging.warning("%s", line))
   results, report = written["checks"], written["report"]
-  from daa_jax.study import guard  # pylint: disable=g-import-not-at-top
-  table = guard.evidence_table([r["dir"] for r in runs if r["kind"] == "daa"])
-  if table:
-    with open(os.path.join(workdir, "guard.md"), "w", encoding="utf-8") as f:
-      f.write("# The over-optimization guard, run by run\n\n" + table)
+  table = os.path.exists(os.path.join(workdir, "guard.md"))
   # Counted as report.md counts them: DAA runs and their checkpoints; the SFT runs and their
   # step-0 reference rows (the fits' R0) on the side.
   daa_runs = sum(r["kind"] == "daa" for r in runs)

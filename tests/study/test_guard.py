@@ -15,6 +15,7 @@ import pytest
 
 from daa_jax.errors import ConfigError
 from daa_jax.study import guard
+from daa_jax.study import guard_report
 from daa_jax.train import checkpoint as ckpt_lib
 from daa_jax.train import config as config_lib
 from daa_jax.train import loop as train_loop
@@ -166,7 +167,7 @@ def test_kl_budget_run_stops_saves_the_step_keeps_the_best_and_a_rerun_trains_no
   steps = [p["step"] for p in doc["points"]]
   d = [p["sqrt_kl"] for p in doc["points"]]
   stop = doc["stop_step"]
-  assert doc["stopped"] and 0 < stop < 12 and steps == list(range(stop + 1)), doc
+  assert doc["stopped"] and 0 < stop < 8 and steps == list(range(stop + 1)), doc
   assert d[-1] > 0.3 and max(d[:-1]) <= 0.3 and d[0] == 0.0  # step 0: the reference, KL 0
   assert f"guard: stopping — sqrt(KL) {d[-1]:.3f} at step {stop} exceeds" in proc.stderr
   assert f"daa: stopped at step {stop}" in proc.stdout, proc.stdout
@@ -250,9 +251,15 @@ def test_a_dry_run_decides_as_a_real_stop_and_trains_on(tmp_path):
   assert b["stop_step"] == a["stop_step"] and b["reason"] == a["reason"]
   assert b["kept"]["step"] == a["kept"]["step"]
   assert b["points"][:len(a["points"])] == a["points"]  # the same points up to the stop
-  assert [p["step"] for p in b["points"]][-1] == 12 and "daa: finished at step 12" in proc.stdout
+  # 128 pairs / batch 16: one epoch is 8 steps, the whole run.
+  assert [p["step"] for p in b["points"]][-1] == 8 and "daa: finished at step 8" in proc.stdout
   assert "guard: would stop here (dry run)" in proc.stderr
-  table = guard.evidence_table([real, dry, str(tmp_path)])
+  table = guard_report.evidence_table([real, dry, str(tmp_path)])
   rows = table.strip().splitlines()[2:]
   assert len(rows) == 2 and "| kl_budget (dry run) |" in rows[1]
-  assert f"| {a['stop_step']} | 12 |" in rows[1] and rows[1].endswith(f"| {12 - a['stop_step']} |")
+  assert f"| {a['stop_step']} | 8 |" in rows[1] and rows[1].endswith(f"| {8 - a['stop_step']} |")
+  lines = guard_report.write(str(tmp_path))
+  assert lines[0] == "## The over-optimization guard"
+  assert os.path.getsize(tmp_path / "figures" / "guard.png") > 10_000
+  with open(tmp_path / "guard.md") as f:
+    assert f.read().startswith("# The over-optimization guard")
