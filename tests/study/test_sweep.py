@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+from daa_jax.train import checkpoint as ckpt_lib
+
 from daa_jax.train import config as config_lib
 from daa_jax.study import fits as scaling
 from daa_jax.study import sweep
@@ -142,6 +144,17 @@ def test_shrunk_quickstart_shows_overoptimization(tmp_path):
     assert c["log_fit_ok"], (objective, c)  # α, β > 0 and lower RMSE than the quadratic
   report = open(os.path.join(workdir, "report.md")).read()
   assert "rises then falls" in report
+  # The guard measured every run at step 0 (the first run of the size) and at every schedule
+  # checkpoint, with the evaluation's settings: its points are the sweep's evaluations.
+  assert "## The over-optimization guard" in report
+  assert "guard: step 0 √KL 0.00" in proc.stderr
+  for run in ("dpo_tiny2_b0p1", "slic_tiny2_b1"):
+    with open(os.path.join(workdir, run, "guard.json")) as f:
+      doc = json.load(f)
+    steps = [p["step"] for p in doc["points"]]
+    assert steps[0] == 0 and not doc["stopped"] and doc["rule"] == "none"
+    assert set(steps) == {0} | set(ckpt_lib.exported_steps(os.path.join(workdir, run)))
+    assert doc["compiles"]["sampler"] == 1
 
 
 def test_seeds_expand_to_runs_and_give_seed_level_intervals(tmp_path):
