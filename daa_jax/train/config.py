@@ -138,6 +138,7 @@ def objective_fields(name: str = "dpo", beta: float = 0.1) -> ml_collections.Con
   """`config.objective`: the loss (daa_jax.train.objectives) and where reference log-probs come from."""
   return ml_collections.ConfigDict(dict(
       name=name, beta=beta, alpha=0.0, epsilon=0.0, sft_weight=0.0, normalize="sum",
+      gamma=0.5, rmax=5.0, dpop_lambda=50.0,  # simpo γ, chipo R_max, dpop λ (HPARAM_DEFAULTS)
       reference="live",  # live: frozen ref_params forward; cached: precomputed once, on disk
       ref_dtype="float32"))
 
@@ -193,7 +194,8 @@ def checkpoint_fields() -> ml_collections.ConfigDict:
 JOBS = ("sft", "daa", "eval", "sweep", "quickstart", "tree_mdp")
 # Names defined in modules to the right of this one (config_lib imports none of them);
 # tests/test_config.py checks that these tuples equal the modules' own.
-OBJECTIVE_NAMES = ("dpo", "ipo", "ipo_azar", "slic", "rdpo", "cdpo", "robust")
+OBJECTIVE_NAMES = ("dpo", "ipo", "ipo_azar", "slic", "rdpo", "cdpo", "robust", "chipo",
+                   "simpo", "dpop")
 DATA_FORMATS = ("tldr", "tldr_sft", "hh", "jsonl", "parquet", "tfds", "hf")
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -313,6 +315,18 @@ def validate(config, num_devices: int | None = None, prefix: str = "config.") ->
                           "log-ratio; beta -> 0 removes the KL constraint).")
       if not 0 <= o.epsilon < 0.5:
         raise ConfigError(f"{prefix}objective.epsilon={o.epsilon} must be in [0, 0.5).")
+      for field, strict, what in (
+          ("gamma", False, "SimPO's target reward margin"),
+          ("dpop_lambda", False, "DPO-Positive's penalty weight"),
+          ("rmax", True, "chipo's reward bound: each response's beta*phi is clipped to ±2*rmax")):
+        v = o.get(field, 1.0)
+        if not (v > 0 if strict else v >= 0):  # NaN fails both
+          raise ConfigError(f"{prefix}objective.{field}={v} must be "
+                            f"{'> 0' if strict else '>= 0'} ({what}).")
+      if o.name == "simpo" and o.normalize != "mean":
+        raise ConfigError(f"{prefix}objective.normalize={o.normalize!r} with objective.name="
+                          "'simpo': SimPO's reward is the per-token mean log-prob; set "
+                          f"--{prefix}objective.normalize=mean.")
     fr = tuple(config.checkpoint.epoch_fractions or ())
     if any(f <= 0 for f in fr):
       raise ConfigError(f"{prefix}checkpoint.epoch_fractions={fr} must all be > 0.")
