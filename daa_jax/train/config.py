@@ -137,7 +137,8 @@ def optim_fields(recipe: str = "paper") -> ml_collections.ConfigDict:
 def objective_fields(name: str = "dpo", beta: float = 0.1) -> ml_collections.ConfigDict:
   """`config.objective`: the loss (daa_jax.train.objectives) and where reference log-probs come from."""
   return ml_collections.ConfigDict(dict(
-      name=name, beta=beta, alpha=0.0, epsilon=0.0, sft_weight=0.0, normalize="sum",
+      name=name, beta=beta, alpha=0.0, epsilon=0.0, sft_weight=0.0,
+      normalize="mean" if name == "simpo" else "sum",  # SimPO is length-normalized
       gamma=0.5, rmax=5.0, dpop_lambda=50.0,  # simpo γ, chipo R_max, dpop λ (HPARAM_DEFAULTS)
       reference="live",  # live: frozen ref_params forward; cached: precomputed once, on disk
       ref_dtype="float32"))
