@@ -1,13 +1,14 @@
 """Direct Alignment Algorithm objectives on sequence log-probs, plus `sequence_logps`.
 
-The DPO-family objectives here (χPO, SimPO and DPO-Positive in `objectives_extra.py`, which
-change the link or the margin; see their docstrings) are each a member of the unified family of Tang et al. 2024 ("Generalized
-Preference Optimization", GPO): loss = E[g(β·h)] with g convex and
+Every objective defined in this module is a member of the unified family of Tang et al. 2024
+("Generalized Preference Optimization", GPO): loss = E[g(β·h)] with g convex and
 
   h = [log πθ(y_w|x) − log π_ref(y_w|x)] − [log πθ(y_l|x) − log π_ref(y_l|x)],
 
 where y_w is the chosen and y_l the rejected response. The implicit reward of a response is
 r̂(x, y) = β·log πθ(y|x)/π_ref(y|x) (Rafailov et al. 2023), so β·h is the reward margin.
+χPO, SimPO and DPO-Positive (`objectives_extra.py`, registered here too) change the link, drop
+the reference, or penalize the margin; their docstrings give the equations.
 
 Objectives take log-probs, not models: a live reference forward and cached
 reference log-probs go through the same code. Each registered objective is a pure function

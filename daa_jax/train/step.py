@@ -7,8 +7,8 @@ Conventions:
     `loss_mask` aligned to targets (`loss_mask[..., t] = 1` iff `tokens[..., t+1]` is a
     response token, EOS included), `attention_mask`, `positions`, `lengths [B,2]`, optional
     `ref_logps [B,2]` (cached reference).
-  * Loss hyperparameters (β, α, ε, λ, γ, R_max, DPO-Positive λ) arrive as runtime float32 arrays in `hparams`, so a
-    β sweep compiles the step once.
+  * Loss hyperparameters (β, α, ε, λ, γ, R_max, DPO-Positive λ) arrive as runtime float32
+    arrays in `hparams`, so a β sweep compiles the step once.
   * Gradient accumulation: the global batch is split into `grad_accum` equal micro-batches
     that a `lax.scan` walks; each micro-batch contributes its loss *sum* divided by the
     global normalizer, so the accumulated gradient equals the one-big-batch gradient.
@@ -104,7 +104,8 @@ def _reference_logps(model, ref_params, batch, cfg: StepConfig, policy):
     return jnp.zeros_like(policy)
   if cfg.cached_ref:
     return batch["ref_logps"].astype(jnp.float32)
-  return jax.lax.stop_gradient(pair_logps(model, ref_params, batch, cfg.logps_chunk, cfg.packing))
+  return jax.lax.stop_gradient(
+      pair_logps(model, ref_params, batch, cfg.logps_chunk, cfg.packing))
 
 
 def _daa_loss(params, ref_params, batch, hparams, *, model, cfg: StepConfig, num_pairs):
