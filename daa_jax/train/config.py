@@ -10,6 +10,7 @@ import difflib
 import glob
 import os
 from daa_jax.errors import ConfigError
+from daa_jax.train import objective_config
 
 import ml_collections
 
@@ -311,23 +312,12 @@ def validate(config, num_devices: int | None = None, prefix: str = "config.") ->
       raise ConfigError(f"{prefix}optim.lr={config.optim.lr} must be positive.")
     if job == "daa":
       o = config.objective
+      objective_config.validate_objective(o, prefix)  # gamma, rmax, dpop_lambda, simpo
       if not o.beta > 0:
         raise ConfigError(f"{prefix}objective.beta={o.beta} must be > 0 (it scales the "
                           "log-ratio; beta -> 0 removes the KL constraint).")
       if not 0 <= o.epsilon < 0.5:
         raise ConfigError(f"{prefix}objective.epsilon={o.epsilon} must be in [0, 0.5).")
-      for field, strict, what in (
-          ("gamma", False, "SimPO's target reward margin"),
-          ("dpop_lambda", False, "DPO-Positive's penalty weight"),
-          ("rmax", True, "chipo's reward bound: each response's beta*phi is clipped to ±2*rmax")):
-        v = o.get(field, 1.0)
-        if not (v > 0 if strict else v >= 0):  # NaN fails both
-          raise ConfigError(f"{prefix}objective.{field}={v} must be "
-                            f"{'> 0' if strict else '>= 0'} ({what}).")
-      if o.name == "simpo" and o.normalize != "mean":
-        raise ConfigError(f"{prefix}objective.normalize={o.normalize!r} with objective.name="
-                          "'simpo': SimPO's reward is the per-token mean log-prob; set "
-                          f"--{prefix}objective.normalize=mean.")
     fr = tuple(config.checkpoint.epoch_fractions or ())
     if any(f <= 0 for f in fr):
       raise ConfigError(f"{prefix}checkpoint.epoch_fractions={fr} must all be > 0.")
