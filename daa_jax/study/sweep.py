@@ -90,6 +90,8 @@ def daa_config(config, size: str, objective: str, beta: float, workdir: str, see
     c.seed = int(seed)  # the data order of the DAA run (it starts from the SFT weights)
   c.model.size = size
   c.objective.name = objective
+  if objective == "simpo":
+    c.objective.normalize = "mean"  # SimPO's reward is per token (config validation requires it)
   c.objective.beta = float(beta)
   if config.sft_source == "train":
     c.init_from = os.path.join(workdir, f"sft_{size}")

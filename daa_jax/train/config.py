@@ -10,6 +10,7 @@ import difflib
 import glob
 import os
 from daa_jax.errors import ConfigError
+from daa_jax.train import objective_config
 
 import ml_collections
 
@@ -138,7 +139,9 @@ def optim_fields(recipe: str = "paper") -> ml_collections.ConfigDict:
 def objective_fields(name: str = "dpo", beta: float = 0.1) -> ml_collections.ConfigDict:
   """`config.objective`: the loss (daa_jax.train.objectives) and where reference log-probs come from."""
   return ml_collections.ConfigDict(dict(
-      name=name, beta=beta, alpha=0.0, epsilon=0.0, sft_weight=0.0, normalize="sum",
+      name=name, beta=beta, alpha=0.0, epsilon=0.0, sft_weight=0.0,
+      normalize="mean" if name == "simpo" else "sum",  # SimPO is length-normalized
+      gamma=0.5, rmax=5.0, dpop_lambda=50.0,  # simpo γ, chipo R_max, dpop λ (HPARAM_DEFAULTS)
       reference="live",  # live: frozen ref_params forward; cached: precomputed once, on disk
       ref_dtype="float32"))
 
@@ -194,7 +197,8 @@ def checkpoint_fields() -> ml_collections.ConfigDict:
 JOBS = ("sft", "daa", "eval", "sweep", "quickstart", "tree_mdp")
 # Names defined in modules to the right of this one (config_lib imports none of them);
 # tests/test_config.py checks that these tuples equal the modules' own.
-OBJECTIVE_NAMES = ("dpo", "ipo", "ipo_azar", "slic", "rdpo", "cdpo", "robust")
+OBJECTIVE_NAMES = ("dpo", "ipo", "ipo_azar", "slic", "rdpo", "cdpo", "robust", "chipo",
+                   "simpo", "dpop")
 DATA_FORMATS = ("tldr", "tldr_sft", "hh", "jsonl", "parquet", "tfds", "hf")
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -309,6 +313,7 @@ def validate(config, num_devices: int | None = None, prefix: str = "config.") ->
       raise ConfigError(f"{prefix}optim.lr={config.optim.lr} must be positive.")
     if job == "daa":
       o = config.objective
+      objective_config.validate_objective(o, prefix)  # gamma, rmax, dpop_lambda, simpo
       if not o.beta > 0:
         raise ConfigError(f"{prefix}objective.beta={o.beta} must be > 0 (it scales the "
                           "log-ratio; beta -> 0 removes the KL constraint).")

@@ -42,6 +42,7 @@ from etils import epath
 from daa_jax.train import checkpoint as ckpt_lib
 from daa_jax.train import config as config_lib
 from daa_jax.train import metrics as metrics_lib
+from daa_jax.train import objectives
 from daa_jax.models import model as model_lib
 from daa_jax.train import optim
 from daa_jax.train import packing as packing_lib
@@ -222,7 +223,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, explicit=None,
                                        fit_lib.schedule_steps(config, steps_per_epoch, total_steps))
 
   # 4-5. Init or restore, and the reference.
-  cached_ref = kind == "daa" and config.objective.reference == "cached"
+  # No live reference: cached log-probs, or a reference-free objective (simpo: no reference
+  # params and no reference pass, `reference.attach_reference` returns the data unchanged).
+  cached_ref = kind == "daa" and (config.objective.reference == "cached"
+                                  or not objectives.needs_reference(config.objective.name))
   ref_dtype = jnp.dtype(config.objective.ref_dtype)
   cache = {}
 

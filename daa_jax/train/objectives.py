@@ -1,12 +1,14 @@
 """Direct Alignment Algorithm objectives on sequence log-probs, plus `sequence_logps`.
 
-Every objective here is a member of the unified family of Tang et al. 2024 ("Generalized
-Preference Optimization", GPO): loss = E[g(β·h)] with g convex and
+Every objective defined in this module is a member of the unified family of Tang et al. 2024
+("Generalized Preference Optimization", GPO): loss = E[g(β·h)] with g convex and
 
   h = [log πθ(y_w|x) − log π_ref(y_w|x)] − [log πθ(y_l|x) − log π_ref(y_l|x)],
 
 where y_w is the chosen and y_l the rejected response. The implicit reward of a response is
 r̂(x, y) = β·log πθ(y|x)/π_ref(y|x) (Rafailov et al. 2023), so β·h is the reward margin.
+χPO, SimPO and DPO-Positive (`objectives_extra.py`, registered here too) change the link, drop
+the reference, or penalize the margin; their docstrings give the equations.
 
 Objectives take log-probs, not models: a live reference forward and cached
 reference log-probs go through the same code. Each registered objective is a pure function
@@ -15,28 +17,36 @@ reference log-probs go through the same code. Each registered objective is a pur
       -> (loss [], metrics)
 
 with column 0 = chosen, column 1 = rejected and lengths = response tokens including EOS.
-β, α, ε and λ live in `LossParams` as traced arrays, so a β sweep compiles one function;
-the objective name and `normalize` are static Python strings.
+β, α, ε, λ, γ, R_max and the DPO-Positive λ live in `LossParams` as traced arrays, so a β
+sweep compiles one function; the objective name and `normalize` are static Python strings.
+`needs_reference(name)` is False for a reference-free objective (simpo): the trainer then
+keeps no reference params and makes no reference pass, and passes zeros as `ref_logps`.
 
 `normalize='sum'` uses summed sequence log-probs (the DPO paper); `normalize='mean'` divides
 every sequence log-prob (policy and reference) by its response length before forming h, the
 length-normalized variant (as in SimPO / the "mean" option of several DPO codebases).
 
-This module imports only jax and numpy (pure math, the leftmost layer of the trainer).
+This module and its two siblings import only jax (pure math, the leftmost layer of the
+trainer).
 """
 
 from __future__ import annotations
 
 import types
-from typing import Any, Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-Array = jax.Array
-Metrics = dict[str, Any]
+from daa_jax.train import objectives_base as base
+from daa_jax.train.objectives_base import (  # noqa: F401  (re-exported: the public API)
+    HPARAM_DEFAULTS, NORMALIZATIONS, TIE_EPS, LossParams, tie_half_accuracy)
+from daa_jax.train.objectives_extra import chipo_loss, dpop_loss, simpo_loss  # noqa: F401
 
-NORMALIZATIONS = ("sum", "mean")
+Array = base.Array
+Metrics = base.Metrics
+_pair_terms = base.pair_terms
+_finish = base.finish
 
 
 # --------------------------------------------------------------------------------------
@@ -119,128 +129,8 @@ def sequence_logps(logits: Array, targets: Array, loss_mask: Array,
 
 
 # --------------------------------------------------------------------------------------
-# Pairwise objectives.
+# Pairwise objectives (`LossParams`, the per-pair terms and the metrics: objectives_base.py).
 # --------------------------------------------------------------------------------------
-
-
-class LossParams(NamedTuple):
-  """Runtime (traced) loss coefficients; a pytree, so jit/vmap/grad see arrays.
-
-  Attributes:
-    beta: [] inverse temperature β; the implicit reward is β·log πθ/π_ref.
-    alpha: [] R-DPO length coefficient α (per token of length difference).
-    epsilon: [] label-flip rate ε of cDPO and robust DPO (robust needs ε < 1/2).
-    sft_weight: [] λ, weight of the chosen-response NLL added by SLiC.
-  """
-  beta: Array
-  alpha: Array
-  epsilon: Array
-  sft_weight: Array
-
-  @classmethod
-  def create(cls, beta, alpha=0.0, epsilon=0.0, sft_weight=0.0) -> "LossParams":
-    def at_least_f32(v):
-      v = jnp.asarray(v)
-      return v.astype(jnp.promote_types(v.dtype, jnp.float32))
-    return cls(at_least_f32(beta), at_least_f32(alpha), at_least_f32(epsilon),
-               at_least_f32(sft_weight))
-
-
-class _PairTerms(NamedTuple):
-  """Per-pair quantities shared by every objective; all [B] in the compute dtype."""
-  policy_chosen: Array
-  policy_rejected: Array
-  ref_chosen: Array
-  ref_rejected: Array
-  logratio_chosen: Array  # normalized log πθ(y_w)/π_ref(y_w)
-  logratio_rejected: Array
-  h: Array
-  length_chosen: Array
-  length_rejected: Array
-  nll_chosen: Array  # −log πθ(y_w), normalized like the log-ratios
-  magnitude: Array  # Σ |log-probs| behind h (normalized like it): its float32 resolution
-
-
-def _pair_terms(policy_logps: Array, ref_logps: Array, lengths: Array,
-                normalize: str) -> _PairTerms:
-  if normalize not in NORMALIZATIONS:
-    raise ValueError(f"config.objective.normalize={normalize!r}; use one of {NORMALIZATIONS}.")
-  # At least float32 for the loss (bf16 log-ratios of long sequences lose the margin); float64
-  # stays float64 so finite-difference tests are exact.
-  dtype = jnp.promote_types(jnp.result_type(policy_logps, ref_logps), jnp.float32)
-  policy = policy_logps.astype(dtype)  # [B,2]
-  ref = ref_logps.astype(dtype)  # [B,2]
-  lengths = lengths.astype(dtype)  # [B,2]
-  if normalize == "mean":
-    # A zero-length response (a data bug) would divide by 0; treat it as length 1.
-    scale = 1.0 / jnp.maximum(lengths, 1.0)
-    policy_n, ref_n = policy * scale, ref * scale
-  else:
-    policy_n, ref_n = policy, ref
-  logratios = policy_n - ref_n  # [B,2]
-  return _PairTerms(
-      policy_chosen=policy[:, 0], policy_rejected=policy[:, 1],
-      ref_chosen=ref[:, 0], ref_rejected=ref[:, 1],
-      logratio_chosen=logratios[:, 0], logratio_rejected=logratios[:, 1],
-      h=logratios[:, 0] - logratios[:, 1],
-      length_chosen=lengths[:, 0], length_rejected=lengths[:, 1],
-      nll_chosen=-policy_n[:, 0],
-      magnitude=jnp.abs(policy_n).sum(-1) + jnp.abs(ref_n).sum(-1))
-
-
-# A margin within this many float32 epsilons of the summed |log-probs| behind it is a tie.
-TIE_EPS = 2.0
-
-
-def tie_half_accuracy(h: Array, magnitude: Array) -> Array:
-  """Per-pair preference accuracy [B]: 1 if h > 0, 0 if h < 0, 1/2 for a tie.
-
-  A tie is |h| ≤ TIE_EPS · ε_float32 · magnitude, with magnitude = |log πθ(y_w)| + |log πθ(y_l)|
-  + |log π_ref(y_w)| + |log π_ref(y_l)| (normalized like h): a difference below the float32
-  resolution of those sums says nothing. When πθ = π_ref their log-probs may still come from
-  two compiled programs (the trainer's gradient step and the reference pass) and differ by
-  roundoff (~1e-5 nats on 500-token rows); without the tolerance such a step-0 batch reads
-  anywhere in 0.3–0.8 instead of 0.5. Works on numpy and jax arrays alike.
-  """
-  tol = TIE_EPS * 1.1920929e-07 * magnitude
-  return (h > tol) + 0.5 * (abs(h) <= tol)
-
-
-def _finish(per_pair_loss: Array, t: _PairTerms, params: LossParams) -> tuple[Array, Metrics]:
-  """Mean loss over pairs and the preference metrics shared by every objective."""
-  beta = params.beta.astype(t.h.dtype)
-  rewards_chosen = beta * t.logratio_chosen  # [B]
-  rewards_rejected = beta * t.logratio_rejected  # [B]
-  margins = rewards_chosen - rewards_rejected  # [B] = β·h
-  loss = per_pair_loss.mean()
-  # Ties count half: at initialization πθ == π_ref, every margin is 0 up to roundoff and
-  # accuracy reads 0.5 (chance), not 0 — so a curve starting at 0.5 means "no preference yet".
-  acc = tie_half_accuracy(t.h, t.magnitude).astype(t.h.dtype)
-  metrics = {
-      "loss": loss,
-      "rewards_chosen": rewards_chosen.mean(),
-      "rewards_rejected": rewards_rejected.mean(),
-      "margin": margins.mean(),
-      "margin_std": margins.std(),
-      "reward_acc": acc.mean(),
-      "logps_chosen": t.policy_chosen.mean(),
-      "logps_rejected": t.policy_rejected.mean(),
-      "ref_logps_chosen": t.ref_chosen.mean(),
-      "ref_logps_rejected": t.ref_rejected.mean(),
-      "per_pair": {
-          "loss": per_pair_loss,
-          "h": t.h,
-          "accuracy": acc,
-          "rewards_chosen": rewards_chosen,
-          "rewards_rejected": rewards_rejected,
-          "logratio_chosen": t.logratio_chosen,
-          "logratio_rejected": t.logratio_rejected,
-          "length_chosen": t.length_chosen,
-          "length_rejected": t.length_rejected,
-      },
-  }
-  return loss, metrics
-
 
 def dpo_loss(policy_logps: Array, ref_logps: Array, lengths: Array, params: LossParams,
              normalize: str = "sum") -> tuple[Array, Metrics]:
@@ -384,7 +274,19 @@ OBJECTIVES: types.MappingProxyType[str, ObjectiveFn] = types.MappingProxyType({
     "rdpo": rdpo_loss,
     "cdpo": cdpo_loss,
     "robust": robust_loss,
+    "chipo": chipo_loss,
+    "simpo": simpo_loss,
+    "dpop": dpop_loss,
 })
+
+# Objectives that never read `ref_logps`: no reference params, no reference pass.
+REFERENCE_FREE = frozenset({"simpo"})
+
+
+def needs_reference(name: str) -> bool:
+  """Whether objective `name` reads the reference log-probs (False: simpo)."""
+  get_objective(name)  # a ValueError naming the valid objectives for an unknown name
+  return name not in REFERENCE_FREE
 
 
 def get_objective(name: str) -> ObjectiveFn:
@@ -399,19 +301,24 @@ def get_objective(name: str) -> ObjectiveFn:
 
 def compute_loss(name: str, policy_logps: Array, ref_logps: Array, lengths: Array, *,
                  beta, alpha=0.0, epsilon=0.0, sft_weight=0.0,
+                 gamma=HPARAM_DEFAULTS["gamma"], rmax=HPARAM_DEFAULTS["rmax"],
+                 dpop_lambda=HPARAM_DEFAULTS["dpop_lambda"],
                  normalize: str = "sum") -> tuple[Array, Metrics]:
   """The DAA loss `name` and its preference metrics.
 
   `name` and `normalize` must be Python strings (static under jit); `beta`, `alpha`,
-  `epsilon` and `sft_weight` may be Python floats or traced scalars — changing them does not
+  `epsilon`, `sft_weight`, `gamma`, `rmax` and `dpop_lambda` may be Python floats or traced
+  scalars — changing them does not
   recompile a jitted caller that passes them as arguments.
 
   Args:
-    name: one of `OBJECTIVES`: dpo, ipo, ipo_azar, slic, rdpo, cdpo, robust.
+    name: one of `OBJECTIVES`: dpo, ipo, ipo_azar, slic, rdpo, cdpo, robust, chipo, simpo,
+      dpop.
     policy_logps: [B, 2] policy sequence log-probs, column 0 chosen, 1 rejected.
     ref_logps: [B, 2] reference sequence log-probs, same layout.
     lengths: [B, 2] response lengths in tokens including EOS.
-    beta: β. alpha: R-DPO α. epsilon: cDPO/robust ε. sft_weight: SLiC λ.
+    beta: β. alpha: R-DPO α. epsilon: cDPO/robust ε. sft_weight: SLiC λ. gamma: SimPO γ.
+    rmax: χPO R_max. dpop_lambda: DPO-Positive λ.
     normalize: 'sum' (summed log-probs) or 'mean' (each log-prob divided by its length).
 
   Returns:
@@ -424,11 +331,12 @@ def compute_loss(name: str, policy_logps: Array, ref_logps: Array, lengths: Arra
       `logratio_chosen`, `logratio_rejected`, `length_chosen`, `length_rejected`.
   """
   fn = get_objective(name)
-  params = LossParams.create(beta, alpha, epsilon, sft_weight)
+  params = LossParams.create(beta, alpha, epsilon, sft_weight, gamma, rmax, dpop_lambda)
   return fn(jnp.asarray(policy_logps), jnp.asarray(ref_logps), jnp.asarray(lengths), params,
             normalize=normalize)
 
 
-__all__ = ["LossParams", "NORMALIZATIONS", "OBJECTIVES", "compute_loss", "get_objective",
-           "tie_half_accuracy", "sequence_logps", "dpo_loss", "ipo_loss", "ipo_azar_loss",
-           "slic_loss", "rdpo_loss", "cdpo_loss", "robust_loss"]
+__all__ = ["HPARAM_DEFAULTS", "LossParams", "NORMALIZATIONS", "OBJECTIVES", "REFERENCE_FREE",
+           "compute_loss", "get_objective", "needs_reference", "tie_half_accuracy",
+           "sequence_logps", "dpo_loss", "ipo_loss", "ipo_azar_loss", "slic_loss", "rdpo_loss",
+           "cdpo_loss", "robust_loss", "chipo_loss", "simpo_loss", "dpop_loss"]

@@ -11,6 +11,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 from daa_jax.models import sharding
+from daa_jax.train import objectives
 from daa_jax.train import step as step_lib
 from daa_jax.data import pipeline as data_pipeline
 from daa_jax.train import init as init_lib
@@ -57,11 +58,15 @@ def compute_pair_logps(model, params, dataset, mesh, batch_size: int,
 
 def attach_reference(config, workdir, model, ref_params_fn, dataset, mesh, split, pack=None,
                      between_batches=None):
-  """Returns the dataset with a `ref_logps` column, from the on-disk cache when present.
+  """Returns the dataset with a `ref_logps` column, from the on-disk cache when present;
+  unchanged, with no reference pass, for a reference-free objective (simpo).
 
   `pack`, `between_batches`: as for `compute_pair_logps`. The cache file is written whole
   (aside, then renamed), so an interrupted pass leaves no cache and the next start recomputes.
   """
+  if not objectives.needs_reference(config.objective.name):
+    logging.info("reference log-probs: none, %s is reference-free", config.objective.name)
+    return dataset
   path = epath.Path(_ref_cache_path(config, workdir, dataset, split))  # local or gs://
   if path.exists():
     logging.info("reference log-probs: cache hit %s (no reference forward needed)", path)

@@ -7,8 +7,8 @@ Conventions:
     `loss_mask` aligned to targets (`loss_mask[..., t] = 1` iff `tokens[..., t+1]` is a
     response token, EOS included), `attention_mask`, `positions`, `lengths [B,2]`, optional
     `ref_logps [B,2]` (cached reference).
-  * Loss hyperparameters (β, α, ε, λ) arrive as runtime float32 arrays in `hparams`, so a
-    β sweep compiles the step once.
+  * Loss hyperparameters (β, α, ε, λ, γ, R_max, DPO-Positive λ) arrive as runtime float32
+    arrays in `hparams`, so a β sweep compiles the step once.
   * Gradient accumulation: the global batch is split into `grad_accum` equal micro-batches
     that a `lax.scan` walks; each micro-batch contributes its loss *sum* divided by the
     global normalizer, so the accumulated gradient equals the one-big-batch gradient.
@@ -44,6 +44,7 @@ class StepConfig:
   normalize: str = "sum"
   grad_accum: int = 1
   cached_ref: bool = False     # use batch['ref_logps'] instead of a reference forward
+                               # (neither for a reference-free objective: zeros)
   logps_chunk: int = 0         # > 0: chunked log-softmax (memory-lean)
   packing: bool = False        # DAA batches are `packing.pack_pairs` rows [prompt|chosen|rejected]
 
@@ -59,9 +60,10 @@ def init_state(params: PyTree, tx: optax.GradientTransformation) -> TrainState:
 
 
 def hparams_from_config(objective_config) -> dict[str, jax.Array]:
-  """The runtime loss hyperparameters as float32 scalars (never static)."""
-  return {k: jnp.asarray(float(objective_config.get(k, 0.0)), jnp.float32)
-          for k in ("beta", "alpha", "epsilon", "sft_weight")}
+  """The runtime loss hyperparameters as float32 scalars (never static); a field the config
+  lacks (one written before the field existed) takes its `objectives.HPARAM_DEFAULTS` value."""
+  return {k: jnp.asarray(float(objective_config.get(k, d)), jnp.float32)
+          for k, d in objectives.HPARAM_DEFAULTS.items()}
 
 
 def _flat_pairs(x: jax.Array) -> jax.Array:
@@ -95,17 +97,23 @@ def pair_logps(model, params, batch, logps_chunk: int = 0, packing: bool = False
   return summed.reshape(batch["tokens"].shape[:2])
 
 
+def _reference_logps(model, ref_params, batch, cfg: StepConfig, policy):
+  """`[B,2]` reference log-probs: cached, a live forward, or zeros for a reference-free
+  objective (`objectives.needs_reference`), which runs no reference pass at all."""
+  if not objectives.needs_reference(cfg.objective):
+    return jnp.zeros_like(policy)
+  if cfg.cached_ref:
+    return batch["ref_logps"].astype(jnp.float32)
+  return jax.lax.stop_gradient(
+      pair_logps(model, ref_params, batch, cfg.logps_chunk, cfg.packing))
+
+
 def _daa_loss(params, ref_params, batch, hparams, *, model, cfg: StepConfig, num_pairs):
   policy = pair_logps(model, params, batch, cfg.logps_chunk, cfg.packing)
-  if cfg.cached_ref:
-    ref = batch["ref_logps"].astype(jnp.float32)
-  else:
-    ref = jax.lax.stop_gradient(
-        pair_logps(model, ref_params, batch, cfg.logps_chunk, cfg.packing))
-  loss, metrics = objectives.compute_loss(
-      cfg.objective, policy, ref, batch["lengths"], beta=hparams["beta"],
-      alpha=hparams["alpha"], epsilon=hparams["epsilon"], sft_weight=hparams["sft_weight"],
-      normalize=cfg.normalize)
+  ref = _reference_logps(model, ref_params, batch, cfg, policy)
+  # hparams: `hparams_from_config`'s keys (a caller's dict may hold fewer: defaults fill in).
+  loss, metrics = objectives.compute_loss(cfg.objective, policy, ref, batch["lengths"],
+                                          normalize=cfg.normalize, **hparams)
   micro = policy.shape[0]
   # The micro-batch's share of the global mean: sum over micro-batches = global mean. A
   # standard deviation is no mean: the margins themselves travel out, and `_loss_and_grads`
@@ -217,14 +225,9 @@ def eval_step(params, ref_params, batch, hparams, *, model, cfg: StepConfig):
   log-ratios, lengths, losses) and `policy_logps`/`ref_logps` `[B,2]`.
   """
   policy = pair_logps(model, params, batch, cfg.logps_chunk, cfg.packing)
-  if cfg.cached_ref:
-    ref = batch["ref_logps"].astype(jnp.float32)
-  else:
-    ref = pair_logps(model, ref_params, batch, cfg.logps_chunk, cfg.packing)
-  loss, metrics = objectives.compute_loss(
-      cfg.objective, policy, ref, batch["lengths"], beta=hparams["beta"],
-      alpha=hparams["alpha"], epsilon=hparams["epsilon"], sft_weight=hparams["sft_weight"],
-      normalize=cfg.normalize)
+  ref = _reference_logps(model, ref_params, batch, cfg, policy)
+  loss, metrics = objectives.compute_loss(cfg.objective, policy, ref, batch["lengths"],
+                                          normalize=cfg.normalize, **hparams)
   metrics = dict(metrics)
   metrics["policy_logps"] = policy
   metrics["ref_logps"] = ref

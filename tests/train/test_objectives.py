@@ -32,11 +32,13 @@ def _random_pairs(rng, batch=6, dtype=np.float32):
 
 
 KWARGS = dict(dpo={}, ipo={}, ipo_azar={}, slic=dict(sft_weight=0.3), rdpo=dict(alpha=0.05),
-              cdpo=dict(epsilon=0.1), robust=dict(epsilon=0.1))
+              cdpo=dict(epsilon=0.1), robust=dict(epsilon=0.1), chipo=dict(rmax=1.0),
+              simpo=dict(gamma=0.3), dpop=dict(dpop_lambda=5.0))
 
 
 def test_registry_and_unknown_name():
-  assert set(NAMES) == {"dpo", "ipo", "ipo_azar", "slic", "rdpo", "cdpo", "robust"}
+  assert set(NAMES) == {"dpo", "ipo", "ipo_azar", "slic", "rdpo", "cdpo", "robust", "chipo",
+                        "simpo", "dpop"}
   p, r, l = _pairs([0.0])
   with pytest.raises(ValueError, match=r"config\.objective\.name='dpoo'.*dpo, ipo"):
     objectives.compute_loss("dpoo", p, r, l, beta=0.1)
@@ -175,8 +177,9 @@ def test_mean_normalization_divides_by_length(name):
   loss_sum, m_sum = objectives.compute_loss(name, p / l, r / l, l, beta=0.3, normalize="sum",
                                             **KWARGS[name])
   np.testing.assert_allclose(loss_mean, loss_sum, rtol=1e-5)
-  np.testing.assert_allclose(m_mean["per_pair"]["logratio_chosen"], (p[:, 0] - r[:, 0]) / l[:, 0],
-                             rtol=1e-5)
+  ref = r if objectives.needs_reference(name) else 0.0 * r  # simpo: reference-free
+  np.testing.assert_allclose(m_mean["per_pair"]["logratio_chosen"],
+                             (p[:, 0] - ref[:, 0]) / l[:, 0], rtol=1e-5)
   np.testing.assert_allclose(m_mean["per_pair"]["h"], m_sum["per_pair"]["h"], rtol=1e-5)
 
 
