@@ -33,7 +33,6 @@ import math
 import os
 import sys
 import time
-from typing import Any
 
 import jax
 import numpy as np

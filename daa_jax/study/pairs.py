@@ -10,7 +10,6 @@ so the file stays a generic pairs JSONL (prompt, chosen, rejected) that the read
 from __future__ import annotations
 
 import json
-import os
 from typing import Sequence
 
 import numpy as np

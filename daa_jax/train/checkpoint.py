@@ -38,6 +38,7 @@ from daa_jax.errors import CheckpointError
 
 PyTree = Any
 _EXPORTS = "params"  # the export's item name, and the directory of repaired/legacy exports
+_REFERENCE = "reference"  # an updated reference (TR-DPO, train/reference_update.py)
 
 
 def _preservation(max_to_keep: int, keep_steps: Iterable[int]):
@@ -82,7 +83,8 @@ class Checkpointer:
         enable_async_checkpointing=bool(ckpt_config.async_save),
         create=True)
     self._mngr = ocp.CheckpointManager(
-        self.workdir / "checkpoints", options=opts, item_names=("state", "meta", _EXPORTS))
+        self.workdir / "checkpoints", options=opts,
+        item_names=("state", "meta", _EXPORTS, _REFERENCE))
 
   # --- schedule -------------------------------------------------------------------------
   def should_save(self, step: int, final: bool = False) -> bool:
@@ -96,9 +98,11 @@ class Checkpointer:
     return list(self._mngr.all_steps())
 
   # --- save / restore -------------------------------------------------------------------
-  def save(self, step: int, state: PyTree, meta: dict, export: bool | None = None) -> None:
-    """Saves `state` (sharded jax arrays), JSON `meta` and, on schedule steps (or `export`),
-    the params export at `step`: one asynchronous, atomic commit. Every process calls it."""
+  def save(self, step: int, state: PyTree, meta: dict, export: bool | None = None,
+           reference: PyTree | None = None) -> None:
+    """Saves `state` (sharded jax arrays), JSON `meta`, on schedule steps (or `export`) the
+    params export, and an updated `reference` if given, at `step`: one asynchronous, atomic
+    commit. Every process calls it."""
     if step in self._mngr.all_steps():
       return
     if export is None:
@@ -107,6 +111,8 @@ class Checkpointer:
     items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     if export:
       items[_EXPORTS] = ocp.args.StandardSave(state.params)
+    if reference is not None:
+      items[_REFERENCE] = ocp.args.StandardSave(reference)
     self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
     logging.info("checkpoint: saving step %d%s", step, " (+ params export)" if export else "")
 
@@ -121,6 +127,18 @@ class Checkpointer:
           f"config's model/optimizer ({e}). Use a fresh --workdir, or the config the run was "
           "started with (saved as config.json in the workdir).") from e
     return out.state, dict(out.meta)
+
+  def restore_reference(self, step: int, abstract_reference: PyTree) -> PyTree:
+    """The updated reference saved with `step` (TR-DPO), onto its shardings."""
+    if not (self.workdir / "checkpoints" / str(step) / _REFERENCE).exists():
+      raise CheckpointError(
+          f"checkpoint {self.workdir / 'checkpoints' / str(step)} has no reference item, but "
+          "config.objective.ref_update updates the reference: the run was started without "
+          "reference updates. Resume with the config it was started with (config.json), or "
+          "use a fresh --workdir.")
+    out = self._mngr.restore(step, args=ocp.args.Composite(
+        **{_REFERENCE: ocp.args.StandardRestore(abstract_reference)}))
+    return out[_REFERENCE]
 
   def missing_exports(self) -> list[int]:
     """Schedule steps with a full-state checkpoint but no params export anywhere (a run

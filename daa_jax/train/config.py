@@ -143,7 +143,11 @@ def objective_fields(name: str = "dpo", beta: float = 0.1) -> ml_collections.Con
       normalize="mean" if name == "simpo" else "sum",  # SimPO is length-normalized
       gamma=0.5, rmax=5.0, dpop_lambda=50.0,  # simpo γ, chipo R_max, dpop λ (HPARAM_DEFAULTS)
       reference="live",  # live: frozen ref_params forward; cached: precomputed once, on disk
-      ref_dtype="float32"))
+      ref_dtype="float32",
+      # TR-DPO (Gorbatovski et al. 2024): every ref_update_every steps the reference becomes
+      # α·πθ + (1−α)·π_ref (soft; TRL's ref_model_mixup_alpha / ref_model_sync_steps) or πθ
+      # (hard); needs reference='live'. none: the frozen initial reference.
+      ref_update="none", ref_update_every=0, ref_update_alpha=0.6))
 
 
 def train_fields() -> ml_collections.ConfigDict:
@@ -214,6 +218,7 @@ CHOICES: dict[str, tuple] = {
     "objective.name": OBJECTIVE_NAMES,
     "objective.normalize": ("sum", "mean"),
     "objective.reference": ("live", "cached"),
+    "objective.ref_update": ("none", "soft", "hard"),
     "objective.ref_dtype": _DTYPES,
     "optim.name": ("rmsprop", "adamw", "adam", "sgd"),
     "optim.schedule": ("constant", "cosine", "linear"),
@@ -314,6 +319,7 @@ def validate(config, num_devices: int | None = None, prefix: str = "config.") ->
     if job == "daa":
       o = config.objective
       objective_config.validate_objective(o, prefix)  # gamma, rmax, dpop_lambda, simpo
+      objective_config.validate_ref_update(o, prefix)  # TR-DPO
       if not o.beta > 0:
         raise ConfigError(f"{prefix}objective.beta={o.beta} must be > 0 (it scales the "
                           "log-ratio; beta -> 0 removes the KL constraint).")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import json
 import os
 import time
 from typing import Any
@@ -37,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import logging
-from etils import epath
 
 from daa_jax.train import checkpoint as ckpt_lib
 from daa_jax.train import config as config_lib
@@ -54,6 +52,8 @@ from daa_jax.data import pipeline as data_pipeline
 from daa_jax.train import init as init_lib
 from daa_jax.train import heldout as heldout_lib
 from daa_jax.train import reference as reference_lib
+from daa_jax.train import reference_update as ref_update
+from daa_jax.train import rundir
 from daa_jax.train import fit as fit_lib
 
 PyTree = Any
@@ -84,56 +84,10 @@ def _counted(fn, name):
 
 # --- the run -----------------------------------------------------------------------------
 
-def _write_config(config, workdir):
-  """Writes `config.json`; a resumed run must keep the job, model and objective it started
-  with. Fields that a later daa_jax version added (absent from the old file) are accepted."""
-  path = epath.Path(workdir) / "config.json"  # local or gs://
-  text = config.to_json_best_effort(indent=2, sort_keys=True)
-  if path.exists():
-    old, new = json.loads(path.read_text()), json.loads(text)
-    for field in ("job", "model", "objective"):
-      if field not in old:
-        continue
-      before, now = old[field], new.get(field)
-      if isinstance(before, dict) and isinstance(now, dict):
-        changed = sorted(k for k in before if json.dumps(before[k]) != json.dumps(now.get(k)))
-      else:
-        changed = [] if json.dumps(before) == json.dumps(now) else [""]
-      if changed:
-        what = ", ".join(
-            f"{field}{'.' + k if k else ''}: {before.get(k) if k else before!r} then, "
-            f"{now.get(k) if k else now!r} now" for k in changed)
-        raise ConfigError(
-            f"{path} was written by a run with a different config.{field} ({what}); resume "
-            "with the same config or use a fresh --workdir.")
-  if jax.process_index() == 0:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write aside and rename: the other processes read this file while process 0 writes it.
-    tmp = path.parent / "config.json.tmp"
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def _saveable(state):
-  """The state to hand to an asynchronous save. On CPU, host "transfers" can alias device
-  buffers, and the next step donates (reuses) the state's buffers while orbax may still be
-  writing; a copy keeps the saved values alive. On accelerators the device-to-host copy is a
-  real copy, made before `save` returns."""
-  if jax.default_backend() == "cpu":
-    return jax.tree.map(jnp.copy, state)
-  return state
-
-
-def _saved_so_far(workdir: str):
-  """What a run directory holds, for the message of a SIGTERM before the loop."""
-  def describe() -> str:
-    steps = [int(p.name) for p in (epath.Path(workdir) / "checkpoints").glob("*")
-             if p.name.isdigit()]
-    if steps:
-      return (f"nothing new was saved; {workdir} keeps its checkpoints up to step "
-              f"{max(steps)}")
-    return f"nothing was saved yet (no checkpoint in {workdir}; the run starts over)"
-  return describe
+# The run directory's helpers (train/rundir.py), under the names tests and callers know.
+_write_config = rundir.write_config
+_saveable = rundir.saveable
+_saved_so_far = rundir.saved_so_far
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, explicit=None,
@@ -274,11 +228,18 @@ def _train(config: ml_collections.ConfigDict, workdir: str, explicit=None,
     ref_params = reference()
   else:
     ref_params = None
+  updating_ref = kind == "daa" and ref_update.enabled(config.objective)
+  if updating_ref:  # TR-DPO: the reference moves; a resumed run takes the one it saved
+    update_ref = ref_update.make(config.objective, param_shardings)
+    if latest is not None:
+      ref_params = checkpointer.restore_reference(latest, jax.tree.map(
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+          ref_params, param_shardings))
   # The guard scores its samples under the reference: with a cached reference it keeps
   # the reference params (one more copy of the weights) for its KL estimates.
   guard_ref = None
   if monitor_factory is not None and kind == "daa":
-    guard_ref = ref_params if ref_params is not None else reference()
+    guard_ref = ref_params if ref_params is not None and not updating_ref else reference()
   cache.clear()
 
   # 6. The jitted step.
@@ -357,6 +318,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, explicit=None,
     pending.clear()
     window_start, window_tokens = time.time(), 0.0
 
+  def save(done, export=None):
+    checkpointer.save(done, _saveable(state), meta(done), export=export,
+                      reference=ref_params if updating_ref else None)
+
   def meta(done):
     out = {"data": loader.state(), "seed": int(config.seed), "step": done}
     if monitor is not None:
@@ -387,6 +352,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, explicit=None,
         pending.append((step, m, metrics_lib.step_flops(model_cfg, tokens, seq_len, kind,
                                                         cached_ref)))
         done = step + 1
+        if updating_ref and ref_update.due(config.objective, done):
+          ref_params = update_ref(ref_params, state.params)
         final = done == total_steps
         due_ckpt = checkpointer.should_save(done, final)
         if done % t.log_every == 0 or due_ckpt or final:
@@ -399,16 +366,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str, explicit=None,
         if monitor is not None and monitor.due(done, final, due_ckpt):
           if monitor.observe(done, state.params):
             flush(done)
-            checkpointer.save(done, _saveable(state), meta(done), export=True)
+            save(done, export=True)
             summary["status"] = "stopped"
             break
         if due_ckpt:
-          checkpointer.save(done, _saveable(state), meta(done))
+          save(done)
         # Every process reads the same agreed flag here (dispatched one step ago, so the host
         # never waits on the step in flight): all save this step and leave together.
         if stop is not None and agreement.read(stop):
           flush(done)
-          checkpointer.save(done, _saveable(state), meta(done), export=False)
+          save(done, export=False)
           summary["status"] = "preempted"
           break
         stop = agreement.dispatch()
