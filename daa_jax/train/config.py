@@ -219,6 +219,8 @@ CHOICES: dict[str, tuple] = {
     "objective.normalize": ("sum", "mean"),
     "objective.reference": ("live", "cached"),
     "objective.ref_update": ("none", "soft", "hard"),
+    "guard.stop": guard_config.STOP_RULES,
+    "guard.judge.name": guard_config.JUDGES,
     "objective.ref_dtype": _DTYPES,
     "optim.name": ("rmsprop", "adamw", "adam", "sgd"),
     "optim.schedule": ("constant", "cosine", "linear"),

@@ -115,7 +115,8 @@ def tiny(**updates):
 
 
 @pytest.mark.parametrize("updates, message", [
-    ({"guard.stop": "peek"}, r"guard.stop='peek' is not a stop rule \(did you mean 'peak'\?\)"),
+    ({"guard.stop": "peek"}, r"guard.stop='peek' is not a known stop; choose one of: none, kl_budget, peak. Did you "
+     r"mean 'peak'\? Set --config.guard.stop=peak"),
     ({"guard.stop": "kl_budget"}, r"guard.stop='kl_budget' needs config.guard.kl_budget > 0"),
     ({"guard.stop": "peak", "guard.alpha": 0.7}, r"guard.alpha=0.7 must be in \(0, 0.5\)"),
     ({"guard.stop": "peak", "guard.judge.name": "none"}, r"stop='peak' needs a win rate"),
