@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 
 from daa_jax.errors import DaaError, DataError
 from daa_jax.study import checks as checks_lib
+from daa_jax.study import compare as compare_lib
 from daa_jax.study import figures as figures_lib
 from daa_jax.study import guard_report
 from daa_jax.study import fits as fits_lib
@@ -145,7 +146,14 @@ def write_all(rows, outcomes, out_dir: str, how: Mapping[str, Any],
       rows, fits, figures, os.path.join(out_dir, "report.md"),
       extra_lines=checks_lib.check_lines(results), win_rate_against=how["win_rate_against"],
       pairs_on_policy=how["pairs_on_policy"])
-  guard_lines = guard_report.write(out_dir)
+  compared = compare_lib.compare(rows, fits, outcomes)
+  extra = []
+  if len({e["objective"] for e in compared["objectives"]}) > 1:
+    write_json(compared, os.path.join(out_dir, "objectives.json"))
+    extra = compare_lib.table_lines(compared)
+    if compare_lib.figure(rows, fits, os.path.join(out_dir, "figures", "objectives.png")):
+      extra += ["![objectives](figures/objectives.png)", ""]
+  guard_lines = extra + guard_report.write(out_dir)
   if guard_lines:
     with open(report, "a", encoding="utf-8") as f:
       f.write("\n" + "\n".join(guard_lines) + "\n")

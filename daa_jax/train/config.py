@@ -280,6 +280,8 @@ def _check_choices(config, prefix: str) -> None:
     if value is _MISSING:
       continue
     values = value if isinstance(value, (tuple, list)) and path == "objectives" else (value,)
+    if path == "objectives":  # a sweep's labelled variants (study/sweep.py) count as names
+      allowed = tuple(allowed) + tuple(config.get("variants") or ())
     noun = path.split(".")[-1].replace("_", " ")
     noun = {"name": {"optim": "optimizer"}.get(path.split(".")[0], path.split(".")[0]),
             "objectives": "objective", "job": "job"}.get(noun, noun)
