@@ -131,6 +131,26 @@ def decide(rule: str, points: list[dict], fit: dict, best: int, kl_budget: float
   return False, "", test
 
 
+def replay(points: list[dict], rule: str, kl_budget: float = 0.0, alpha: float = 0.05,
+           num_bootstrap: int = 300, patience: int = 1) -> dict:
+  """The rule's decisions over recorded points (guard.json's, in step order), as the guard
+  takes them while training: {'stop_step' (None: no stop), 'kept_step', 'reason'}."""
+  seen: list[dict] = []
+  best, streak = None, 0
+  for p in points:
+    seen.append(p)
+    if p.get("win_rate") is not None and (best is None or p["win_rate"] > seen[best]["win_rate"]):
+      best = len(seen) - 1
+    elif best is None:
+      best = 0
+    stop, why, _ = decide(rule, seen, running_fit(seen, num_bootstrap), best, kl_budget, alpha)
+    streak = streak + 1 if stop else 0
+    if streak >= (patience if rule == "peak" else 1):
+      return {"stop_step": p["step"], "kept_step": seen[best]["step"], "reason": why}
+  return {"stop_step": None, "kept_step": None if best is None else seen[best]["step"],
+          "reason": ""}
+
+
 def _fmt_ci(ci) -> str:
   return "[n/a]" if ci is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
 
@@ -169,6 +189,7 @@ class Guard:
     self.best: int | None = None
     self.stopped, self.reason, self.stop_step = False, "", None
     self.kept: int | None = None  # the best point when the rule stopped (or would have)
+    self.streak = 0  # consecutive points at which the rule held
     self.seconds = time.time() - start
     self.is_main = jax.process_index() == 0
 
@@ -212,7 +233,11 @@ class Guard:
         self.g.stop, self.points, self.fit, self.best, float(self.g.kl_budget),
         float(self.g.alpha)))
     point["paired_vs_best"] = test
-    stop = bool(stop) and self.stop_step is None  # a dry run records its first stop only
+    # The peak rule must hold at `patience` consecutive points (one noisy dip does not stop a
+    # run); a KL budget stops at its first excess.
+    self.streak = self.streak + 1 if stop else 0
+    need = int(self.g.get("patience", 1)) if self.g.stop == "peak" else 1
+    stop = self.streak >= need and self.stop_step is None
     if stop:
       self.reason, self.stop_step, self.kept = why, int(step), self.best
       self.stopped = not self.g.dry_run
@@ -223,6 +248,7 @@ class Guard:
   def state(self) -> dict:
     return {"points": self.points, "best": self.best, "stopped": self.stopped,
             "reason": self.reason, "stop_step": self.stop_step, "kept": self.kept,
+            "streak": self.streak,
             "seconds": self.seconds}
 
   def restore(self, state: dict | None) -> None:
@@ -231,7 +257,7 @@ class Guard:
     self.points = list(state["points"])
     self.best, self.stopped = state["best"], bool(state["stopped"])
     self.reason, self.stop_step = state["reason"], state["stop_step"]
-    self.kept = state.get("kept")
+    self.kept, self.streak = state.get("kept"), int(state.get("streak", 0))
     self.seconds = float(state["seconds"])
     self.fit = running_fit(self.points, int(self.g.num_bootstrap))
     logging.info("guard: resumed with %d points (best step %s)", len(self.points),
@@ -307,7 +333,8 @@ class Guard:
     doc = {"rule": self.g.stop, "kl_budget": float(self.g.kl_budget),
            "alpha": float(self.g.alpha), "every": int(self.g.every),
            "eval": self.g.eval.to_dict(), "judge": self.setup.judge_name,
-           "points": [{k: v for k, v in p.items() if k != "outcomes"} for p in self.points],
+           # With each point's per-prompt outcomes: the paired tests can be checked (`replay`).
+           "points": self.points,
            "fit": self.fit, "stopped": self.stopped, "stop_step": self.stop_step,
            "reason": self.reason or ("running" if summary is None else
                                      f"not stopped: the run {summary.get('status')}"),

@@ -13,6 +13,8 @@ KL points on it fits the paper's law and predicts d* and the peak win rate. `sto
   peak       stop once √KL is past the upper bound of the predicted d*'s interval and the win
              rate is below the best point's, by a one-sided paired test on the same prompts
              at level `alpha`
+
+`peak` must hold at `patience` consecutive points (2: one noisy dip does not stop a run).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ def guard_fields(enabled: bool = False) -> ml_collections.ConfigDict:
       stop="none",        # none | kl_budget | peak
       kl_budget=0.0,      # kl_budget: the largest √KL (nats^½) the run may reach
       alpha=0.05,         # peak: level of the paired test against the best point
+      patience=2,         # peak: stop once the rule holds at this many consecutive points
       num_bootstrap=300,  # replicates of the running fit's intervals
       # Record where the rule would stop (and which point it would keep), but train on: the
       # same decisions as a real stop (tests/study/test_guard.py), and the points past it
@@ -95,6 +98,9 @@ def validate_guard(config, prefix: str = "config.") -> None:
   if g.stop == "peak" and g.judge.name == "none":
     raise ConfigError(f"{prefix}guard.stop='peak' needs a win rate: set {prefix}guard.judge.name "
                       "to gold (synthetic task), reward_model or llm, or use stop='kl_budget'.")
+  if int(g.get("patience", 1)) < 1:
+    raise ConfigError(f"{prefix}guard.patience={g.patience} must be >= 1 (consecutive points "
+                      "at which the rule must hold before the run stops).")
   if int(g.num_bootstrap) < 100:
     raise ConfigError(f"{prefix}guard.num_bootstrap={g.num_bootstrap} must be >= 100 for a "
                       "95% interval.")

@@ -255,6 +255,9 @@ def test_a_dry_run_decides_as_a_real_stop_and_trains_on(tmp_path):
   # 128 pairs / batch 16: one epoch is 8 steps, the whole run.
   assert [p["step"] for p in b["points"]][-1] == 8 and "daa: finished at step 8" in proc.stdout
   assert "guard: would stop here (dry run)" in proc.stderr
+  # The recorded points replayed through the rule give the same decision.
+  replayed = guard.replay(b["points"], "kl_budget", kl_budget=0.3, patience=2)
+  assert (replayed["stop_step"], replayed["kept_step"]) == (a["stop_step"], a["kept"]["step"])
   table = guard_report.evidence_table([real, dry, str(tmp_path)])
   rows = table.strip().splitlines()[2:]
   assert len(rows) == 2 and "| kl_budget (dry run) |" in rows[1]

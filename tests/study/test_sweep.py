@@ -155,6 +155,25 @@ def test_shrunk_quickstart_shows_overoptimization(tmp_path):
     assert steps[0] == 0 and not doc["stopped"] and doc["rule"] == "none"
     assert set(steps) == {0} | set(ckpt_lib.exported_steps(os.path.join(workdir, run)))
     assert doc["compiles"]["sampler"] == 1
+  # The guard's evidence, replayed on these runs' own points (the dry run's decisions, as
+  # configs/guard.py takes them): the peak rule keeps a point within the paired 95% interval
+  # of the run's best, and fires in every run that ends clearly below its best.
+  from daa_jax.study import guard  # pylint: disable=g-import-not-at-top
+  from daa_jax.study import intervals  # pylint: disable=g-import-not-at-top
+  for run in [r for r in os.listdir(workdir) if r.startswith(("dpo_", "slic_"))]:
+    with open(os.path.join(workdir, run, "guard.json")) as f:
+      pts = json.load(f)["points"]
+    if pts[0]["step"] != 0:  # only a size's first run has the reference point
+      with open(os.path.join(workdir, "dpo_tiny2_b0p1", "guard.json")) as f:
+        pts = [json.load(f)["points"][0]] + pts
+    out = guard.replay(pts, "peak", patience=2)
+    best = max(pts, key=lambda p: p["win_rate"])
+    kept = next(p for p in pts if p["step"] == out["kept_step"])
+    gap = intervals._paired(np.subtract(best["outcomes"], kept["outcomes"]))  # pylint: disable=protected-access
+    assert gap["diff"] - 1.959964 * gap["stderr"] <= 0, (run, out, gap)
+    drop = intervals._paired(np.subtract(best["outcomes"], pts[-1]["outcomes"]))  # pylint: disable=protected-access
+    if drop["p_value"] < 0.01:
+      assert out["stop_step"] is not None, (run, drop)
 
 
 def test_seeds_expand_to_runs_and_give_seed_level_intervals(tmp_path):
