@@ -76,6 +76,7 @@ def compare(rows: Sequence[Mapping[str, Any]], fits: Mapping[str, Any],
     entry["vs_baseline"] = (None if objective == baseline or base is None or outcomes is None
                             else matched_kl_test(group, base, outcomes, bin_width))
     out.append(entry)
+  out.sort(key=lambda e: e["objective"] != baseline)  # the baseline first, then as grouped
   return {"baseline": baseline, "bin_width": bin_width, "objectives": out}
 
 
