@@ -54,7 +54,7 @@ def guard_eval_fields(num_prompts: int = 200) -> ml_collections.ConfigDict:
       num_prompts=num_prompts, samples_per_prompt=1, max_new_tokens=0,
       reference_source=ml_collections.config_dict.placeholder(str),
       temperature=1.0, top_k=0, top_p=1.0, batch_size=64, seed=0, forward_kl=False,
-      include_reference=True, num_pairs=500,
+      include_reference=True, num_pairs=200,
       steps=ml_collections.config_dict.placeholder(tuple)))
 
 
