@@ -83,10 +83,10 @@ def initial_params(config, model_cfg, mesh, param_shardings) -> PyTree:
   return sharding.init_params_sharded(model_cfg, mesh, jax.random.key(config.seed))
 
 
-def _merged_lora_run(spec, run_cfg, model_cfg, mesh, param_shardings) -> PyTree:
-  """The params of LoRA run `spec` (`RUN_DIR[@STEP]`): its own base (its init_from, hf_model
-  or seeded scratch init, checked against the fingerprint it recorded) merged with the
-  adapters exported at that step, in `model_cfg.param_dtype`."""
+def lora_run_parts(spec, run_cfg, model_cfg, mesh, param_shardings):
+  """(base, adapters, step) of LoRA run `spec` (`RUN_DIR[@STEP]`): its own base (its
+  init_from, hf_model or seeded scratch init, checked against the fingerprint it recorded)
+  and the adapters exported at that step (the latest without @STEP)."""
   run_dir = spec.partition("@")[0]
   base = initial_params(run_cfg, model_cfg, mesh, param_shardings)
   lora_state.check_base(lora_state.read_base_record(run_dir), lora_state.base_record(
@@ -94,6 +94,13 @@ def _merged_lora_run(spec, run_cfg, model_cfg, mesh, param_shardings) -> PyTree:
   abstract, shardings = lora_state.adapter_layout(run_cfg, jax.eval_shape(lambda: base), mesh)
   adapters, step = ckpt_lib.load_params(spec, ckpt_lib.abstract_with_shardings(
       abstract, shardings))
+  return base, adapters, step
+
+
+def _merged_lora_run(spec, run_cfg, model_cfg, mesh, param_shardings) -> PyTree:
+  """The params of LoRA run `spec`: its base merged with its adapters (`lora_run_parts`),
+  in `model_cfg.param_dtype`."""
+  base, adapters, step = lora_run_parts(spec, run_cfg, model_cfg, mesh, param_shardings)
   dtype, scale = jnp.dtype(model_cfg.param_dtype), lora_state.scale(run_cfg)
   merged = jax.jit(lambda b, a: jax.tree.map(lambda x: x.astype(dtype), lora_lib.merge(
       b, a, scale)), out_shardings=param_shardings)(base, adapters)
