@@ -109,6 +109,16 @@ def _merged_lora_run(spec, run_cfg, model_cfg, mesh, param_shardings) -> PyTree:
   return merged
 
 
+def run_params(spec: str, abstract: PyTree, model_cfg, mesh) -> PyTree:
+  """Exported params of run `RUN_DIR@STEP` onto `abstract`'s shardings; a LoRA run's are its
+  base merged with that step's adapters."""
+  run_lora = lora_state.run_lora(str(spec).partition("@")[0])
+  if run_lora is None:
+    return ckpt_lib.load_params(spec, abstract)[0]
+  shardings = jax.tree.map(lambda x: x.sharding, abstract)
+  return _merged_lora_run(str(spec), run_lora, model_cfg, mesh, shardings)
+
+
 def opt_state_shardings(tx, abstract_params, param_shardings, mesh):
   """Optimizer-state shardings: each per-parameter leaf (e.g. RMSprop's `nu`) is sharded
   like its parameter; scalars (counts) are replicated."""

@@ -17,6 +17,7 @@ from daa_jax.models import model as model_lib
 from daa_jax.train import checkpoint as ckpt_lib
 from daa_jax.train import config as config_lib
 from daa_jax.train import loop as train
+from daa_jax.train import lora_export
 from daa_jax.train import optim
 from daa_jax.train import step as step_lib
 
@@ -152,3 +153,36 @@ def test_lora_is_off_by_default_and_rank_0_or_disabled_trains_full_params(tmp_pa
   assert not os.path.exists(str(tmp_path / "off" / "lora_base.json"))
   full = final_params(str(tmp_path / "off"), 1)  # a full-params export
   assert "kernel" in full["layers_0"]["attention"]["dense"]
+
+
+def test_cli_sft_then_dpo_with_lora_on_tiny_llama_reference_is_the_merged_sft(tmp_path):
+  """SFT with LoRA, then DPO with a fresh adapter over the SFT adapter merged into its base
+  (the reference is that merged SFT model, as config.json says), then evaluation."""
+  sft, dpo, full = (str(tmp_path / n) for n in ("sft", "dpo", "full"))
+  common = ["--config.model.lora.rank=4", "--config.train.max_steps=4",
+            "--config.checkpoint.epoch_fractions=(0.25,)"]
+  _cli(["--config=configs/tiny.py:job=sft,size=tiny-llama", "--config.optim.lr=1e-2",
+        f"--workdir={sft}"] + common)
+  _cli(["--config=configs/tiny.py:job=daa,size=tiny-llama", f"--config.init_from={sft}",
+        f"--workdir={dpo}"] + common)
+  # The same DPO without LoRA from the same SFT run: its initial params (= reference) are the
+  # merged SFT model too.
+  _cli(["--config=configs/tiny.py:job=daa,size=tiny-llama", f"--config.init_from={sft}",
+        "--config.train.max_steps=1", f"--workdir={full}"])
+  cfg = json.load(open(os.path.join(dpo, "config.json")))
+  assert cfg["reference_model"] == f"the base, adapters off: init_from:{sft}@4"
+  assert cfg["model"]["lora"]["rank"] == 4
+  first, ref_full = metrics(dpo)[0], metrics(full)[0]
+  np.testing.assert_allclose(first["daa/loss"], np.log(2), rtol=1e-6)  # policy = reference
+  for k in ("logps/ref_chosen", "logps/ref_rejected"):
+    np.testing.assert_allclose(first[k], ref_full[k], rtol=1e-5)
+  # ...and not the raw base: the SFT adapters moved the log-probs.
+  sft_m = metrics(sft)
+  assert sft_m[-1]["sft/nll"] < sft_m[0]["sft/nll"]
+  _, _, _, sft_adapters, _ = lora_export.load_run(sft)
+  assert all(np.abs(np.asarray(v)).max() > 1e-4
+             for p, v in lora.flatten(sft_adapters).items() if p[-1] == "b")
+  proc = _cli(["--config=configs/eval.py", "--config.eval.num_prompts=8",
+               "--config.eval.batch_size=8", "--config.eval.num_pairs=16", f"--workdir={dpo}"])
+  summary = json.load(open(os.path.join(dpo, "eval", "4", "summary.json")))
+  assert summary["step"] == 4 and summary["kl"] > 0, proc.stderr[-2000:]
