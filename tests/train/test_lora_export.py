@@ -72,15 +72,24 @@ def test_merged_and_peft_exports_give_the_merged_forwards_logits(tmp_path, famil
   assert len(loaded) == len(lora.adapted_modules(adapters))
 
 
-def test_peft_export_of_a_scratch_base_writes_the_base_and_a_full_run_is_refused(tmp_path):
+def test_peft_export_of_a_scanned_scratch_run_writes_the_base_and_a_full_run_is_refused(
+    tmp_path):
   run = str(tmp_path / "run")
-  train.run(tiny("job=sft", **{"model.lora.rank": 2, "train.max_steps": 2}), run)
+  train.run(tiny("job=sft", **{"model.lora.rank": 2, "train.max_steps": 2, "optim.lr": 1e-2,
+                               "model.scan_layers": True}), run)
+  _, model_cfg, base, adapters, _ = lora_export.load_run(run)
+  assert model_cfg.scan_layers and "layers" in adapters  # [N, ...] adapters
   out = lora_export.export(run, peft_dir=str(tmp_path / "peft"))
   assert out["base"] == str(tmp_path / "peft" / "base")
   model = peft.PeftModel.from_pretrained(
-      transformers.AutoModelForCausalLM.from_pretrained(out["base"]), str(tmp_path / "peft"))
+      transformers.AutoModelForCausalLM.from_pretrained(out["base"]),
+      str(tmp_path / "peft")).eval()
   keys = [k for k, _ in model.named_parameters() if "lora_A" in k]
-  assert keys and all("attention" in k for k in keys)
+  assert len(keys) == 4 and all("attention" in k for k in keys)
+  tokens = np.random.default_rng(1).integers(0, 264, (2, 9)).astype(np.int32)
+  ours = np.asarray(model_lib.CausalLM(model_cfg).apply(
+      {"params": lora.merge(base, adapters, 16.0 / 2)}, tokens))
+  assert np.abs(_logits(model, tokens) - ours).max() <= 1e-4
   full = str(tmp_path / "full")
   train.run(tiny("job=sft", **{"train.max_steps": 1}), full)
   with pytest.raises(CheckpointError, match="is not a LoRA run"):
