@@ -94,9 +94,8 @@ def model_fields(size: str = "tiny") -> ml_collections.ConfigDict:
   """
   return ml_collections.ConfigDict(dict(
       size=size, dtype="float32", param_dtype="float32", scan_layers=False,
-      remat_policy="none", attention_impl="xla",
-      vocab_size=0,  # vocab_size 0: the size table's (tiny: >= tokenizer)
-      lora=lora_state.lora_fields()))  # rank 0: off (README, "LoRA")
+      remat_policy="none", attention_impl="xla", lora=lora_state.lora_fields(),  # rank 0: off
+      vocab_size=0))  # vocab_size 0: the size table's (tiny: >= tokenizer)
 
 
 # Precision policies: (param, compute, optimizer state, reference) dtypes. Log-softmax,

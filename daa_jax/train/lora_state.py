@@ -62,6 +62,12 @@ def validate_lora(config, prefix: str = "config.") -> None:
         "family runs unchanged), and dropout on the adapter's input needs the activation-level "
         "form x@W + dropout(x)@A@B, which is not implemented. Rather than ignore it silently "
         f"the run stops; set --{p}dropout=0.0.")
+  o = config.get("objective")
+  if config.get("job") == "daa" and o is not None and o.get("ref_update", "none") != "none":
+    raise ConfigError(
+        f"{p}rank={lo.rank} with {prefix}objective.ref_update={o.ref_update!r}: with LoRA the "
+        "reference is the frozen base itself (adapters off), so TR-DPO's reference updates "
+        f"have nothing to move; set --{prefix}objective.ref_update=none or --{p}rank=0.")
   g = config.get("guard")
   if config.get("job") == "daa" and g is not None and g.get("enabled"):
     raise ConfigError(
