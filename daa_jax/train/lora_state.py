@@ -47,11 +47,11 @@ def scale(config) -> float:
 def validate_lora(config, prefix: str = "config.") -> None:
   """Raises `ConfigError` for a LoRA block daa_jax cannot honour."""
   lo = config.get("model", {}).get("lora")
+  p = f"{prefix}model.lora."
+  if lo is not None and int(lo.get("rank", 0)) < 0:
+    raise ConfigError(f"{p}rank={lo.rank} must be >= 0 (0: LoRA off).")
   if lo is None or not enabled(config):
     return
-  p = f"{prefix}model.lora."
-  if int(lo.rank) < 0:
-    raise ConfigError(f"{p}rank={lo.rank} must be >= 0 (0: LoRA off).")
   if not float(lo.alpha) > 0:
     raise ConfigError(f"{p}alpha={lo.alpha} must be > 0 (the adapters are scaled by "
                       "alpha/rank).")
@@ -66,8 +66,9 @@ def validate_lora(config, prefix: str = "config.") -> None:
   if config.get("job") == "daa" and o is not None and o.get("ref_update", "none") != "none":
     raise ConfigError(
         f"{p}rank={lo.rank} with {prefix}objective.ref_update={o.ref_update!r}: with LoRA the "
-        "reference is the frozen base itself (adapters off), so TR-DPO's reference updates "
-        f"have nothing to move; set --{prefix}objective.ref_update=none or --{p}rank=0.")
+        "reference is the frozen base itself (adapters off), and TR-DPO's reference updates "
+        "would make it a second, moving copy of the weights, which the LoRA step does not hold "
+        f"(not implemented); set --{prefix}objective.ref_update=none or --{p}rank=0.")
   g = config.get("guard")
   if config.get("job") == "daa" and g is not None and g.get("enabled"):
     raise ConfigError(

@@ -165,6 +165,7 @@ def test_a_base_changed_under_the_checkpoint_is_refused_naming_both_fingerprints
     ({"model.lora.alpha": 0.0}, "alpha=0.0 must be > 0"),
     ({"guard.enabled": True}, "guard"),
     ({"objective.ref_update": "hard"}, "TR-DPO's reference updates"),
+    ({"model.lora.rank": -1}, "rank=-1 must be >= 0"),
 ])
 def test_lora_config_errors(updates, message):
   with pytest.raises(ConfigError, match=message):
