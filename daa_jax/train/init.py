@@ -91,9 +91,17 @@ def lora_run_parts(spec, run_cfg, model_cfg, mesh, param_shardings):
   base = initial_params(run_cfg, model_cfg, mesh, param_shardings)
   lora_state.check_base(lora_state.read_base_record(run_dir), lora_state.base_record(
       reference_identity(run_cfg), lora_state.fingerprint(base)), run_dir)
-  abstract, shardings = lora_state.adapter_layout(run_cfg, jax.eval_shape(lambda: base), mesh)
+  # The adapters as the LoRA run stored them (its scan_layers), then in this layout.
+  n, stored_scan = model_cfg.num_hidden_layers, bool(run_cfg.model.get("scan_layers", False))
+  layout = {True: model_lib.to_scan_layout, False: model_lib.from_scan_layout}
+  abstract_base = jax.eval_shape(lambda: base)
+  if stored_scan != model_cfg.scan_layers:
+    abstract_base = jax.eval_shape(lambda: layout[stored_scan](base, n))
+  abstract, shardings = lora_state.adapter_layout(run_cfg, abstract_base, mesh)
   adapters, step = ckpt_lib.load_params(spec, ckpt_lib.abstract_with_shardings(
       abstract, shardings))
+  if stored_scan != model_cfg.scan_layers:
+    adapters = layout[model_cfg.scan_layers](adapters, n)
   return base, adapters, step
 
 

@@ -5,7 +5,8 @@
   3. abstract state and shardings from shapes (`jax.eval_shape`), never from real arrays;
   4. init or restore, in this order: the workdir's latest checkpoint -> `config.init_from`
      (a daa_jax run, e.g. the SFT run) -> `config.hf_model` (HF weights) -> scratch;
-  5. the reference: a frozen copy of the initial params (never donated, no optimizer state),
+  5. the reference: a frozen copy of the initial params (never donated, no optimizer state;
+     with LoRA the frozen base itself, `lora_state.py`),
      or reference log-probs precomputed once and cached on disk;
   6. the jitted step with explicit shardings and donation, then an ordinary `for` loop with
      logging, schedule checkpoints, SIGTERM/Ctrl-C handling and a non-finite guard.

@@ -21,6 +21,7 @@ from etils import epath
 
 from daa_jax.errors import CheckpointError, ConfigError
 from daa_jax.models import lora as lora_lib
+from daa_jax.models import model as model_lib
 
 PyTree = Any
 BASE_FILE = "lora_base.json"  # in the run's workdir: the base's source and fingerprint
@@ -93,7 +94,11 @@ def init_adapters(config, abstract_base: PyTree) -> PyTree:
 
 def fingerprint(params: PyTree) -> str:
   """A short hash of the base: every leaf's path, shape and dtype and a strided sample of
-  up to 4096 of its values (read as float32 bytes). Collective on a multi-process mesh."""
+  up to 4096 of its values (read as float32 bytes), over the per-layer layout (the same
+  weights hash the same with or without scan_layers). Collective on a multi-process mesh."""
+  if "layers" in params:
+    n = jax.tree.leaves(params["layers"])[0].shape[0]
+    params = jax.jit(lambda p: model_lib.from_scan_layout(p, n))(params)
   flat = lora_lib.flatten(params)
   names = sorted(flat)
 

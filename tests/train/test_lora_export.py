@@ -5,6 +5,7 @@ import json
 import os
 
 import numpy as np
+import jax
 import pytest
 import torch
 import transformers
@@ -13,7 +14,10 @@ from daa_jax.errors import CheckpointError
 from daa_jax.models import lora
 from daa_jax.models import model as model_lib
 from daa_jax.train import loop as train
+from daa_jax.models import sharding
+from daa_jax.train import init as init_lib
 from daa_jax.train import lora_export
+from daa_jax.train import lora_state
 
 from test_train import tiny  # noqa: E402  (tests/train on sys.path)
 
@@ -67,6 +71,16 @@ def test_merged_and_peft_exports_give_the_merged_forwards_logits(tmp_path, famil
   with_adapter = peft.PeftModel.from_pretrained(
       transformers.AutoModelForCausalLM.from_pretrained(base_dir), str(tmp_path / "peft")).eval()
   assert np.abs(_logits(with_adapter, tokens) - ours).max() <= 1e-4
+  # A scan_layers run starting from this one reads the adapters in its own layout (the HF
+  # base is the same weights in either layout: same fingerprint).
+  scan_cfg = model_cfg.replace(scan_layers=True)
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  scan_base, scan_adapters, _ = init_lib.lora_run_parts(
+      run, run_cfg, scan_cfg, mesh, sharding.param_shardings(scan_cfg, mesh))
+  assert "layers" in scan_adapters
+  scanned = np.asarray(model_lib.CausalLM(scan_cfg).apply(
+      {"params": lora.merge(scan_base, scan_adapters, 2.0)}, tokens))
+  np.testing.assert_allclose(scanned, ours, atol=1e-5)
   # Every tensor was read: the adapter's lora_B weights are those we wrote (not fresh zeros).
   loaded = {k for k, _ in with_adapter.named_parameters() if "lora_B" in k}
   assert len(loaded) == len(lora.adapted_modules(adapters))
@@ -90,6 +104,13 @@ def test_peft_export_of_a_scanned_scratch_run_writes_the_base_and_a_full_run_is_
   ours = np.asarray(model_lib.CausalLM(model_cfg).apply(
       {"params": lora.merge(base, adapters, 16.0 / 2)}, tokens))
   assert np.abs(_logits(model, tokens) - ours).max() <= 1e-4
+  # A scratch init is another base in the other layout (nn.scan draws other numbers): a run
+  # without scan_layers refuses these adapters.
+  flat_cfg = model_cfg.replace(scan_layers=False)
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  with pytest.raises(CheckpointError, match="fingerprint"):
+    init_lib.lora_run_parts(run, lora_state.run_lora(run), flat_cfg, mesh,
+                            sharding.param_shardings(flat_cfg, mesh))
   full = str(tmp_path / "full")
   train.run(tiny("job=sft", **{"train.max_steps": 1}), full)
   with pytest.raises(CheckpointError, match="is not a LoRA run"):
