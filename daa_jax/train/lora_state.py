@@ -95,21 +95,32 @@ def init_adapters(config, abstract_base: PyTree) -> PyTree:
 def fingerprint(params: PyTree) -> str:
   """A short hash of the base: every leaf's path, shape and dtype and a strided sample of
   up to 4096 of its values (read as float32 bytes), over the per-layer layout (the same
-  weights hash the same with or without scan_layers). Collective on a multi-process mesh."""
-  if "layers" in params:
-    n = jax.tree.leaves(params["layers"])[0].shape[0]
-    params = jax.jit(lambda p: model_lib.from_scan_layout(p, n))(params)
-  flat = lora_lib.flatten(params)
-  names = sorted(flat)
+  weights hash the same with or without scan_layers). One jitted gather of the samples,
+  replicated, so every process reads them (collective on a multi-process mesh)."""
+  def per_layer(p):
+    if "layers" in p:
+      p = model_lib.from_scan_layout(p, jax.tree.leaves(p["layers"])[0].shape[0])
+    return lora_lib.flatten(p)
 
-  def sample(x):
-    x = x.reshape(-1)
-    return x[:: max(1, x.size // 4096)][:4096].astype(jnp.float32)
+  abstract = jax.eval_shape(per_layer, params)
+  names = sorted(abstract)
 
-  values = jax.device_get(jax.jit(lambda xs: [sample(x) for x in xs])([flat[n] for n in names]))
+  def samples(p):
+    flat = per_layer(p)
+    out = []
+    for n in names:
+      x = flat[n].reshape(-1)
+      out.append(x[:: max(1, x.size // 4096)][:4096].astype(jnp.float32))
+    return out
+
+  first = getattr(jax.tree.leaves(params)[0], "sharding", None)
+  replicated = (jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec())
+                if isinstance(first, jax.sharding.NamedSharding) else None)
+  values = jax.device_get(jax.jit(samples, out_shardings=replicated)(params))
   h = hashlib.sha256()
   for n, v in zip(names, values):
-    h.update(f"{'/'.join(n)}:{tuple(flat[n].shape)}:{np.dtype(flat[n].dtype).name};".encode())
+    a = abstract[n]
+    h.update(f"{'/'.join(n)}:{tuple(a.shape)}:{np.dtype(a.dtype).name};".encode())
     h.update(np.ascontiguousarray(v).tobytes())
   return h.hexdigest()[:16]
 
