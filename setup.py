@@ -33,7 +33,7 @@ setuptools.setup(
     extras_require={
         # torch (CPU) is for parity tests against transformers only; install torch==2.13.0
         # (CPU build) first, as the README says, or pip pulls a multi-GB CUDA build.
-        "test": ["pytest>=7", "pytest-xdist>=3", "torch"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "torch", "peft>=0.13"],
         # jax[tpu] pins the libtpu of the installed jax version (it also lets
         # `python -m daa_jax.plan --platform tpu` compile for TPU topologies on any machine);
         # gcsfs: gs:// workdirs through etils.epath.

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 
 from daa_jax.train import config as config_lib
 from daa_jax.accel import programs as programs_lib
+from daa_jax.train import lora_state
 from daa_jax.errors import ConfigError
 from daa_jax.models import config as model_configs
 from daa_jax.accel import devices as devices_lib
@@ -123,11 +124,14 @@ def lower_one(s: programs_lib.Setup, name: str, micro: int, platform: str) -> di
     ref, batch = args
   else:
     cache = args[1] if name == "sample_decode" else None
-  params = programs_lib.shard_bytes(s.params) if name != "ref_logps" else 0
+  # The trained params (LoRA: the adapters; the base is counted as the reference).
+  trained = state.params if state is not None else s.params
+  params = programs_lib.shard_bytes(trained) if name != "ref_logps" else 0
   grads = 0
   if state is not None:
-    elems = sum(math.prod(x.sharding.shard_shape(x.shape)) for x in jax.tree.leaves(s.params))
-    grad_size = 4 if s.config.train.grad_accum > 1 else jnp.dtype(s.model_cfg.param_dtype).itemsize
+    elems = sum(math.prod(x.sharding.shard_shape(x.shape)) for x in jax.tree.leaves(trained))
+    grad_size = (4 if s.config.train.grad_accum > 1 or lora_state.enabled(s.config)
+                 else jnp.dtype(s.model_cfg.param_dtype).itemsize)
     grads = elems * grad_size
   mem = {"params": params, "grads": grads,
          "opt_state": programs_lib.shard_bytes(state.opt_state) if state is not None else 0,
@@ -289,7 +293,8 @@ def plan(config, mesh_shape, platform: str, topology: str | None = None,
   return {
       "config": {"size": config.model.size, "job": config.job, "remat": s.model_cfg.remat_policy,
                  "scan_layers": s.model_cfg.scan_layers, "grad_accum": config.train.grad_accum,
-                 "prompt_len": s.prompt_len, "response_len": s.response_len},
+                 "prompt_len": s.prompt_len, "response_len": s.response_len,
+                 "lora_rank": int(config.model.lora.rank) if lora_state.enabled(config) else 0},
       "platform": platform, "topology": topology, "mesh": dict(mesh.shape),
       "device_kind": device_kind, "device_memory": device_memory, "precision": precision,
       "primary": primary, "micro_batch": micro,

@@ -31,6 +31,7 @@ from daa_jax.train import step as step_lib
 from daa_jax.errors import ConfigError, DataError
 from daa_jax.models import config as model_configs
 from daa_jax.train import init as init_lib
+from daa_jax.train import lora_state
 
 PROGRAMS = ("daa_live_packed", "daa_live_tworow", "daa_cached_packed", "daa_cached_tworow",
             "sft", "ref_logps", "sample_prefill", "sample_decode")
@@ -84,7 +85,7 @@ class Setup:
   model: model_lib.CausalLM
   tx: Any
   lr_fn: Any
-  params: Any            # sharded ShapeDtypeStructs
+  params: Any            # sharded ShapeDtypeStructs of the model's (merged) params
   state: Any             # TrainState of those
   state_shardings: Any
   ref_params: Any        # reference dtype, sharded like params
@@ -109,11 +110,15 @@ def make_setup(config, mesh, prompt_len=None, response_len=None, sample_batch=No
   abstract_params = jax.eval_shape(functools.partial(model_lib.init_params, model_cfg),
                                    jax.random.key(0))
   replicated = NamedSharding(mesh, P())
+  # LoRA: the state trains the adapters only; the base is the (always live) reference.
+  trained, trained_shardings = (lora_state.adapter_layout(config, abstract_params, mesh)
+                                if lora_state.enabled(config)
+                                else (abstract_params, param_shardings))
   state_shardings = step_lib.TrainState(
-      step=replicated, params=param_shardings,
-      opt_state=init_lib.opt_state_shardings(tx, abstract_params, param_shardings, mesh))
+      step=replicated, params=trained_shardings,
+      opt_state=init_lib.opt_state_shardings(tx, trained, trained_shardings, mesh))
   state = _abstract(jax.eval_shape(functools.partial(step_lib.init_state, tx=tx),
-                                   abstract_params), state_shardings)
+                                   trained), state_shardings)
   ref_dtype = jnp.dtype(config.objective.get("ref_dtype", "float32"))
   ref = _abstract(jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, ref_dtype),
                                abstract_params), param_shardings)
@@ -126,7 +131,7 @@ def make_setup(config, mesh, prompt_len=None, response_len=None, sample_batch=No
                       "--prompt_len/--response_len).")
   micro = config.train.batch_size // config.train.grad_accum
   return Setup(config, mesh, model_cfg, model_lib.CausalLM(model_cfg), tx, lr_fn,
-               state.params, state, state_shardings, ref, prompt_len, response_len,
+               _abstract(abstract_params, param_shardings), state, state_shardings, ref, prompt_len, response_len,
                int(sample_batch or micro), int(new_tokens or response_len))
 
 
@@ -165,7 +170,6 @@ def _with_planned_lengths(config, prompt_len, response_len):
 def _hparams(config, mesh):
   h = {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
        for k in step_lib.hparams_from_config(config.objective)}
-  h["debug_nan_step"] = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
   return h
 
 
@@ -185,9 +189,10 @@ def train_program(s: Setup, kind: str, cached_ref: bool, packing: bool, micro: i
   scfg = step_lib.StepConfig(
       kind=kind, objective=c.objective.name if kind == "daa" else "dpo",
       normalize=c.objective.normalize if kind == "daa" else "sum", grad_accum=grad_accum,
-      cached_ref=cached_ref, logps_chunk=int(t.logps_chunk), packing=packing)
+      cached_ref=cached_ref, logps_chunk=int(t.logps_chunk), packing=packing,
+      lora=lora_state.enabled(c), lora_scale=lora_state.scale(c) if lora_state.enabled(c) else 1.0)
   replicated = NamedSharding(s.mesh, P())
-  live = kind == "daa" and not cached_ref
+  live = scfg.lora or (kind == "daa" and not cached_ref)  # LoRA: the base is an argument
   fn = jax.jit(functools.partial(step_lib.train_step, model=s.model, tx=s.tx, cfg=scfg,
                                  lr_fn=s.lr_fn),
                in_shardings=(s.state_shardings,

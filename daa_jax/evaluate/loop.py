@@ -335,8 +335,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   bar = metrics_lib.Progress(len(todo), 0, jax.process_index() == 0,
                              desc=f"eval {epath.Path(run_dir).name}")
   for step, is_ref in todo:
-    params = setup.ref_params if is_ref else ckpt_lib.load_params(f"{run_dir}@{step}",
-                                                                  abstract)[0]
+    params = setup.ref_params if is_ref else init_lib.run_params(  # LoRA: merged
+        f"{run_dir}@{step}", abstract, model_cfg, setup.mesh)
     summary, arrays, rows = evaluate_params(setup, params, step, spe, is_reference=is_ref)
     store_lib.write_step(workdir, step, summary, arrays, rows)
     logging.info("eval step %d: kl %.4f ± %.4f, forward kl %s, win rate %s, %s, %.1fs", step,

@@ -16,6 +16,7 @@ import ml_collections
 
 from daa_jax.models import config as model_configs
 from daa_jax.train import guard_config
+from daa_jax.train import lora_state
 
 
 # --- ml_collections configs ---------------------------------------------------------------
@@ -93,7 +94,7 @@ def model_fields(size: str = "tiny") -> ml_collections.ConfigDict:
   """
   return ml_collections.ConfigDict(dict(
       size=size, dtype="float32", param_dtype="float32", scan_layers=False,
-      remat_policy="none", attention_impl="xla",
+      remat_policy="none", attention_impl="xla", lora=lora_state.lora_fields(),  # rank 0: off
       vocab_size=0))  # vocab_size 0: the size table's (tiny: >= tokenizer)
 
 
@@ -320,6 +321,7 @@ def validate(config, num_devices: int | None = None, prefix: str = "config.") ->
           f"{prefix}train.grad_accum={t.grad_accum}; make the batch a multiple of it.")
     if config.optim.lr <= 0:
       raise ConfigError(f"{prefix}optim.lr={config.optim.lr} must be positive.")
+    lora_state.validate_lora(config, prefix)
     if job == "daa":
       o = config.objective
       objective_config.validate_objective(o, prefix)  # gamma, rmax, dpop_lambda, simpo

@@ -15,6 +15,8 @@ from absl import logging
 from etils import epath
 from daa_jax.train import checkpoint as ckpt_lib
 from daa_jax.models import hf_convert
+from daa_jax.models import lora as lora_lib
+from daa_jax.train import lora_state
 from daa_jax.models import model as model_lib
 from daa_jax.models import sharding
 from daa_jax import errors
@@ -58,6 +60,10 @@ def reference_identity(config) -> str:
 
 def initial_params(config, model_cfg, mesh, param_shardings) -> PyTree:
   """Params at step 0: `init_from` -> `hf_model` -> scratch (seeded)."""
+  run_lora = config.get("init_from") and lora_state.run_lora(
+      str(config.init_from).partition("@")[0])
+  if run_lora:  # a LoRA run: its base merged with its adapters
+    return _merged_lora_run(str(config.init_from), run_lora, model_cfg, mesh, param_shardings)
   if config.get("init_from"):
     abstract = jax.eval_shape(functools.partial(model_lib.init_params, model_cfg),
                               jax.random.key(0))
@@ -75,6 +81,50 @@ def initial_params(config, model_cfg, mesh, param_shardings) -> PyTree:
     return sharding.place_params(host_params, param_shardings)
   logging.info("init: from scratch (seed %d)", config.seed)
   return sharding.init_params_sharded(model_cfg, mesh, jax.random.key(config.seed))
+
+
+def lora_run_parts(spec, run_cfg, model_cfg, mesh, param_shardings):
+  """(base, adapters, step) of LoRA run `spec` (`RUN_DIR[@STEP]`): its own base (its
+  init_from, hf_model or seeded scratch init, checked against the fingerprint it recorded)
+  and the adapters exported at that step (the latest without @STEP)."""
+  run_dir = spec.partition("@")[0]
+  base = initial_params(run_cfg, model_cfg, mesh, param_shardings)
+  lora_state.check_base(lora_state.read_base_record(run_dir), lora_state.base_record(
+      reference_identity(run_cfg), lora_state.fingerprint(base)), run_dir)
+  # The adapters as the LoRA run stored them (its scan_layers), then in this layout.
+  n, stored_scan = model_cfg.num_hidden_layers, bool(run_cfg.model.get("scan_layers", False))
+  layout = {True: model_lib.to_scan_layout, False: model_lib.from_scan_layout}
+  abstract_base = jax.eval_shape(lambda: base)
+  if stored_scan != model_cfg.scan_layers:
+    abstract_base = jax.eval_shape(lambda: layout[stored_scan](base, n))
+  abstract, shardings = lora_state.adapter_layout(run_cfg, abstract_base, mesh)
+  adapters, step = ckpt_lib.load_params(spec, ckpt_lib.abstract_with_shardings(
+      abstract, shardings))
+  if stored_scan != model_cfg.scan_layers:
+    adapters = layout[model_cfg.scan_layers](adapters, n)
+  return base, adapters, step
+
+
+def _merged_lora_run(spec, run_cfg, model_cfg, mesh, param_shardings) -> PyTree:
+  """The params of LoRA run `spec`: its base merged with its adapters (`lora_run_parts`),
+  in `model_cfg.param_dtype`."""
+  base, adapters, step = lora_run_parts(spec, run_cfg, model_cfg, mesh, param_shardings)
+  dtype, scale = jnp.dtype(model_cfg.param_dtype), lora_state.scale(run_cfg)
+  merged = jax.jit(lambda b, a: jax.tree.map(lambda x: x.astype(dtype), lora_lib.merge(
+      b, a, scale)), out_shardings=param_shardings)(base, adapters)
+  logging.info("init: params from LoRA run %s (step %d), adapters merged into its base", spec,
+               step)
+  return merged
+
+
+def run_params(spec: str, abstract: PyTree, model_cfg, mesh) -> PyTree:
+  """Exported params of run `RUN_DIR@STEP` onto `abstract`'s shardings; a LoRA run's are its
+  base merged with that step's adapters."""
+  run_lora = lora_state.run_lora(str(spec).partition("@")[0])
+  if run_lora is None:
+    return ckpt_lib.load_params(spec, abstract)[0]
+  shardings = jax.tree.map(lambda x: x.sharding, abstract)
+  return _merged_lora_run(str(spec), run_lora, model_cfg, mesh, shardings)
 
 
 def opt_state_shardings(tx, abstract_params, param_shardings, mesh):
@@ -139,6 +189,9 @@ def resolve_auto(config: ml_collections.ConfigDict, workdir: str) -> ml_collecti
             "weights as the paper does, give --config.hf_model=EleutherAI/pythia-1b (its size "
             "follows) or an SFT run with --config.init_from=RUN_DIR; or pick a size "
             "(configs/daa.py:size=410m).")
+  if lora_state.enabled(config):  # what the reference is, in config.json
+    with config.unlocked():
+      config.reference_model = f"the base, adapters off: {reference_identity(config)}"
   max_positions = model_config(config).max_position_embeddings
   data_pipeline.resolve_lengths(config.data, "pairs" if config.job == "daa" else "sft", workdir,
                            max_positions)

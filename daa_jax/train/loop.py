@@ -5,7 +5,8 @@
   3. abstract state and shardings from shapes (`jax.eval_shape`), never from real arrays;
   4. init or restore, in this order: the workdir's latest checkpoint -> `config.init_from`
      (a daa_jax run, e.g. the SFT run) -> `config.hf_model` (HF weights) -> scratch;
-  5. the reference: a frozen copy of the initial params (never donated, no optimizer state),
+  5. the reference: a frozen copy of the initial params (never donated, no optimizer state;
+     with LoRA the frozen base itself, `lora_state.py`),
      or reference log-probs precomputed once and cached on disk;
   6. the jitted step with explicit shardings and donation, then an ordinary `for` loop with
      logging, schedule checkpoints, SIGTERM/Ctrl-C handling and a non-finite guard.
@@ -55,6 +56,7 @@ from daa_jax.train import reference as reference_lib
 from daa_jax.train import reference_update as ref_update
 from daa_jax.train import rundir
 from daa_jax.train import fit as fit_lib
+from daa_jax.train import lora_state
 
 PyTree = Any
 
@@ -166,11 +168,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, explicit=None,
   abstract_params = jax.eval_shape(functools.partial(model_lib.init_params, model_cfg),
                                    jax.random.key(0))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  lora = lora_state.enabled(config)  # then TrainState.params: the adapters only
+  trained, trained_shardings = (lora_state.adapter_layout(config, abstract_params, mesh) if lora
+                                else (abstract_params, param_shardings))
   state_shardings = step_lib.TrainState(
-      step=replicated, params=param_shardings,
-      opt_state=init_lib.opt_state_shardings(tx, abstract_params, param_shardings, mesh))
-  abstract_state = jax.eval_shape(functools.partial(step_lib.init_state, tx=tx),
-                                  abstract_params)
+      step=replicated, params=trained_shardings,
+      opt_state=init_lib.opt_state_shardings(tx, trained, trained_shardings, mesh))
+  abstract_state = jax.eval_shape(functools.partial(step_lib.init_state, tx=tx), trained)
   abstract_state = ckpt_lib.abstract_with_shardings(abstract_state, state_shardings)
 
   checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint,
@@ -211,6 +215,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, explicit=None,
   preemption.set_phase("initialization", saved)
 
   latest = checkpointer.latest_step()
+  restored_meta = None
   if latest is not None:
     state, restored_meta = checkpointer.restore(latest, abstract_state)
     loader.restore(restored_meta["data"])
@@ -222,9 +227,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, explicit=None,
     init_fn = jax.jit(functools.partial(step_lib.init_state, tx=tx),
                       out_shardings=state_shardings)
     # The policy starts from a copy, so donating the state never frees the reference.
-    state = init_fn(jax.tree.map(jnp.copy, initial()) if kind == "daa" and not cached_ref
+    state = init_fn(lora_state.init_adapters(config, abstract_params) if lora else
+                    jax.tree.map(jnp.copy, initial()) if kind == "daa" and not cached_ref
                     else initial())
-  if kind == "daa" and not cached_ref:
+  # LoRA: the base (adapters off) is the reference and the frozen part of the policy.
+  base_rec = lora_state.settle_base(workdir, init_lib.reference_identity(config), initial(),
+                                    restored_meta, latest) if lora else None
+  if lora or (kind == "daa" and not cached_ref):
     ref_params = reference()
   else:
     ref_params = None
@@ -247,7 +256,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, explicit=None,
       kind=kind, objective=config.objective.name if kind == "daa" else "dpo",
       normalize=config.objective.normalize if kind == "daa" else "sum",
       grad_accum=int(t.grad_accum), cached_ref=cached_ref, logps_chunk=int(t.logps_chunk),
-      packing=packing)
+      packing=packing, lora=lora, lora_scale=lora_state.scale(config) if lora else 1.0)
   hparams = jax.device_put(step_lib.hparams_from_config(config.objective), replicated)
   ref_shardings = None if ref_params is None else param_shardings
   key = (kind, model_cfg, scfg, config.optim.to_json(sort_keys=True), total_steps,
@@ -324,6 +333,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, explicit=None,
 
   def meta(done):
     out = {"data": loader.state(), "seed": int(config.seed), "step": done}
+    if base_rec is not None:
+      out["lora"] = base_rec
     if monitor is not None:
       out["guard"] = monitor.state()
     return out

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from daa_jax.models import lora as lora_lib
 from daa_jax.train import objectives
 from daa_jax.train import packing as packing_lib
 
@@ -47,6 +48,14 @@ class StepConfig:
                                # (neither for a reference-free objective: zeros)
   logps_chunk: int = 0         # > 0: chunked log-softmax (memory-lean)
   packing: bool = False        # DAA batches are `packing.pack_pairs` rows [prompt|chosen|rejected]
+  lora: bool = False           # params are LoRA adapters over the frozen base `ref_params`
+  lora_scale: float = 1.0      # alpha / rank
+
+
+def _policy(params, ref_params, cfg: StepConfig):
+  """The policy's params: with LoRA the base `ref_params` merged with the adapters `params`
+  (`models/lora.py`), so gradients reach only the adapters; else `params`."""
+  return lora_lib.merge(ref_params, params, cfg.lora_scale) if cfg.lora else params
 
 
 def _global_norm(tree) -> jax.Array:
@@ -109,7 +118,7 @@ def _reference_logps(model, ref_params, batch, cfg: StepConfig, policy):
 
 
 def _daa_loss(params, ref_params, batch, hparams, *, model, cfg: StepConfig, num_pairs):
-  policy = pair_logps(model, params, batch, cfg.logps_chunk, cfg.packing)
+  policy = pair_logps(model, _policy(params, ref_params, cfg), batch, cfg.logps_chunk, cfg.packing)
   ref = _reference_logps(model, ref_params, batch, cfg, policy)
   # hparams: `hparams_from_config`'s keys (a caller's dict may hold fewer: defaults fill in).
   loss, metrics = objectives.compute_loss(cfg.objective, policy, ref, batch["lengths"],
@@ -125,8 +134,8 @@ def _daa_loss(params, ref_params, batch, hparams, *, model, cfg: StepConfig, num
 
 
 def _sft_loss(params, ref_params, batch, hparams, *, model, cfg: StepConfig, num_tokens):
-  del ref_params, hparams
-  summed, _ = sequence_logps(model, params, batch["tokens"], batch["attention_mask"],
+  del hparams
+  summed, _ = sequence_logps(model, _policy(params, ref_params, cfg), batch["tokens"], batch["attention_mask"],
                              batch["positions"], batch["loss_mask"], cfg.logps_chunk)
   nll = -jnp.sum(summed) / num_tokens  # token-level mean over the *global* batch
   return nll, ({"loss": nll, "tokens": jnp.sum(batch["lengths"]).astype(jnp.float32)},)
@@ -224,7 +233,7 @@ def eval_step(params, ref_params, batch, hparams, *, model, cfg: StepConfig):
   Returns `(loss, metrics)` where `metrics['per_pair']` holds `[B]` arrays (implicit rewards,
   log-ratios, lengths, losses) and `policy_logps`/`ref_logps` `[B,2]`.
   """
-  policy = pair_logps(model, params, batch, cfg.logps_chunk, cfg.packing)
+  policy = pair_logps(model, _policy(params, ref_params, cfg), batch, cfg.logps_chunk, cfg.packing)
   ref = _reference_logps(model, ref_params, batch, cfg, policy)
   loss, metrics = objectives.compute_loss(cfg.objective, policy, ref, batch["lengths"],
                                           normalize=cfg.normalize, **hparams)

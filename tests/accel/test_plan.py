@@ -89,6 +89,24 @@ def test_precision_policy_sets_the_stored_bytes_exactly():
                                "log_softmax_logps_losses": "float32"}
 
 
+def test_lora_plan_counts_adapters_as_trained_and_the_base_once_as_reference():
+  n = num_params("tiny")
+  config = daa_config()
+  config.model.lora.rank = 4
+  result = plan.plan(config, (1, 1, 1), "cuda", device_memory="1GB",
+                     programs=["daa_live_packed", "sft", "sample_decode"], fit=False,
+                     **SYNTHETIC)
+  assert result["lowered"] and result["config"]["lora_rank"] == 4
+  mem = result["programs"]["daa_live_packed"]["per_device_bytes"]
+  # tiny (GPT-NeoX, D 64, 2 layers): query_key_value [64, 192] and dense [64, 64] per layer.
+  adapters = 2 * 4 * ((64 + 192) + (64 + 64))
+  assert mem["params"] == 4 * adapters == mem["grads"]
+  assert mem["opt_state"] == 4 * adapters + 4  # RMSprop's nu + the step count
+  assert mem["reference"] == 4 * n  # the frozen base, once
+  assert result["programs"]["sft"]["per_device_bytes"]["reference"] == 4 * n
+  assert result["programs"]["sample_decode"]["per_device_bytes"]["params"] == 4 * n
+
+
 def test_bfloat16_optimizer_state_is_stored_narrow_and_updated_in_float32():
   c = config_lib.optim_fields("paper")
   c.update(warmup_steps=0, grad_clip=0.0, lr=0.1, state_dtype="bfloat16")

@@ -1,0 +1,120 @@
+"""LoRA adapters over every family's params (`models/lora.py`): targets, init, merge."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from daa_jax.errors import ConfigError
+from daa_jax.models import lora
+from daa_jax.models import model as model_lib
+from daa_jax.models import config as model_configs
+
+SMALL = dict(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+             intermediate_size=48, max_position_embeddings=64)
+FAMILIES = {
+    "gpt_neox": model_configs.pythia("tiny", **SMALL),
+    "llama": model_configs.sized("tiny-llama", **SMALL),
+    "mistral": model_configs.sized("tiny-llama", **SMALL, model_type="mistral",
+                                   sliding_window=4),
+    "qwen2": model_configs.sized("tiny-llama", **SMALL, model_type="qwen2", qkv_bias=True,
+                                 tie_word_embeddings=True),
+    "gemma2": model_configs.sized("tiny-gemma2", **SMALL),
+}
+# Per layer: the kernels each preset adapts.
+ATTENTION = {"gpt_neox": {"attention/query_key_value", "attention/dense"}}
+LLAMA_ATTN = {"self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/o_proj"}
+ALL = {"gpt_neox": {"attention/query_key_value", "attention/dense", "mlp/dense_h_to_4h",
+                    "mlp/dense_4h_to_h"}}
+LLAMA_ALL = LLAMA_ATTN | {"mlp/gate_proj", "mlp/up_proj", "mlp/down_proj"}
+
+
+def _modules(paths):
+  return {"/".join(p[1:-1]) for p in paths}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_presets_select_each_familys_projections_and_never_the_head(family):
+  cfg = FAMILIES[family]
+  abstract = model_lib.abstract_params(cfg)
+  attn = lora.target_paths(abstract, "attention")
+  every = lora.target_paths(abstract, "all_linear")
+  assert _modules(attn) == ATTENTION.get(family, LLAMA_ATTN)
+  assert _modules(every) == ALL.get(family, LLAMA_ALL)
+  assert {p[0] for p in every} == {"layers_0", "layers_1"}
+  assert len(every) == 2 * len(ALL.get(family, LLAMA_ALL))
+  # A regex: q/v projections of layer 1 only.
+  if family != "gpt_neox":
+    chosen = lora.target_paths(abstract, r"layers_1/self_attn/[qv]_proj")
+    assert [("/".join(p)) for p in chosen] == ["layers_1/self_attn/q_proj/kernel",
+                                               "layers_1/self_attn/v_proj/kernel"]
+
+
+def test_bad_targets_are_config_errors_naming_the_kernels():
+  abstract = model_lib.abstract_params(FAMILIES["llama"])
+  with pytest.raises(ConfigError, match="selects no kernel.*layers_0/self_attn/q_proj/kernel"):
+    lora.target_paths(abstract, "query_key_value")
+  with pytest.raises(ConfigError, match="not a valid regex"):
+    lora.target_paths(abstract, "q_proj(")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fresh_adapters_leave_the_forward_unchanged_and_merge_is_w_plus_scaled_ab(family):
+  cfg = FAMILIES[family]
+  params = model_lib.init_params(cfg, jax.random.key(0))
+  adapters = lora.init_adapters(params, 4, "all_linear", jax.random.key(1))
+  flat = lora.flatten(adapters)
+  for path, x in flat.items():
+    assert x.dtype == jnp.float32
+    if path[-1] == "a":
+      fan_in = x.shape[-2]
+      assert x.shape[-1] == 4 and np.abs(np.asarray(x)).max() <= 1 / np.sqrt(fan_in)
+      assert np.std(np.asarray(x)) > 0.2 / np.sqrt(fan_in)  # uniform, not zeros
+    else:
+      assert not np.asarray(x).any()  # B = 0
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 61, (2, 7)), jnp.int32)
+  model = model_lib.CausalLM(cfg)
+  fwd = jax.jit(lambda p: model.apply({"params": p}, tokens))
+  merged = lora.merge(params, adapters, 2.0)
+  np.testing.assert_array_equal(np.asarray(fwd(params)), np.asarray(fwd(merged)))
+  assert lora.merge(params, None, 2.0) is params
+  # Non-zero B: W + scale·A@B on targeted kernels, others the base's own arrays.
+  adapters = jax.tree.map(lambda x: x + 0.01, adapters)
+  merged = lora.flatten(lora.merge(params, adapters, 0.5))
+  base = lora.flatten(params)
+  for path in lora.adapted_modules(adapters):
+    a, b = (np.asarray(lora.flatten(adapters)[path + (k,)]) for k in "ab")
+    np.testing.assert_allclose(np.asarray(merged[path + ("kernel",)]),
+                               np.asarray(base[path + ("kernel",)]) + 0.5 * a @ b, atol=1e-6)
+  untouched = [p for p in base if p[:-1] not in lora.adapted_modules(adapters)]
+  assert untouched and all(merged[p] is base[p] for p in untouched)
+
+
+def test_scan_layout_adapters_merge_as_the_per_layer_ones():
+  cfg = FAMILIES["llama"]
+  scan_cfg = cfg.replace(scan_layers=True)
+  params = model_lib.init_params(cfg, jax.random.key(0))
+  adapters = jax.tree.map(lambda x: x + 0.02, lora.init_adapters(params, 3, "attention",
+                                                                 jax.random.key(1)))
+  scan_params = model_lib.to_scan_layout(params, 2)
+  scan_adapters = model_lib.to_scan_layout(adapters, 2)
+  assert lora.flatten(scan_adapters)[("layers", "self_attn", "q_proj", "a")].shape == (2, 32, 3)
+  assert jax.tree.map(jnp.shape, lora.abstract_adapters(scan_params, 3, "attention")) == \
+      jax.tree.map(jnp.shape, scan_adapters)
+  tokens = jnp.arange(12, dtype=jnp.int32).reshape(2, 6)
+  got = model_lib.CausalLM(scan_cfg).apply(
+      {"params": lora.merge(scan_params, scan_adapters, 1.5)}, tokens)
+  want = model_lib.CausalLM(cfg).apply({"params": lora.merge(params, adapters, 1.5)}, tokens)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+def test_a_bfloat16_base_merges_into_float32_kernels():
+  cfg = FAMILIES["gpt_neox"]
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16),
+                        model_lib.init_params(cfg, jax.random.key(0)))
+  adapters = lora.init_adapters(params, 2, "attention", jax.random.key(1))
+  merged = lora.flatten(lora.merge(params, adapters, 1.0))
+  k = ("layers_0", "attention", "dense", "kernel")
+  assert merged[k].dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(merged[k]),
+                                np.asarray(lora.flatten(params)[k]).astype(np.float32))
