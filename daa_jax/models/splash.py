@@ -19,7 +19,7 @@ segment id. Under a mesh the kernel runs per shard (`jax.shard_map` over the bat
 axes): a Pallas call cannot be partitioned by XLA. Decoding with the KV cache (one query) keeps
 the dense `layers.attend`. Sliding-window layers (Mistral, Qwen2, Gemma-2) are refused unless
 the window covers the whole row (`check_window`). Off TPU the kernel runs in Pallas interpret
-mode (slow; for tests): values and gradients equal the dense path to float32 rounding
+mode (slow; for tests and CPU runs, not a speed path): values and gradients equal the dense path to float32 rounding
 (tests/models/test_splash.py).
 """
 
@@ -147,8 +147,13 @@ def attend(q: Array, k: Array, v: Array, masks: SplashMasks, scale: float,
     widths = ((0, 0), (0, 0), (0, pad), (0, 0))
     q, k, v = (jnp.pad(a, widths) for a in (q, k, v))
     seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=_TAIL_SEGMENT)
-  fn = functools.partial(_local, layout=masks.layout, scale=scale, softcap=float(softcap),
-                         interpret=jax.default_backend() != "tpu")
+  local = functools.partial(_local, layout=masks.layout, scale=scale, softcap=float(softcap))
+  # The Mosaic kernel where the program is lowered for TPU (also when the planner compiles for
+  # a TPU topology from a CPU host), Pallas interpret mode elsewhere.
+  def fn(*args):
+    return jax.lax.platform_dependent(
+        *args, tpu=functools.partial(local, interpret=False),
+        default=functools.partial(local, interpret=True))
   mesh = jax.sharding.get_abstract_mesh()
   rules = nn.get_logical_axis_rules()
   if not mesh.empty and rules and fit is not None:
