@@ -216,6 +216,10 @@ def plan(config, mesh_shape, platform: str, topology: str | None = None,
   log = log or (lambda *_: None)
   if config.job not in ("sft", "daa"):
     raise ConfigError(f"config.job={config.job!r}: plan takes a training config (sft or daa).")
+  if platform != "tpu" and config.model.get("attention_impl") == "splash":
+    raise ConfigError("config.model.attention_impl='splash' is the TPU kernel (off TPU it runs "
+                      "in Pallas interpret mode, a test path); plan it with --platform tpu, or "
+                      "plan CUDA with attention_impl='cudnn' or 'blockwise'.")
   mesh = devices_lib.make_mesh(mesh_shape, platform, topology)
   config.unlock()
   config.mesh = tuple(mesh.shape.values())

@@ -249,3 +249,5 @@ def test_tpu_compiles_the_splash_daa_step_with_the_mosaic_kernel():
   with devices._activate(s.mesh):  # pylint: disable=protected-access
     text = fn.trace(*args).lower().as_text()
   assert "tpu_custom_call" in text
+  with pytest.raises(ConfigError, match="plan it with --platform tpu"):
+    plan.plan(config, (1, 1, 1), "cuda", device_memory="1GB", fit=False, **SYNTHETIC)
