@@ -99,10 +99,20 @@ def _block(length: int) -> int:
   return next(b for b in (MAX_BLOCK, 256, LANES) if length % b == 0)
 
 
+def _splash_module():
+  try:
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ConfigError(f"config.model.attention_impl='splash' needs jax's Pallas splash "
+                      f"attention (jax.experimental.pallas.ops.tpu.splash_attention): {e}. Use "
+                      "attention_impl='blockwise' (same memory profile, plain JAX).") from e
+  return sa
+
+
 def _kernel(layout, length: int, heads: int, mqa: bool, softcap: float, interpret: bool):
   # Built per trace, not cached: the kernel holds the mask's block tables as arrays of the
   # trace it was made in.
-  from jax.experimental.pallas.ops.tpu import splash_attention as sa  # pylint: disable=g-import-not-at-top
+  sa = _splash_module()
   if layout is None:
     one = sa.CausalMask((length, length))
   else:
@@ -111,14 +121,16 @@ def _kernel(layout, length: int, heads: int, mqa: bool, softcap: float, interpre
   sizes = sa.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk,
                         block_kv_dkv=blk, block_kv_dkv_compute=blk, block_q_dq=blk,
                         block_kv_dq=blk)
-  make = sa.make_splash_mqa_single_device if mqa else sa.make_splash_mha_single_device
+  name = "make_splash_mqa" if mqa else "make_splash_mha"
+  make = getattr(sa, name + "_single_device", None) or functools.partial(
+      getattr(sa, name), head_shards=1, q_seq_shards=1)
   return make(sa.MultiHeadMask([one] * heads), block_sizes=sizes,
               attn_logits_soft_cap=softcap or None, interpret=interpret)
 
 
 def _local(q, k, v, seg, *, layout, scale, softcap, interpret):
   """Per shard: q [b,H,L,K], k/v [b,G,L,K], seg [b,L] -> [b,H,L,K]."""
-  from jax.experimental.pallas.ops.tpu import splash_attention as sa  # pylint: disable=g-import-not-at-top
+  sa = _splash_module()
   b, h, length, kd = q.shape
   g = k.shape[1]
   q = (q * jnp.asarray(scale, q.dtype))
