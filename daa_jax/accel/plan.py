@@ -85,6 +85,8 @@ def activation_bytes(cfg: model_configs.ModelConfig, mesh_shape: dict, name: str
   rows = max(micro // dp, 1) * (2 if name.endswith("tworow") else 1)
   tokens = rows * row_len
   attention = h / tp * row_len * (4 + 4 + c)  # float32 logits and probs, probs in compute dtype
+  if cfg.attention_impl in ("splash", "blockwise"):  # tiled: per-query softmax statistics only
+    attention = h / tp * 2 * 4
   full_layer = c * (2 * d + 6 * d / tp + d / tp + d + 2 * f / tp) + attention  # per token
   layer_weights = (4 * d * d + 2 * d * f) / tp
   gathered = 2 * layer_weights * (c + 4) if mesh_shape["fsdp"] > 1 else 0
@@ -104,6 +106,10 @@ def _program_shapes(s: programs_lib.Setup, name: str) -> tuple[int, int]:
   p, r = s.prompt_len, s.response_len
   packed = bool(s.config.train.get("packing", True))
   if name.endswith("packed") or (name == "ref_logps" and packed):
+    if s.config.train.get("packing") == "fixed":  # train/fixed_layout.py: P + 2R slots
+      block = int(s.config.train.get("packing_block", 128))
+      p, r = (int(math.ceil(n / block) * block) for n in (p, r))
+      return p + 2 * r, 2 * r
     return int(math.ceil((p + 2 * r) / 8) * 8), 2 * int(math.ceil(r / 8) * 8)
   if name in ("sample_prefill",):
     return p, 1
@@ -214,6 +220,10 @@ def plan(config, mesh_shape, platform: str, topology: str | None = None,
   log = log or (lambda *_: None)
   if config.job not in ("sft", "daa"):
     raise ConfigError(f"config.job={config.job!r}: plan takes a training config (sft or daa).")
+  if platform != "tpu" and config.model.get("attention_impl") == "splash":
+    raise ConfigError("config.model.attention_impl='splash' is the TPU kernel (off TPU it runs "
+                      "in Pallas interpret mode, a test path); plan it with --platform tpu, or "
+                      "plan CUDA with attention_impl='cudnn' or 'blockwise'.")
   mesh = devices_lib.make_mesh(mesh_shape, platform, topology)
   config.unlock()
   config.mesh = tuple(mesh.shape.values())
@@ -294,7 +304,9 @@ def plan(config, mesh_shape, platform: str, topology: str | None = None,
       "config": {"size": config.model.size, "job": config.job, "remat": s.model_cfg.remat_policy,
                  "scan_layers": s.model_cfg.scan_layers, "grad_accum": config.train.grad_accum,
                  "prompt_len": s.prompt_len, "response_len": s.response_len,
-                 "lora_rank": int(config.model.lora.rank) if lora_state.enabled(config) else 0},
+                 "lora_rank": int(config.model.lora.rank) if lora_state.enabled(config) else 0,
+                 "attention_impl": s.model_cfg.attention_impl,
+                 "packing": config.train.get("packing", True)},
       "platform": platform, "topology": topology, "mesh": dict(mesh.shape),
       "device_kind": device_kind, "device_memory": device_memory, "precision": precision,
       "primary": primary, "micro_batch": micro,
@@ -311,7 +323,8 @@ def table(result: dict) -> str:
   lines = [f"{r['config']['size']} {r['config']['job']} on {r['platform']} "
            f"{r['topology'] or ''} mesh {r['mesh']} ({r['device_kind']}, "
            f"{devices_lib.gib(r['device_memory'])} GiB/device); precision {r['precision']}; "
-           f"remat {r['config']['remat']}",
+           f"remat {r['config']['remat']}; attention {r['config'].get('attention_impl')}, "
+           f"packing {r['config'].get('packing')}",
            f"{'program':<18} {'micro':>5} {'lowered':>7} {'compiled':>8} {'params':>7} "
            f"{'grads':>7} {'opt':>7} {'ref':>7} {'kv':>7} {'act':>7} {'total':>7} GiB  note"]
   for name, p in r["programs"].items():

@@ -7,7 +7,8 @@ arguments carrying the trainer's shardings: `fn.trace(*args).lower(...)` needs n
 and no devices (an AbstractMesh works). `accel/plan.py` lowers and compiles them.
 
 Batches are full-length pairs: a `prompt_len` prompt and two `response_len` responses,
-packed by `packing.pack_pairs` itself, so packed shapes are the trainer's.
+packed by `packing.pack_pairs` (or `fixed_layout.pack_fixed` with `packing='fixed'`) itself,
+so packed shapes are the trainer's.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from daa_jax.models import model as model_lib
 from daa_jax.train import optim
+from daa_jax.train import fixed_layout
 from daa_jax.train import packing as packing_lib
 from daa_jax.evaluate import sampling
 from daa_jax.models import sharding
@@ -66,6 +68,15 @@ def pair_batch(pairs: int, prompt_len: int, response_len: int, cached_ref: bool)
   if cached_ref:
     batch["ref_logps"] = np.zeros((pairs, 2), np.float32)
   return batch
+
+
+def pack(config, host: dict) -> dict:
+  """`host` packed as the trainer packs it: `config.train.packing` 'fixed' or True."""
+  t = config.train
+  if t.get("packing") == "fixed":
+    return fixed_layout.pack_fixed(host, pad_id=PAD_ID,
+                                   block=int(t.get("packing_block", fixed_layout.BLOCK)))
+  return packing_lib.pack_pairs(host, pad_id=PAD_ID)
 
 
 def _global_batch(host: dict, mesh) -> dict:
@@ -181,7 +192,7 @@ def train_program(s: Setup, kind: str, cached_ref: bool, packing: bool, micro: i
   if kind == "daa":
     host = pair_batch(global_batch, s.prompt_len, s.response_len, cached_ref)
     if packing:
-      host = packing_lib.pack_pairs(host, pad_id=PAD_ID)
+      host = pack(c, host)
   else:
     host = {k: v[:, 0] for k, v in pair_batch(global_batch, s.prompt_len, s.response_len,
                                               False).items() if v.ndim >= 2}
@@ -210,7 +221,7 @@ def ref_logps_program(s: Setup, micro: int):
   host = pair_batch(micro, s.prompt_len, s.response_len, False)
   host.pop("prompt_lengths")
   if packing:
-    host = packing_lib.pack_pairs(host, pad_id=PAD_ID)
+    host = pack(s.config, host)
   fn = jax.jit(functools.partial(step_lib.pair_logps, s.model,
                                  logps_chunk=int(s.config.train.logps_chunk), packing=packing),
                out_shardings=NamedSharding(s.mesh, P()))

@@ -16,7 +16,7 @@ from daa_jax.data import pipeline as data_pipeline
 from daa_jax.evaluate import judges
 from daa_jax.evaluate import llm_judge
 from daa_jax.models import model as model_lib
-from daa_jax.train import packing as packing_lib
+from daa_jax.train import fixed_layout
 from daa_jax.evaluate import sampling
 from daa_jax.models import sharding
 from daa_jax.train import step as step_lib
@@ -197,7 +197,7 @@ def prepare(config, run_dir: str, out_dir: str, mesh=None, ref_params=None) -> S
       step_lib.eval_step, model=model, cfg=step_lib.StepConfig(
           kind="daa", objective=objective.name, normalize=objective.normalize, cached_ref=True,
           packing=packed)))
-  pack = packing_lib.packer(pairs) if packed else (lambda b: b)
+  pack = fixed_layout.packer_for(config.train, pairs) if packed else (lambda b: b)
   keys = ("tokens", "loss_mask", "attention_mask", "positions", "lengths")
   pair_batches = []
   with sharding.activate(mesh):

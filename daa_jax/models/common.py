@@ -23,6 +23,7 @@ import numpy as np
 
 from daa_jax.models.config import ModelConfig
 from daa_jax.models import registry
+from daa_jax.models import splash as splash_lib
 from daa_jax.models.layers import constrain, rotary_cos_sin
 
 Array = jax.Array
@@ -154,7 +155,8 @@ class CausalLM(nn.Module):
 
   def __call__(self, tokens: Array, attention_mask: Array | None = None,
                positions: Array | None = None, segment_ids: Array | None = None,
-               cache: Cache | None = None, shared_segment: int | None = None):
+               cache: Cache | None = None, shared_segment: int | None = None,
+               layout: tuple[int, int] | None = None):
     """Next-token logits.
 
     Args:
@@ -171,28 +173,33 @@ class CausalLM(nn.Module):
         token sees as well as its own segment, e.g. the prompt of `train/packing.py`'s
         `[prompt | chosen | rejected]` rows. The default positions then continue after the
         shared tokens a token sees (both responses start where the prompt ends).
+      layout: static `(P, R)` of `train/fixed_layout.py`'s rows `[prompt P | chosen R |
+        rejected R]` (with `segment_ids`, `shared_segment`): the same function; it lets
+        `attention_impl='splash'` use one static mask for every row.
 
     Returns:
       logits [B,L,V] in `config.dtype`; with `cache`, `(logits, new_cache)`.
     """
     hidden, new_cache = self._hidden(tokens, attention_mask, positions, segment_ids, cache,
-                                     shared_segment)
+                                     shared_segment, layout)
     logits = self.logits_from_hidden(hidden)
     return logits if cache is None else (logits, new_cache)
 
   def hidden_states(self, tokens: Array, attention_mask: Array | None = None,
                     positions: Array | None = None, segment_ids: Array | None = None,
-                    cache: Cache | None = None, shared_segment: int | None = None):
+                    cache: Cache | None = None, shared_segment: int | None = None,
+                    layout: tuple[int, int] | None = None):
     """Like `__call__` but returns the final (post final norm) hidden states [B,L,D].
 
     Use with `model.apply(..., method=CausalLM.hidden_states)`, e.g. for a reward head or to
     chunk the vocab projection through `CausalLM.logits_from_hidden`.
     """
     hidden, new_cache = self._hidden(tokens, attention_mask, positions, segment_ids, cache,
-                                     shared_segment)
+                                     shared_segment, layout)
     return hidden if cache is None else (hidden, new_cache)
 
-  def _hidden(self, tokens, attention_mask, positions, segment_ids, cache, shared_segment):
+  def _hidden(self, tokens, attention_mask, positions, segment_ids, cache, shared_segment,
+              layout=None):
     cfg = self.config
     b, t = tokens.shape
     if attention_mask is None:
@@ -204,6 +211,8 @@ class CausalLM(nn.Module):
     window = cfg.sliding_window if any(sliding) else 0
     if cache is None:
       masks, positions = self_mask(valid, positions, segment_ids, shared_segment, window)
+      if cfg.attention_impl == "splash":  # the dense masks above are then dead code
+        masks = splash_lib.make_masks(cfg, valid, segment_ids, shared_segment, layout)
       index = None
     else:
       if segment_ids is not None:

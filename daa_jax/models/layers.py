@@ -10,6 +10,7 @@ key/value heads, K head dim, R rotary dims, F mlp. Only logical axis names appea
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from daa_jax.models import attention as attention_lib
+from daa_jax.models import splash as splash_lib
 from daa_jax.models.config import ModelConfig
 
 Array = jax.Array
@@ -256,7 +258,7 @@ def heads_first_layout(config: ModelConfig, kv) -> bool:
   turns it into a dense additive bias, so it is correct there but does not skip masked
   blocks.
   """
-  return (kv is not None or config.attention_impl in ("xla", "blockwise")
+  return (kv is not None or config.attention_impl in ("xla", "blockwise", "splash")
           or config.attn_logit_softcapping > 0)
 
 
@@ -290,6 +292,8 @@ def attention_core(config: ModelConfig, q: Array, k: Array, v: Array, mask: Arra
     # 'blockwise' (daa_jax/attention.py): the same function one key block at a time, without
     # the [B,H,T,S] float32 logits; used without a cache (decoding is one query).
     fn = attention_lib.attend if config.attention_impl == "blockwise" and kv is None else attend
+    if isinstance(mask, splash_lib.SplashMasks):  # 'splash' without a cache (models/splash.py)
+      fn = functools.partial(splash_lib.attend, fit=fit_spec_to_shape)
     out = fn(q, k, v, mask, scale, config.attn_logit_softcapping)  # [B,H,T,K]
     out = constrain(out, act).transpose(0, 2, 1, 3)  # [B,T,H,K]
   else:
@@ -335,6 +339,8 @@ def attend(q: Array, k: Array, v: Array, mask: Array, scale: float | None = None
 def layer_mask(masks: tuple[Array, Array | None], sliding) -> Array:
   """The mask of one layer: the sliding-window one where `sliding` (bool, traced under
   scan), else the full causal one."""
+  if isinstance(masks, splash_lib.SplashMasks):  # no window: models/splash.py's check_window
+    return masks
   full, window = masks
   if window is None:
     return full

@@ -10,9 +10,10 @@ import difflib
 import glob
 import os
 from daa_jax.errors import ConfigError
-from daa_jax.train import objective_config
+from daa_jax.train import attention_config, objective_config
 
 import ml_collections
+from ml_collections import config_dict
 
 from daa_jax.models import config as model_configs
 from daa_jax.train import guard_config
@@ -162,8 +163,11 @@ def train_fields() -> ml_collections.ConfigDict:
       eval_every=0,       # held-out preference metrics every N steps (0: off)
       eval_batches=4,
       logps_chunk=0,      # > 0: log-softmax over the vocabulary in chunks of this many tokens
-      packing=True,       # DAA: one [prompt|chosen|rejected] row per pair (daa_jax/packing.py);
-                          # same values as two rows (<= 1e-5), prompt computed once
+      packing=config_dict.FieldReference(True, field_type=object),  # True | False | 'fixed'
+                          # DAA: one [prompt|chosen|rejected] row per pair (daa_jax/packing.py);
+                          # same values as two rows (<= 1e-5), prompt computed once; 'fixed':
+                          # at fixed offsets (train/fixed_layout.py), for attention_impl='splash'
+      packing_block=128,  # packing='fixed': P and R are multiples of this
       progress=True))
 
 
@@ -215,7 +219,7 @@ CHOICES: dict[str, tuple] = {
     "model.param_dtype": _DTYPES,
     "optim.state_dtype": _DTYPES,
     "model.remat_policy": ("none", "full", "dots", "dots_with_no_batch_dims"),
-    "model.attention_impl": ("xla", "blockwise", "cudnn", None),
+    "model.attention_impl": ("xla", "blockwise", "cudnn", "splash", None),
     "objective.name": OBJECTIVE_NAMES,
     "objective.normalize": ("sum", "mean"),
     "objective.reference": ("live", "cached"),
@@ -319,6 +323,7 @@ def validate(config, num_devices: int | None = None, prefix: str = "config.") ->
       raise ConfigError(
           f"{prefix}train.batch_size={t.batch_size} is not divisible by "
           f"{prefix}train.grad_accum={t.grad_accum}; make the batch a multiple of it.")
+    attention_config.validate_packing(config, prefix)
     if config.optim.lr <= 0:
       raise ConfigError(f"{prefix}optim.lr={config.optim.lr} must be positive.")
     lora_state.validate_lora(config, prefix)

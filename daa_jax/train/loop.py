@@ -44,7 +44,7 @@ from daa_jax.train import metrics as metrics_lib
 from daa_jax.train import objectives
 from daa_jax.models import model as model_lib
 from daa_jax.train import optim
-from daa_jax.train import packing as packing_lib
+from daa_jax.train import fixed_layout
 from daa_jax.train import preemption
 from daa_jax.models import sharding
 from daa_jax.train import step as step_lib
@@ -199,8 +199,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, explicit=None,
   # Packed batches: one shape per dataset (its longest pair), so the step compiles once. The
   # reference pass and the held-out metrics use the same packers.
   packing = kind == "daa" and bool(t.packing)
-  pack = packing_lib.packer(train_ds) if packing else None
-  eval_pack = packing_lib.packer(eval_ds) if packing and eval_ds is not None else None
+  pack = fixed_layout.packer_for(t, train_ds) if packing else None
+  eval_pack = fixed_layout.packer_for(t, eval_ds) if packing and eval_ds is not None else None
   if cached_ref:
     preemption.set_phase("the reference log-prob pass", lambda: (
         saved() + "; the reference log-prob cache is written only when complete"))

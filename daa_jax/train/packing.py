@@ -232,12 +232,16 @@ def packed_pair_logps(model: model_lib.CausalLM, params, packed: dict,
     logps_chunk: > 0: log-softmax over chunks of this many target positions.
   """
   variables = {"params": params}
+  num_pairs, _, response_length = packed["target_index"].shape
+  # train/fixed_layout.py's rows: the static (P, R) of `[prompt P | chosen R | rejected R]`.
+  layout = None
+  if "prompt_slots" in packed:
+    layout = (packed["tokens"].shape[1] - 2 * response_length, response_length)
   # Each token sees its own segment and the prompt; padding (segment PAD) is masked out.
   hidden = model.apply(variables, packed["tokens"], attention_mask=packed["attention_mask"],
                        positions=packed["positions"], segment_ids=packed["segment_ids"],
-                       shared_segment=PROMPT,
+                       shared_segment=PROMPT, layout=layout,
                        method=model_lib.CausalLM.hidden_states)  # [B,Lp,D]
-  num_pairs, _, response_length = packed["target_index"].shape
   index = packed["target_index"].reshape(num_pairs, 2 * response_length)  # [B,2R]
   picked = jnp.take_along_axis(hidden, index[..., None], axis=1)  # [B,2R,D]
   picked = picked.reshape(2 * num_pairs, response_length, hidden.shape[-1])  # [2B,R,D]

@@ -247,3 +247,25 @@ def test_tpu_compiles_the_160m_step_and_the_formula_is_within_25_percent(topolog
       program["formula_total"], compiled, program["memory_analysis"])
   n = num_params("160m")
   assert n * 4 / 4 <= result["per_device_bytes"]["params"] < n * 4 / 4 * 1.02
+
+
+@needs_libtpu
+def test_tpu_compiles_the_splash_daa_step_with_the_mosaic_kernel():
+  """attention_impl='splash' with packing='fixed': the DAA and SFT steps compile for v5e and
+  v4 (the Mosaic kernel, not interpret mode) and memory is reported."""
+  from daa_jax.accel import devices, programs  # pylint: disable=g-import-not-at-top
+  for topology, mesh in (("v5e:2x2", (1, 4, 1)), ("v4:2x2x1", (2, 2, 1))):
+    config = daa_config(batch_size=8, grad_accum=2, packing="fixed")
+    config.model.attention_impl = "splash"
+    result = plan.plan(config, mesh, "tpu", topology=topology,
+                       programs=["daa_live_packed", "sft"], fit=False, **SYNTHETIC)
+    assert result["compiled"], {k: v.get("error") for k, v in result["programs"].items()}
+    assert result["config"]["attention_impl"] == "splash"
+    assert result["per_device_bytes"]["total"] > 0 and result["fits"]
+  s = programs.make_setup(config, devices.make_mesh(mesh, "tpu", topology), **SYNTHETIC)
+  fn, args = programs.build(s, "daa_live_packed", 4)
+  with devices._activate(s.mesh):  # pylint: disable=protected-access
+    text = fn.trace(*args).lower().as_text()
+  assert "tpu_custom_call" in text
+  with pytest.raises(ConfigError, match="plan it with --platform tpu"):
+    plan.plan(config, (1, 1, 1), "cuda", device_memory="1GB", fit=False, **SYNTHETIC)
