@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from daa_jax.errors import ConfigError
 
@@ -45,22 +46,12 @@ def pattern_of(target: str) -> str:
   return PRESETS.get(target, target)
 
 
-def _flatten(tree, prefix=()):
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      yield from _flatten(v, prefix + (k,))
-    else:
-      yield prefix + (k,), v
+def _flatten(tree):
+  """(path tuple, leaf) pairs of a nested dict (flax's flatten_dict)."""
+  return traverse_util.flatten_dict(tree).items()
 
 
-def _unflatten(flat):
-  tree: dict = {}
-  for path, v in flat.items():
-    node = tree
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = v
-  return tree
+_unflatten = traverse_util.unflatten_dict
 
 
 def target_paths(base: PyTree, target: str, prefix: str = "config.model.lora.") -> list[tuple]:

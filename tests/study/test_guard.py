@@ -6,7 +6,6 @@ import functools
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -21,6 +20,8 @@ from daa_jax.train import config as config_lib
 from daa_jax.train import loop as train_loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cli_helpers import cli as _cli, tiny as _tiny_config  # noqa: E402
 
 
 def _module(rel):
@@ -102,16 +103,7 @@ def test_running_fit_recovers_the_law_and_refuses_what_it_cannot_identify():
 
 
 def tiny(**updates):
-  c = _module("configs/tiny.py").get_config("job=daa")
-  with c.unlocked():
-    c.guard.enabled = True
-    for key, value in updates.items():
-      node = c
-      *path, last = key.split(".")
-      for p in path:
-        node = node[p]
-      node[last] = value
-  return c
+  return _tiny_config("job=daa", **{"guard.enabled": True, **updates})
 
 
 @pytest.mark.parametrize("updates, message", [
@@ -134,20 +126,6 @@ def test_train_run_without_the_guard_refuses_an_enabled_guard(tmp_path):
 
 
 # --- real runs -----------------------------------------------------------------------------
-
-
-def _cli(args, faults=None, check=True, cwd=REPO):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, "-m", "daa_jax.main"]
-  if faults:
-    cmd = [sys.executable, os.path.join(REPO, "tests", "faults.py")]
-    env["DAA_TEST_FAULTS"] = json.dumps(faults)
-  proc = subprocess.run(cmd + args, cwd=cwd, env=env, capture_output=True, text=True,
-                        timeout=600)
-  if check and proc.returncode:
-    raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
-  return proc
 
 
 def _read(workdir, name="guard.json"):

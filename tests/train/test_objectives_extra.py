@@ -1,8 +1,8 @@
 """χPO, SimPO and DPO-Positive: the papers' formulas in numpy float64, gradients, config
 validation, and a tiny SimPO run that never touches a reference."""
 
-import importlib.util
 import os
+import sys
 import re
 
 import jax
@@ -18,6 +18,8 @@ from daa_jax.train import reference as reference_lib
 from daa_jax.train import step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cli_helpers import tiny as _tiny_config  # noqa: E402
 
 
 def _neg_log_sigmoid(u):
@@ -193,18 +195,7 @@ def test_gradients_finite_and_signed_for_extreme_log_ratios(name):
 
 
 def tiny(arg="job=daa", **updates):
-  spec = importlib.util.spec_from_file_location("tiny", os.path.join(REPO, "configs", "tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(arg)
-  with c.unlocked():
-    for key, value in updates.items():
-      node = c
-      *path, last = key.split(".")
-      for part in path:
-        node = node[part]
-      node[last] = value
-  return c
+  return _tiny_config(arg, **updates)
 
 
 @pytest.mark.parametrize("updates,message", [

@@ -3,7 +3,6 @@ each checkpoint saves, a bitwise resume after SIGKILL, and the refusals."""
 
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -17,23 +16,11 @@ from daa_jax.train import config as config_lib
 from daa_jax.train import reference_update
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cli_helpers import cli as _cli, tiny as _tiny_config  # noqa: E402
 FLAGS = ["--config=configs/tiny.py:job=daa", "--config.train.max_steps=8",
          "--config.checkpoint.every_steps=2", "--config.checkpoint.epoch_fractions=(0.75,)",
          "--config.objective.ref_update_every=3", "--config.checkpoint.max_to_keep=10"]
-
-
-def _cli(args, faults=None, check=True):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, "-m", "daa_jax.main"]
-  if faults:
-    cmd = [sys.executable, os.path.join(REPO, "tests", "faults.py")]
-    env["DAA_TEST_FAULTS"] = json.dumps(faults)
-  proc = subprocess.run(cmd + args, cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=600)
-  if check and proc.returncode:
-    raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
-  return proc
 
 
 def _tree(workdir, step, item):
@@ -97,14 +84,7 @@ def test_resume_after_sigkill_is_bitwise_with_the_updated_reference(tmp_path):
 
 
 def _tiny(**objective):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("tiny", os.path.join(REPO, "configs", "tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("job=daa")
-  with c.unlocked():
-    c.objective.update(objective)
-  return c
+  return _tiny_config("job=daa", **{f"objective.{k}": v for k, v in objective.items()})
 
 
 @pytest.mark.parametrize("objective, message", [
