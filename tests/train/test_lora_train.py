@@ -114,10 +114,14 @@ def test_cached_reference_equals_the_base_pass_and_checkpoints_hold_adapters(tmp
   # The checkpoint: adapters and their optimizer state only, with the base's fingerprint.
   adapters = _adapters(with_lora, 4)
   assert {p[-1] for p in lora.flatten(adapters)} == {"a", "b"}
-  state_bytes = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(
-      os.path.join(with_lora, "checkpoints", "4", "state")) for f in fs)
-  base_bytes = 4 * model_lib.param_count(model_lib.abstract_params(model_configs.pythia("tiny")))
-  assert state_bytes < base_bytes / 3, (state_bytes, base_bytes)
+  # On disk, against the full run's state written by the same orbax (its metadata and file
+  # layout vary between orbax versions, so no absolute byte count): params + AdamW moments of
+  # the whole model there, a rank-4 attention adapter and its moments here.
+  def state_bytes(run, step):
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(
+        os.path.join(run, "checkpoints", str(step), "state")) for f in fs)
+  assert state_bytes(with_lora, 4) < state_bytes(plain, 2) / 5, (
+      state_bytes(with_lora, 4), state_bytes(plain, 2))
   record = json.load(open(os.path.join(with_lora, "lora_base.json")))
   assert record["source"] == "scratch:tiny:seed0" and len(record["fingerprint"]) == 16
   cfg = json.load(open(os.path.join(with_lora, "config.json")))
