@@ -72,6 +72,8 @@ class Workload:
   ref_dtype: str = "float32"
   peak_tflops: float = 0.0    # 0: metrics.peak_flops of the device (None on CPU)
   seed: int = 0
+  lora_rank: int = 0          # > 0: train LoRA adapters (alpha = 2·rank), the base frozen
+  lora_target: str = "attention"  # a models/lora.py preset or regex
   baselines_dir: str = compare_lib.DEFAULT_BASELINES
 
 
@@ -200,18 +202,27 @@ def bench_train(w: Workload) -> dict[str, Any]:
   from daa_jax.models import model as model_lib  # pylint: disable=g-import-not-at-top
   from daa_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
+  from daa_jax.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
+
   cfg = _model_config(w)
   model = model_lib.CausalLM(cfg)
   params = model_lib.init_params(cfg, jax.random.key(w.seed))
   tx = _optimizer(w)
   kind = "sft" if w.what == "sft" else "daa"
   cached = w.what == "train_cached_ref"
+  # LoRA as the trainer runs it: the state holds the adapters, the frozen base goes in as the
+  # step's ref_params (policy = base + (alpha/r)·A@B, reference = base), stored in ref_dtype.
+  lora = w.lora_rank > 0
   scfg = step_lib.StepConfig(kind=kind, cached_ref=cached, logps_chunk=w.logps_chunk,
-                             packing=w.packing and kind == "daa")
+                             packing=w.packing and kind == "daa", lora=lora,
+                             lora_scale=2.0 if lora else 1.0)
   hparams = {k: jnp.float32(v) for k, v in
              dict(beta=0.1, alpha=0.0, epsilon=0.0, sft_weight=0.0).items()}
   ref_params = None
-  if kind == "daa" and not cached:
+  if lora:
+    ref_params = jax.tree.map(lambda p: jnp.asarray(p, dtype=w.ref_dtype), params)
+    params = lora_lib.init_adapters(params, w.lora_rank, w.lora_target, jax.random.key(1))
+  elif kind == "daa" and not cached:
     # A copy: the state (and so `params`) is donated to the step.
     ref_params = jax.tree.map(lambda p: jnp.array(p, dtype=w.ref_dtype, copy=True), params)
 
@@ -256,7 +267,9 @@ def bench_train(w: Workload) -> dict[str, Any]:
               model_flops=flops, executed_flops=executed, data=source, final_loss=loss,
               pack_s_per_batch=statistics.median(pack_s) if pack_s else None,
               packed_shape=list(host[0]["tokens"].shape) if scfg.packing else None,
-              n_params=model_lib.param_count(params))
+              n_params=model_lib.param_count(ref_params if lora else params),
+              n_trained_params=model_lib.param_count(params),
+              opt_state_bytes=sum(x.nbytes for x in jax.tree.leaves(state.opt_state)))
 
 
 def bench_sample(w: Workload) -> dict[str, Any]:
@@ -369,6 +382,11 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--peak_tflops", type=float, default=d.peak_tflops,
                  help="peak TFLOP/s per device for MFU (default: known devices only)")
   p.add_argument("--seed", type=int, default=d.seed)
+  p.add_argument("--lora_rank", type=int, default=d.lora_rank,
+                 help="> 0: train LoRA adapters of this rank (alpha = 2 x rank) over a frozen "
+                      "base, which is also the reference")
+  p.add_argument("--lora_target", default=d.lora_target,
+                 help="LoRA targets: attention | all_linear | a regex over kernel paths")
   p.add_argument("--out", default=None, help="append the JSON line to this file")
   p.add_argument("--baselines_dir", default=d.baselines_dir)
   # compare

@@ -57,6 +57,28 @@ def _run_child(name: str, argv: list[str], timeout_s: int) -> dict:
           "wall_s": time.perf_counter() - start, "raw": res}
 
 
+def variant_flags(v: str) -> list[str]:
+  """The bench flags of a `--variants` item: what[+packing|+two_row][+scan][+<remat policy>]
+  [+loraR], e.g. train_cached_ref+scan+dots or train+lora16 (LoRA rank 16)."""
+  what, *opts = v.split("+")
+  extra = ["--what", what]
+  for opt in opts:
+    if opt == "packing":
+      extra.append("--packing")
+    elif opt == "two_row":
+      extra.append("--no-packing")
+    elif opt == "scan":
+      extra.append("--scan_layers")
+    elif opt in ("full", "dots", "dots_with_no_batch_dims"):
+      extra += ["--remat_policy", opt]
+    elif opt.startswith("lora") and opt[4:].isdigit() and int(opt[4:]) > 0:
+      extra += ["--lora_rank", opt[4:]]
+    else:
+      raise ValueError(f"--variants: unknown option {opt!r} in {v!r}; use packing, two_row, "
+                       "scan, full, dots, dots_with_no_batch_dims or loraR (LoRA rank R).")
+  return extra
+
+
 def compare(args) -> dict:
   """Alternates daa_jax variants and the baselines for `--rounds` rounds; ratios of medians."""
   from absl import logging  # pylint: disable=g-import-not-at-top
@@ -70,24 +92,7 @@ def compare(args) -> dict:
           "--baselines_dir", args.baselines_dir, "--pack_multiple", str(args.pack_multiple),
           "--ref_dtype", args.ref_dtype, "--packing" if args.packing else "--no-packing"
           ] + (["--scan_layers"] if args.scan_layers else [])
-  children: list[tuple[str, list[str]]] = []
-  for v in variants:
-    # what[+packing|+two_row][+scan][+<remat policy>], e.g. train_cached_ref+scan+dots.
-    what, *opts = v.split("+")
-    extra = []
-    for opt in opts:
-      if opt == "packing":
-        extra.append("--packing")
-      elif opt == "two_row":
-        extra.append("--no-packing")
-      elif opt == "scan":
-        extra.append("--scan_layers")
-      elif opt in ("full", "dots", "dots_with_no_batch_dims"):
-        extra += ["--remat_policy", opt]
-      else:
-        raise ValueError(f"--variants: unknown option {opt!r} in {v!r}; use packing, two_row, "
-                         "scan, full, dots or dots_with_no_batch_dims.")
-    children.append((v, base + ["--what", what] + extra))
+  children = [(v, base + variant_flags(v)) for v in variants]
   notes = []
   torch_dtype = "bf16" if args.dtype == "bfloat16" else "fp32"
   shape = TORCH_SHAPES.get(args.model.lower().removeprefix("pythia-"))

@@ -122,9 +122,9 @@ def make_setup(config, mesh, prompt_len=None, response_len=None, sample_batch=No
                                    jax.random.key(0))
   replicated = NamedSharding(mesh, P())
   # LoRA: the state trains the adapters only; the base is the (always live) reference.
-  trained, trained_shardings = (lora_state.adapter_layout(config, abstract_params, mesh)
-                                if lora_state.enabled(config)
-                                else (abstract_params, param_shardings))
+  trained, trained_shardings = (
+      lora_state.adapter_layout(config, abstract_params, mesh, param_shardings)
+      if lora_state.enabled(config) else (abstract_params, param_shardings))
   state_shardings = step_lib.TrainState(
       step=replicated, params=trained_shardings,
       opt_state=init_lib.opt_state_shardings(tx, trained, trained_shardings, mesh))

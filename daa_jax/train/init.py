@@ -94,10 +94,11 @@ def lora_run_parts(spec, run_cfg, model_cfg, mesh, param_shardings):
   # The adapters as the LoRA run stored them (its scan_layers), then in this layout.
   n, stored_scan = model_cfg.num_hidden_layers, bool(run_cfg.model.get("scan_layers", False))
   layout = {True: model_lib.to_scan_layout, False: model_lib.from_scan_layout}
-  abstract_base = jax.eval_shape(lambda: base)
+  abstract_base, base_shardings = jax.eval_shape(lambda: base), param_shardings
   if stored_scan != model_cfg.scan_layers:
     abstract_base = jax.eval_shape(lambda: layout[stored_scan](base, n))
-  abstract, shardings = lora_state.adapter_layout(run_cfg, abstract_base, mesh)
+    base_shardings = sharding.param_shardings(model_cfg.replace(scan_layers=stored_scan), mesh)
+  abstract, shardings = lora_state.adapter_layout(run_cfg, abstract_base, mesh, base_shardings)
   adapters, step = ckpt_lib.load_params(spec, ckpt_lib.abstract_with_shardings(
       abstract, shardings))
   if stored_scan != model_cfg.scan_layers:

@@ -169,8 +169,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, explicit=None,
                                    jax.random.key(0))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   lora = lora_state.enabled(config)  # then TrainState.params: the adapters only
-  trained, trained_shardings = (lora_state.adapter_layout(config, abstract_params, mesh) if lora
-                                else (abstract_params, param_shardings))
+  trained, trained_shardings = (
+      lora_state.adapter_layout(config, abstract_params, mesh, param_shardings) if lora
+      else (abstract_params, param_shardings))
   state_shardings = step_lib.TrainState(
       step=replicated, params=trained_shardings,
       opt_state=init_lib.opt_state_shardings(tx, trained, trained_shardings, mesh))

@@ -78,12 +78,35 @@ def validate_lora(config, prefix: str = "config.") -> None:
         f"--{prefix}guard.enabled=False or --{p}rank=0.")
 
 
-def adapter_layout(config, abstract_base: PyTree, mesh) -> tuple[PyTree, PyTree]:
-  """(abstract adapters, their shardings): replicated, the adapters are small."""
+def adapter_layout(config, abstract_base: PyTree, mesh,
+                   base_shardings: PyTree | None = None) -> tuple[PyTree, PyTree]:
+  """(abstract adapters, their shardings).
+
+  With `base_shardings` (the base's NamedShardings, `sharding.param_shardings`), each
+  adapter follows the logical axes of its base matrix, as MaxText's and qwix's LoRA do:
+  `a` [.., in, r] takes the kernel's spec on its leading (layer) and input dimensions, `b`
+  [.., r, out] on its leading and output dimensions; the rank dimension is replicated. So
+  `a@b` has the kernel's sharding and the merged `W + scale·a@b` needs no resharding, and on
+  an fsdp/tensor mesh no device holds a whole adapter of a 7-9B model's all-linear set.
+  Without `base_shardings` (a single device, tests): replicated.
+  """
   lo = config.model.lora
   abstract = lora_lib.abstract_adapters(abstract_base, int(lo.rank), str(lo.target))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return abstract, jax.tree.map(lambda _: replicated, abstract)
+  if base_shardings is None:
+    return abstract, jax.tree.map(lambda _: replicated, abstract)
+  base_flat = lora_lib.flatten(base_shardings)
+  P = jax.sharding.PartitionSpec
+
+  def one(path, leaf):
+    kernel = base_flat[path[:-1] + ("kernel",)]
+    spec = tuple(kernel.spec) + (None,) * (leaf.ndim - len(kernel.spec))
+    lead, (s_in, s_out) = spec[:-2], spec[-2:]
+    own = (s_in, None) if path[-1] == "a" else (None, s_out)
+    return jax.sharding.NamedSharding(mesh, P(*lead, *own))
+
+  flat = lora_lib.flatten(abstract)
+  return abstract, lora_lib.unflatten({p: one(p, x) for p, x in flat.items()})
 
 
 def init_adapters(config, abstract_base: PyTree) -> PyTree:

@@ -88,3 +88,22 @@ def test_gpu_grid_script_passes_shellcheck_and_runs_in_smoke_mode(tmp_path):
   assert rows[0]["model"] == "tiny" and rows[0]["packing"] and "pairs_per_s" in rows[0]
   assert rows[-1]["error"].startswith("skipped")  # past the budget, recorded, not run
   assert len(rows) == 8  # every item of the grid has a line
+
+
+def test_lora_workload_trains_adapters_only_and_the_compare_variant_passes_the_rank():
+  full = bench.run(bench.Workload(what="train", **TINY))
+  lora = bench.run(bench.Workload(what="train", lora_rank=4, **TINY))
+  cfg = model_configs.pythia("tiny")
+  h, n = cfg.hidden_size, cfg.num_hidden_layers
+  # attention preset on GPT-NeoX: query_key_value [h, 3h] and dense [h, h], A [in,4] B [4,out]
+  assert lora["n_trained_params"] == n * 4 * ((h + 3 * h) + (h + h))
+  assert lora["n_params"] == full["n_params"] == full["n_trained_params"]
+  assert lora["lora_rank"] == 4 and full["lora_rank"] == 0
+  # RMSprop's one accumulator per trained float32 entry (+ scalars).
+  assert abs(full["opt_state_bytes"] - 4 * full["n_params"]) < 64
+  assert abs(lora["opt_state_bytes"] - 4 * lora["n_trained_params"]) < 64
+  assert lora["model_flops"] == full["model_flops"]
+  assert compare_lib.variant_flags("train+lora16+scan") == [
+      "--what", "train", "--lora_rank", "16", "--scan_layers"]
+  with pytest.raises(ValueError, match="loraR"):
+    compare_lib.variant_flags("train+lora")

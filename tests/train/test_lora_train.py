@@ -14,10 +14,12 @@ from daa_jax.models import config as model_configs
 from daa_jax.models import hf_convert
 from daa_jax.models import lora
 from daa_jax.models import model as model_lib
+from daa_jax.models import sharding
 from daa_jax.train import checkpoint as ckpt_lib
 from daa_jax.train import config as config_lib
 from daa_jax.train import loop as train
 from daa_jax.train import lora_export
+from daa_jax.train import lora_state
 from daa_jax.train import optim
 from daa_jax.train import step as step_lib
 
@@ -218,3 +220,46 @@ def test_cli_sft_then_dpo_with_lora_on_tiny_llama_reference_is_the_merged_sft(tm
                "--config.eval.batch_size=8", "--config.eval.num_pairs=16", f"--workdir={dpo}"])
   summary = json.load(open(os.path.join(dpo, "eval", "4", "summary.json")))
   assert summary["step"] == 4 and summary["kl"] > 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_adapters_shard_with_the_logical_axes_of_their_base_kernels(scan):
+  """On an fsdp x tensor mesh `a` [.., in, r] takes its kernel's spec on the input dim and
+  `b` [.., r, out] on the output dim (rank replicated), for every targeted kernel."""
+  cfg = model_configs.pythia("tiny").replace(scan_layers=scan)
+  mesh = sharding.make_mesh((1, 2, 4))
+  base_shardings = sharding.param_shardings(cfg, mesh)
+  abstract, shardings = lora_state.adapter_layout(
+      tiny(**LORA, **{"model.lora.target": "all_linear"}), model_lib.abstract_params(cfg),
+      mesh, base_shardings)
+  kernels, flat = lora.flatten(base_shardings), lora.flatten(shardings)
+  assert len(flat) == 2 * 4 * (1 if scan else cfg.num_hidden_layers)
+  split = 0
+  for path, s in flat.items():
+    k = tuple(kernels[path[:-1] + ("kernel",)].spec)
+    k += (None,) * ((3 if scan else 2) - len(k))
+    want = k[:-2] + ((k[-2], None) if path[-1] == "a" else (None, k[-1]))
+    assert tuple(s.spec) + (None,) * (len(want) - len(s.spec)) == want, (path, s.spec, k)
+    split += any(want)
+  assert split == len(flat)  # every adapter of the tiny model is split on some axis
+  placed = jax.jit(lambda: lora.init_adapters(model_lib.abstract_params(cfg), 4, "all_linear",
+                                              jax.random.key(0)), out_shardings=shardings)()
+  one = next(iter(lora.flatten(placed).values()))
+  assert one.addressable_shards[0].data.size < one.size  # no device holds a whole adapter
+
+
+def test_lora_on_an_fsdp_tensor_mesh_trains_as_on_a_data_mesh(tmp_path):
+  """The sharded adapters (mesh 1x2x4, with full remat and 2 accumulated micro-batches)
+  give the losses and adapters of mesh 8x1x1 (no remat, one batch)."""
+  runs = {}
+  for name, mesh, remat, accum in (("data", (8, 1, 1), "none", 1),
+                                   ("fsdp_tensor", (1, 2, 4), "full", 2)):
+    runs[name] = str(tmp_path / name)
+    train.run(tiny(**LORA, **{"model.lora.target": "all_linear", "train.max_steps": 3,
+                              "mesh": mesh, "model.remat_policy": remat,
+                              "train.grad_accum": accum}), runs[name])
+  for m, n in zip(metrics(runs["data"]), metrics(runs["fsdp_tensor"])):
+    np.testing.assert_allclose(m["loss/total"], n["loss/total"], rtol=0, atol=1e-6)
+  a, b = (_adapters(runs[k], 3, target="all_linear") for k in ("data", "fsdp_tensor"))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)

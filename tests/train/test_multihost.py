@@ -39,6 +39,9 @@ from daa_jax.train import checkpoint as ckpt_lib
 from daa_jax.models import model as model_lib
 from daa_jax.models import sharding
 from daa_jax.models import config as model_configs
+from daa_jax.train import lora_state
+
+from test_train import tiny  # noqa: E402  (tests/train on sys.path)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FLAGS = ["--config=configs/tiny.py:job=daa", "--config.checkpoint.every_steps=2",
@@ -350,3 +353,32 @@ def test_tensor_axis_across_processes_feeds_every_replica_the_same_rows(tmp_path
   run(pod, 2)
   assert_metrics_close(metrics(pod), metrics(reference), range(1, 3),
                        "mesh (1,1,8), 2 processes vs 1", heldout=False)
+
+
+def test_lora_two_processes_on_a_spanning_mesh_resume_and_match_one(tmp_path, jax_cache):
+  """LoRA (all linear layers, rank 4) on mesh (1,2,4): the adapters shard with their base
+  kernels' fsdp/tensor axes across the two processes. 2 processes to step 2, then resumed
+  by 2 processes to step 4 (schedule checkpoints, adapter exports, held-out metrics), equal
+  one process: metrics at every step and the adapters exported at step 4."""
+  flags = [f for f in FLAGS if not f.startswith("--config.mesh=")] + [
+      "--config.mesh=(1,2,4)", "--config.model.lora.rank=4",
+      "--config.model.lora.target=all_linear", "--config.checkpoint.epoch_fractions=(0.25,)"]
+  run = lambda workdir, n, steps: launch(
+      workdir, n, [f"--config.train.max_steps={steps}"], flags=flags, cache_dir=jax_cache,
+      log_dir=str(tmp_path / "logs"))
+  reference, pod = tmp_path / "reference", tmp_path / "pod"
+  run(reference, 1, 4)
+  run(pod, 2, 2)
+  logs = run(pod, 2, 4)
+  assert all("resume: step 2" in log for log in logs), logs[0][-3000:]
+  assert_metrics_close(metrics(pod), metrics(reference), range(1, 5),
+                       "LoRA on mesh (1,2,4), 2 processes (resumed) vs 1")
+  assert ckpt_lib.exported_steps(str(pod)) == ckpt_lib.exported_steps(str(reference))
+  cfg = model_configs.pythia("tiny")
+  mesh = sharding.make_mesh((-1, 1, 1))
+  c = tiny(**{"model.lora.rank": 4, "model.lora.target": "all_linear"})
+  abstract, shardings = lora_state.adapter_layout(
+      c, model_lib.abstract_params(cfg), mesh, sharding.param_shardings(cfg, mesh))
+  target = ckpt_lib.abstract_with_shardings(abstract, shardings)
+  (a, _), (b, _) = (ckpt_lib.load_params(f"{d}@4", target) for d in (pod, reference))
+  assert_params_close(a, b, "LoRA adapters at step 4, 2 processes vs 1")
