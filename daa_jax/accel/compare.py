@@ -142,6 +142,12 @@ def compare(args) -> dict:
       summary[name] = {"step_s_median": statistics.median(c["step_s"] for c in ok),
                        "tokens_per_s_median": statistics.median(c["tokens_per_s"] for c in ok),
                        "step_s_rounds": [c["step_s"] for c in ok]}
+      # Memory of daa_jax children (each its own process): peak (device peak, or max RSS
+      # on CPU) and the optimizer state's bytes, e.g. LoRA (train+loraR) against full.
+      for key in ("peak_mem_bytes", "opt_state_bytes", "n_trained_params"):
+        vals = [c["raw"][key] for c in ok if isinstance(c.get("raw"), dict) and key in c["raw"]]
+        if vals:
+          summary[name][key + "_median"] = statistics.median(vals)
     else:
       summary[name] = {"error": [c.get("error") for row in rounds for c in row
                                  if c["name"] == name]}
