@@ -12,7 +12,7 @@ from daa_jax.accel import devices, plan, programs
 from daa_jax.errors import ConfigError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_plan import SYNTHETIC, daa_config  # noqa: E402
+from test_plan import SYNTHETIC, daa_config
 
 TRITON = "__gpu$xla.gpu.triton"
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,

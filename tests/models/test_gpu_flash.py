@@ -4,7 +4,6 @@ interpret mode on CPU gives the dense path's values and gradients for causal + s
 mask and packing=True: two kernel calls), with grouped-query heads, scanned layers and a mesh;
 KV-cache decoding keeps the dense path; soft-capping and short windows are refused."""
 
-import functools
 import os
 import sys
 
@@ -14,16 +13,15 @@ import numpy as np
 import pytest
 
 from daa_jax.errors import ConfigError
-from daa_jax.models import gpu_flash
+from daa_jax.models import gpu_flash, sharding
 from daa_jax.models import model as model_lib
-from daa_jax.models import sharding
 from daa_jax.train import fixed_layout, packing
 from daa_jax.train import step as step_lib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from family_configs import family_configs  # noqa: E402
-from models.test_splash import pairs  # noqa: E402
-from train.test_packing import two_row_batch  # noqa: E402
+from family_configs import family_configs
+from models.test_splash import pairs
+from train.test_packing import two_row_batch
 
 PAD_ID = 1
 CONFIGS = family_configs(window=512)  # windows at least the row (shorter ones are refused)
@@ -82,7 +80,7 @@ def test_scanned_remat_layers_and_a_mesh_equal_dense():
   four = {k: np.concatenate([v, v[:1]]) for k, v in fixed.items()}  # 4 rows: divisible
   mesh = sharding.make_mesh((2, 2, 2))  # rows over data x fsdp, 2 kv heads over tensor
   params = model_lib.init_params(config, jax.random.key(2))
-  fn = lambda m, p: packing.packed_pair_logps(m, p, four)  # noqa: E731
+  fn = lambda m, p: packing.packed_pair_logps(m, p, four)
   with sharding.activate(mesh):
     got = _values_and_grads(config.replace(attention_impl="gpu_flash"), params, fn)
   want = _values_and_grads(config, params, fn)
