@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 from daa_jax.models import config as model_configs
 from daa_jax.accel import compare as compare_lib
+from daa_jax.train import attention_config
 
 WHATS = ("train", "train_cached_ref", "sft", "sample")
 PAD_ID, EOS_ID = 1, 0  # bench_common's tokenizer: Pythia-style specials.
@@ -157,7 +158,6 @@ def _timed(fn, *args):
 def _model_config(w: Workload, vocab_size: int | None = None):
   """The workload's ModelConfig; 'auto' attention resolved as a run resolves it."""
   import jax  # pylint: disable=g-import-not-at-top
-  from daa_jax.train import attention_config  # pylint: disable=g-import-not-at-top
   overrides = dict(dtype=w.dtype, attention_impl=w.attention_impl,
                    remat_policy=w.remat_policy, scan_layers=w.scan_layers)
   if vocab_size:
