@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from daa_jax import console
+from daa_jax.errors import ConfigError
 from daa_jax.train import attention_config
 from daa_jax.train import init as init_lib
 from daa_jax.train import loop as train
@@ -67,3 +68,19 @@ def test_the_run_model_config_resolves_auto_for_the_given_platform():
   assert kernels == {"cpu": "xla", "tpu": "splash", "cuda": "gpu_flash"}
   config.model.attention_impl = "blockwise"  # anything but 'auto' is kept
   assert init_lib.model_config(config, platform="tpu").attention_impl == "blockwise"
+
+
+def test_gpu_flash_with_soft_capping_is_refused_when_the_run_config_is_built(tmp_path):
+  gemma = {"model_type": "gemma2", "vocab_size": 97, "hidden_size": 40,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "head_dim": 12, "intermediate_size": 72, "max_position_embeddings": 512,
+           "sliding_window": 512, "query_pre_attn_scalar": 20,
+           "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+           "rms_norm_eps": 1e-6}
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(gemma, f)
+  config = tiny(**{"hf_model": str(tmp_path), "model.attention_impl": "gpu_flash"})
+  with pytest.raises(ConfigError, match=r"attention_impl='gpu_flash'.*soft-capping"):
+    init_lib.model_config(config)
+  config.model.attention_impl = "auto"  # on CUDA auto avoids it; the cap stays exact
+  assert init_lib.model_config(config, platform="cuda").attention_impl == "blockwise"
