@@ -210,6 +210,8 @@ def summary_text(config, workdir: str, summary: Any) -> str:
                        ("eval/reward_acc", "held-out acc")):
       if key in summary:
         parts.append(f"{label} {float(summary[key]):.4f}")
+    if summary.get("attention_kernel"):
+      parts.append(f"attention {summary['attention_kernel']}")
     lines = [", ".join(parts)]
     if summary.get("policy_moved") is False:
       lines.append(

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 from daa_jax.models import config as model_configs
 from daa_jax.accel import compare as compare_lib
+from daa_jax.train import attention_config
 
 WHATS = ("train", "train_cached_ref", "sft", "sample")
 PAD_ID, EOS_ID = 1, 0  # bench_common's tokenizer: Pythia-style specials.
@@ -157,11 +158,18 @@ def _timed(fn, *args):
 
 
 def _model_config(w: Workload, vocab_size: int | None = None):
+  """The workload's ModelConfig; 'auto' attention resolved as a run resolves it."""
+  import jax  # pylint: disable=g-import-not-at-top
   overrides = dict(dtype=w.dtype, attention_impl=w.attention_impl,
                    remat_policy=w.remat_policy, scan_layers=w.scan_layers)
   if vocab_size:
     overrides["vocab_size"] = vocab_size
-  return model_configs.pythia(w.model, **overrides)
+  cfg = model_configs.pythia(w.model, **overrides)
+  if cfg.attention_impl == "auto":
+    kernel, _ = attention_config.resolve_auto(
+        cfg, jax.default_backend(), "sft" if w.what == "sft" else "daa", w.packing)
+    cfg = cfg.replace(attention_impl=kernel)
+  return cfg
 
 
 def _optimizer(w: Workload):
@@ -333,6 +341,7 @@ def run(w: Workload) -> dict[str, Any]:
       mfu_executed=result["executed_flops"] / result["step_s_median"] / peak if peak else None,
       peak_mem_bytes=mem, peak_mem_kind=mem_kind, device_kind=device.device_kind,
       platform=device.platform, num_devices=jax.device_count(), jax=jax.__version__,
+      attention_kernel=_model_config(w).attention_impl,
       tokens_per_s_definition=(
           "pairs*new_tokens / sampler wall time (prefill included)" if w.what == "sample" else
           f"{'' if w.what == 'sft' else '2*'}pairs*(prompt_len+response_len) / median step"))
@@ -374,7 +383,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--steps", type=int, default=d.steps, help="timed steps (median)")
   p.add_argument("--warmup", type=int, default=d.warmup)
   p.add_argument("--optimizer", default=d.optimizer, choices=["rmsprop", "adamw"])
-  p.add_argument("--attention_impl", default=d.attention_impl, help="xla | cudnn | auto")
+  p.add_argument("--attention_impl", default=d.attention_impl, help="xla | blockwise | cudnn | gpu_flash | splash | auto "
+                      "(the platform's kernel, as a run picks it)")
   p.add_argument("--remat_policy", default=d.remat_policy)
   p.add_argument("--scan_layers", action="store_true")
   p.add_argument("--logps_chunk", type=int, default=d.logps_chunk)

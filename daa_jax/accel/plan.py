@@ -85,7 +85,7 @@ def activation_bytes(cfg: model_configs.ModelConfig, mesh_shape: dict, name: str
   rows = max(micro // dp, 1) * (2 if name.endswith("tworow") else 1)
   tokens = rows * row_len
   attention = h / tp * row_len * (4 + 4 + c)  # float32 logits and probs, probs in compute dtype
-  if cfg.attention_impl in ("splash", "blockwise"):  # tiled: per-query softmax statistics only
+  if cfg.attention_impl in ("splash", "gpu_flash", "blockwise"):  # tiled: per-query statistics
     attention = h / tp * 2 * 4
   full_layer = c * (2 * d + 6 * d / tp + d / tp + d + 2 * f / tp) + attention  # per token
   layer_weights = (4 * d * d + 2 * d * f) / tp
@@ -223,7 +223,12 @@ def plan(config, mesh_shape, platform: str, topology: str | None = None,
   if platform != "tpu" and config.model.get("attention_impl") == "splash":
     raise ConfigError("config.model.attention_impl='splash' is the TPU kernel (off TPU it runs "
                       "in Pallas interpret mode, a test path); plan it with --platform tpu, or "
-                      "plan CUDA with attention_impl='cudnn' or 'blockwise'.")
+                      "plan CUDA with attention_impl='gpu_flash', 'auto' or 'blockwise'.")
+  if platform != "cuda" and config.model.get("attention_impl") == "gpu_flash":
+    raise ConfigError("config.model.attention_impl='gpu_flash' is the CUDA (Triton) kernel "
+                      "(off CUDA it runs in Pallas interpret mode, a test path); plan it with "
+                      "--platform cuda, or plan TPU with attention_impl='splash', 'auto' or "
+                      "'blockwise'.")
   mesh = devices_lib.make_mesh(mesh_shape, platform, topology)
   config.unlock()
   config.mesh = tuple(mesh.shape.values())
@@ -250,7 +255,8 @@ def plan(config, mesh_shape, platform: str, topology: str | None = None,
   if primary not in names:
     names.insert(0, primary)
   micro = config.train.batch_size // config.train.grad_accum
-  s = programs_lib.make_setup(config, mesh, prompt_len, response_len, sample_batch, new_tokens)
+  s = programs_lib.make_setup(config, mesh, prompt_len, response_len, sample_batch, new_tokens,
+                             platform)
   results = {}
   for name in names:
     log(f"{name}: lowering for {platform} ...")
@@ -305,7 +311,8 @@ def plan(config, mesh_shape, platform: str, topology: str | None = None,
                  "scan_layers": s.model_cfg.scan_layers, "grad_accum": config.train.grad_accum,
                  "prompt_len": s.prompt_len, "response_len": s.response_len,
                  "lora_rank": int(config.model.lora.rank) if lora_state.enabled(config) else 0,
-                 "attention_impl": s.model_cfg.attention_impl,
+                 "attention_impl": config.model.get("attention_impl"),
+                 "attention_kernel": s.model_cfg.attention_impl,  # 'auto' resolved
                  "packing": config.train.get("packing", True)},
       "platform": platform, "topology": topology, "mesh": dict(mesh.shape),
       "device_kind": device_kind, "device_memory": device_memory, "precision": precision,
@@ -323,7 +330,7 @@ def table(result: dict) -> str:
   lines = [f"{r['config']['size']} {r['config']['job']} on {r['platform']} "
            f"{r['topology'] or ''} mesh {r['mesh']} ({r['device_kind']}, "
            f"{devices_lib.gib(r['device_memory'])} GiB/device); precision {r['precision']}; "
-           f"remat {r['config']['remat']}; attention {r['config'].get('attention_impl')}, "
+           f"remat {r['config']['remat']}; attention {r['config'].get('attention_kernel')}, "
            f"packing {r['config'].get('packing')}",
            f"{'program':<18} {'micro':>5} {'lowered':>7} {'compiled':>8} {'params':>7} "
            f"{'grads':>7} {'opt':>7} {'ref':>7} {'kv':>7} {'act':>7} {'total':>7} GiB  note"]

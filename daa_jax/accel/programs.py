@@ -107,15 +107,18 @@ class Setup:
 
 
 def make_setup(config, mesh, prompt_len=None, response_len=None, sample_batch=None,
-               new_tokens=None) -> Setup:
+               new_tokens=None, platform: str | None = None) -> Setup:
   """Model, optimizer, abstract params/state/reference with the trainer's shardings.
+
+  `platform`: the target ('tpu', 'cuda'; default this host's backend), for which
+  `attention_impl='auto'` is resolved (`init.model_config`).
 
   The planned lengths are `prompt_len`/`response_len` when both are given; otherwise the
   config's data lengths, 'auto' ones fitted from `config.data` by `init.resolve_auto` exactly
   as training fits them (raises ConfigError, naming the flags, where no data can be read).
   """
   config = _with_planned_lengths(config, prompt_len, response_len)
-  model_cfg = init_lib.model_config(config)
+  model_cfg = init_lib.model_config(config, platform=platform)
   tx, lr_fn = optim.make(config.optim, 1000)
   param_shardings = sharding.param_shardings(model_cfg, mesh)
   abstract_params = jax.eval_shape(functools.partial(model_lib.init_params, model_cfg),

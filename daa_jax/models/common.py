@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from daa_jax.models.config import ModelConfig
+from daa_jax.models import gpu_flash
 from daa_jax.models import registry
 from daa_jax.models import splash as splash_lib
 from daa_jax.models.layers import constrain, rotary_cos_sin
@@ -213,6 +214,8 @@ class CausalLM(nn.Module):
       masks, positions = self_mask(valid, positions, segment_ids, shared_segment, window)
       if cfg.attention_impl == "splash":  # the dense masks above are then dead code
         masks = splash_lib.make_masks(cfg, valid, segment_ids, shared_segment, layout)
+      elif cfg.attention_impl == "gpu_flash":  # segment ids carry the fixed layout too
+        masks = gpu_flash.make_masks(cfg, valid, segment_ids, shared_segment)
       index = None
     else:
       if segment_ids is not None:

@@ -57,7 +57,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   scan_layers: bool = False
   remat_policy: str = "none"  # none | full | dots | dots_with_no_batch_dims
-  attention_impl: str = "xla"  # xla | blockwise (models/attention.py) | cudnn | None (jax's choice)
+  # xla | blockwise (models/attention.py) | cudnn | splash (TPU) | gpu_flash (CUDA) | None or
+  # 'auto' (jax's choice; a run resolves 'auto' to a kernel first: train/attention_config.py)
+  attention_impl: str = "xla"
 
   @property
   def head_dim(self) -> int:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from daa_jax.models import attention as attention_lib
+from daa_jax.models import gpu_flash
 from daa_jax.models import splash as splash_lib
 from daa_jax.models.config import ModelConfig
 
@@ -256,7 +257,7 @@ def heads_first_layout(config: ModelConfig, kv) -> bool:
   jax.nn.dot_product_attention in [B,T,H,K]; its logits and softmax are float32 for bf16
   inputs too. The boolean mask (causal + padding + segments + window) is general; 'cudnn'
   turns it into a dense additive bias, so it is correct there but does not skip masked
-  blocks.
+  blocks. 'gpu_flash' (models/gpu_flash.py) takes [B,T,H,K] too: jax's Triton kernel's layout.
   """
   return (kv is not None or config.attention_impl in ("xla", "blockwise", "splash")
           or config.attn_logit_softcapping > 0)
@@ -299,9 +300,12 @@ def attention_core(config: ModelConfig, q: Array, k: Array, v: Array, mask: Arra
   else:
     act = ("act_batch", "act_len", "act_heads", "act_kv")
     q, k, v = (constrain(a, act) for a in (q, k, v))
-    impl = None if config.attention_impl in (None, "auto", "none") else config.attention_impl
-    out = constrain(jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
-                                                 implementation=impl), act)
+    if isinstance(mask, gpu_flash.FlashMasks):  # 'gpu_flash' without a cache
+      out = constrain(gpu_flash.attend(q, k, v, mask, scale, fit=fit_spec_to_shape), act)
+    else:
+      impl = None if config.attention_impl in (None, "auto", "none") else config.attention_impl
+      out = constrain(jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
+                                                   implementation=impl), act)
   b, t = out.shape[:2]
   return out.reshape(b, t, -1), kv
 
@@ -339,7 +343,8 @@ def attend(q: Array, k: Array, v: Array, mask: Array, scale: float | None = None
 def layer_mask(masks: tuple[Array, Array | None], sliding) -> Array:
   """The mask of one layer: the sliding-window one where `sliding` (bool, traced under
   scan), else the full causal one."""
-  if isinstance(masks, splash_lib.SplashMasks):  # no window: models/splash.py's check_window
+  if isinstance(masks, (splash_lib.SplashMasks, gpu_flash.FlashMasks)):  # no window: their
+    # modules' check_window
     return masks
   full, window = masks
   if window is None:

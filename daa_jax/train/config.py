@@ -218,7 +218,7 @@ CHOICES: dict[str, tuple] = {
     "model.param_dtype": _DTYPES,
     "optim.state_dtype": _DTYPES,
     "model.remat_policy": ("none", "full", "dots", "dots_with_no_batch_dims"),
-    "model.attention_impl": ("xla", "blockwise", "cudnn", "splash", None),
+    "model.attention_impl": ("auto", "xla", "blockwise", "cudnn", "splash", "gpu_flash", None),
     "objective.name": OBJECTIVE_NAMES,
     "objective.normalize": ("sum", "mean"),
     "objective.reference": ("live", "cached"),

@@ -14,8 +14,10 @@ import optax
 from absl import logging
 from etils import epath
 from daa_jax.train import checkpoint as ckpt_lib
+from daa_jax.models import gpu_flash
 from daa_jax.models import hf_convert
 from daa_jax.models import lora as lora_lib
+from daa_jax.train import attention_config
 from daa_jax.train import lora_state
 from daa_jax.models import model as model_lib
 from daa_jax.models import sharding
@@ -27,8 +29,35 @@ from daa_jax.data import pipeline as data_pipeline
 PyTree = Any
 
 
-def model_config(config, vocab_size: int | None = None) -> model_configs.ModelConfig:
-  """The `ModelConfig` of a run: HF checkpoint's if `config.hf_model`, else the size table's."""
+def model_config(config, vocab_size: int | None = None,
+                 platform: str | None = None) -> model_configs.ModelConfig:
+  """The `ModelConfig` of a run: HF checkpoint's if `config.hf_model`, else the size table's.
+
+  `attention_impl='auto'` is resolved here, for `platform` (default `jax.default_backend()`;
+  the planner passes its target): `attention_kernel`. A kernel that cannot run the model
+  exactly ('gpu_flash' with soft-capping) is refused here, before any expensive work.
+  """
+  cfg = _model_config(config, vocab_size)
+  if cfg.attention_impl == "auto":
+    cfg = cfg.replace(attention_impl=attention_kernel(config, platform, cfg)[0])
+  if cfg.attention_impl == "gpu_flash":
+    gpu_flash.check_config(cfg)
+  return cfg
+
+
+def attention_kernel(config, platform: str | None = None,
+                     cfg: model_configs.ModelConfig | None = None) -> tuple[str, str]:
+  """(kernel, reason): what `config.model.attention_impl` runs on `platform` (default
+  `jax.default_backend()`); 'auto' per `attention_config.resolve_auto`, else itself."""
+  impl = config.model.get("attention_impl")
+  if impl != "auto":
+    return str(impl), "as configured"
+  cfg = cfg or _model_config(config)
+  return attention_config.resolve_auto(cfg, platform or jax.default_backend(),
+                                       config.get("job"), config.train.get("packing", True))
+
+
+def _model_config(config, vocab_size: int | None = None) -> model_configs.ModelConfig:
   m = config.model
   exec_opts = dict(dtype=m.dtype, param_dtype=m.get("param_dtype", "float32"),
                    scan_layers=m.scan_layers, remat_policy=m.remat_policy,
@@ -193,6 +222,11 @@ def resolve_auto(config: ml_collections.ConfigDict, workdir: str) -> ml_collecti
   if lora_state.enabled(config):  # what the reference is, in config.json
     with config.unlocked():
       config.reference_model = f"the base, adapters off: {reference_identity(config)}"
+  kernel, reason = attention_kernel(config)
+  with config.unlocked():  # in config.json: what ran ('auto' stays, eval resolves it again)
+    config.model.attention_kernel = kernel
+  logging.info("attention: %s (config.model.attention_impl=%r; %s)", kernel,
+               config.model.attention_impl, reason)
   max_positions = model_config(config).max_position_embeddings
   data_pipeline.resolve_lengths(config.data, "pairs" if config.job == "daa" else "sft", workdir,
                            max_positions)

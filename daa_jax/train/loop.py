@@ -296,7 +296,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, explicit=None,
   seq_len = int(train_ds.max_length)
   pending: list[tuple[int, dict, float]] = []
   window_start, window_tokens = time.time(), 0.0
-  summary: dict[str, Any] = {"status": "finished", "workdir": workdir}
+  summary: dict[str, Any] = {"status": "finished", "workdir": workdir,
+                             "attention_kernel": model_cfg.attention_impl}  # 'auto' resolved
 
   def flush(current_step: int):
     """Fetches pending metrics (one device_get), checks finiteness, writes them."""
