@@ -32,6 +32,7 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -40,8 +41,6 @@ from daa_jax.models import model as model_lib
 from daa_jax.models import sharding
 from daa_jax.models import config as model_configs
 from daa_jax.train import lora_state
-
-from test_train import tiny  # noqa: E402  (tests/train on sys.path)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FLAGS = ["--config=configs/tiny.py:job=daa", "--config.checkpoint.every_steps=2",
@@ -376,7 +375,9 @@ def test_lora_two_processes_on_a_spanning_mesh_resume_and_match_one(tmp_path, ja
   assert ckpt_lib.exported_steps(str(pod)) == ckpt_lib.exported_steps(str(reference))
   cfg = model_configs.pythia("tiny")
   mesh = sharding.make_mesh((-1, 1, 1))
-  c = tiny(**{"model.lora.rank": 4, "model.lora.target": "all_linear"})
+  lo = lora_state.lora_fields()
+  lo.update(rank=4, target="all_linear")
+  c = ml_collections.ConfigDict({"model": {"lora": lo}})  # what adapter_layout reads
   abstract, shardings = lora_state.adapter_layout(
       c, model_lib.abstract_params(cfg), mesh, sharding.param_shardings(cfg, mesh))
   target = ckpt_lib.abstract_with_shardings(abstract, shardings)
