@@ -17,6 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from daa_jax.errors import ConfigError
+
 Array = jax.Array
 
 BLOCK = 256
@@ -86,3 +88,24 @@ def attend(q: Array, k: Array, v: Array, mask: Array, scale: float | None = None
           jnp.zeros((b, h, t, kd), jnp.float32))
   (_, l, acc), _ = jax.lax.scan(body, init, (kb, vb, mb))
   return (acc / l[..., None]).astype(v.dtype)
+
+
+PAD_SEGMENT = -(2 ** 30)  # the fused kernels' segment id of padding (never a real segment's)
+
+
+def padded_segment_ids(valid: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+  """int32 `[B,L]` segment ids for a segment-id kernel: the packed segments (0 without
+  packing), `PAD_SEGMENT` on padding, so padding attends nothing real."""
+  seg = jnp.zeros(valid.shape, jnp.int32) if segment_ids is None else segment_ids
+  return jnp.where(valid, seg, PAD_SEGMENT).astype(jnp.int32)
+
+
+def refuse_short_window(config, length: int, impl: str, why: str) -> None:
+  """Raises ConfigError where `impl` (a fused kernel without windows) would run a model whose
+  sliding-window layers are shorter than its rows of `length` tokens; `why` says why."""
+  if any(config.sliding_layers) and config.sliding_window < length:
+    raise ConfigError(
+        f"config.model.attention_impl='{impl}' does not implement sliding-window layers "
+        f"(sliding_window={config.sliding_window}, rows of {length} tokens): {why} Use "
+        "attention_impl='xla' or 'blockwise' for this model (both exact with any window), or "
+        "rows no longer than the window, where every layer is global.")

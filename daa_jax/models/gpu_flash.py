@@ -50,11 +50,12 @@ import jax
 import jax.numpy as jnp
 
 from daa_jax.errors import ConfigError
+from daa_jax.models import attention as attention_lib
 
 Array = jax.Array
 
 UNIT = 64  # rows are padded to a multiple of this; blocks divide it
-_PAD_SEGMENT = -(2 ** 30)  # padding's segment id (never a real segment's)
+_PAD_SEGMENT = attention_lib.PAD_SEGMENT  # padding (never a real segment)
 _TAIL_SEGMENT = -(2 ** 30) + 1  # slots added to reach a multiple of UNIT
 
 
@@ -86,13 +87,8 @@ def check_config(config) -> None:
 
 def check_window(config, length: int) -> None:
   """Refuses sliding-window layers whose window is shorter than the row (ConfigError)."""
-  if any(config.sliding_layers) and config.sliding_window < length:
-    raise ConfigError(
-        f"config.model.attention_impl='gpu_flash' does not implement sliding-window layers "
-        f"(sliding_window={config.sliding_window}, rows of {length} tokens): jax's Triton "
-        "flash kernel takes causal + segment ids only. Use attention_impl='blockwise' or "
-        "'xla' for this model (both exact with any window), or rows no longer than the "
-        "window, where every layer is global.")
+  attention_lib.refuse_short_window(
+      config, length, "gpu_flash", "jax's Triton flash kernel takes causal + segment ids only.")
 
 
 def make_masks(config, valid: Array, segment_ids: Array | None,
@@ -101,9 +97,9 @@ def make_masks(config, valid: Array, segment_ids: Array | None,
   b, length = valid.shape
   check_config(config)
   check_window(config, length)
-  seg = jnp.zeros((b, length), jnp.int32) if segment_ids is None else segment_ids
   if shared_segment is None:
-    return FlashMasks(jnp.where(valid, seg, _PAD_SEGMENT).astype(jnp.int32))
+    return FlashMasks(attention_lib.padded_segment_ids(valid, segment_ids))
+  seg = jnp.zeros((b, length), jnp.int32) if segment_ids is None else segment_ids
   response = valid & (seg != shared_segment)
   first_id = jnp.take_along_axis(seg, jnp.argmax(response, axis=1)[:, None], axis=1)  # [B,1]
   first = response & (seg == first_id)  # the chosen response's slots

@@ -34,12 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from daa_jax.errors import ConfigError
+from daa_jax.models import attention as attention_lib
 
 Array = jax.Array
 
 LANES = 128  # the kernel's block sizes are multiples of this
 MAX_BLOCK = 512
-_PAD_SEGMENT = -(2 ** 30)  # segment id of padding (never equal to a real segment)
 _TAIL_SEGMENT = -(2 ** 30) + 1  # slots added to reach a multiple of LANES
 
 
@@ -64,14 +64,9 @@ def static_mask(prompt_len: int, response_len: int, total: int | None = None) ->
 
 def check_window(config, length: int) -> None:
   """Refuses sliding-window layers whose window is shorter than the row (ConfigError)."""
-  if any(config.sliding_layers) and config.sliding_window < length:
-    raise ConfigError(
-        f"config.model.attention_impl='splash' does not implement sliding-window layers "
-        f"(sliding_window={config.sliding_window}, rows of {length} tokens): the window counts "
-        "rotary positions, which in prompt-shared rows restart for the rejected response, so no "
-        "static LocalMask is exact there. Use attention_impl='xla' or 'blockwise' for this "
-        "model (both exact with any window), or rows no longer than the window, where every "
-        "layer is global.")
+  attention_lib.refuse_short_window(
+      config, length, "splash", "the window counts rotary positions, which in prompt-shared "
+      "rows restart for the rejected response, so no static LocalMask is exact there.")
 
 
 def make_masks(config, valid: Array, segment_ids: Array | None, shared_segment: int | None,
@@ -91,8 +86,7 @@ def make_masks(config, valid: Array, segment_ids: Array | None, shared_segment: 
         "its mask is one static pattern for every row, and today's packed rows "
         "(packing=True) put the prompt/chosen/rejected boundaries at a different slot in each "
         "row. The fixed layout pads each part to the same offsets (train/fixed_layout.py).")
-  seg = jnp.zeros((b, length), jnp.int32) if segment_ids is None else segment_ids
-  return SplashMasks(jnp.where(valid, seg, _PAD_SEGMENT).astype(jnp.int32))
+  return SplashMasks(attention_lib.padded_segment_ids(valid, segment_ids))
 
 
 def _block(length: int) -> int:

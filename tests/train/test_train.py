@@ -7,7 +7,6 @@ import math
 import os
 import shutil
 import signal
-import subprocess
 import sys
 
 import jax
@@ -27,6 +26,9 @@ from daa_jax.models import config as model_configs
 from daa_jax.data import pipeline as data_pipeline
 from daa_jax.train import init as init_lib
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cli_helpers import cli, tiny  # noqa: E402  (tests/ on sys.path)
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -35,18 +37,6 @@ def load_config(name, arg=None):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
-
-
-def tiny(arg="job=daa", **updates):
-  c = load_config("tiny", arg)
-  with c.unlocked():
-    for key, value in updates.items():
-      node = c
-      *path, last = key.split(".")
-      for p in path:
-        node = node[p]
-      node[last] = value
-  return c
 
 
 def metrics(workdir):
@@ -196,21 +186,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_checkpoints(tmp_path, mo
   assert mngr_steps == [1, 2, 3]  # state after 3 good updates; nothing after the bad step
 
 
-def _cli(args, env_extra=None, check=True, faults=None):
-  """`python -m daa_jax.main ARGS`, or with `faults` (tests/faults.py) injected."""
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-  env["JAX_PLATFORMS"] = "cpu"
-  env.update(env_extra or {})
-  cmd = [sys.executable, "-m", "daa_jax.main"]
-  if faults:
-    cmd = [sys.executable, os.path.join(REPO, "tests", "faults.py")]
-    env["DAA_TEST_FAULTS"] = json.dumps(faults)
-  proc = subprocess.run(cmd + args, cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600)
-  if check and proc.returncode not in (0,):
-    raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
-  return proc
+_cli = cli  # (args, faults=None, check=True)
 
 
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
