@@ -161,7 +161,10 @@ def test_training_raises_heldout_reward_accuracy(tmp_path):
   assert summary["eval/reward_acc"] > 0.62, summary
 
 
-def test_beta_sweep_compiles_the_step_once(tmp_path):
+def test_beta_sweep_compiles_the_step_once(tmp_path, monkeypatch):
+  # A fresh step cache: an earlier test in this process with the same shapes would otherwise
+  # have traced the step already (0 traces here, not 1).
+  monkeypatch.setattr(train, "_STEP_CACHE", {})
   train.TRACE_COUNTS.clear()
   for i, beta in enumerate((0.1, 0.3, 1.0)):
     train.run(tiny(f"job=daa,beta={beta}", **{"train.max_steps": 2}), str(tmp_path / str(i)))
