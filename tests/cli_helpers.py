@@ -13,7 +13,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def cli(args, faults=None, check=True):
   """`python -m daa_jax.main ARGS` on 8 CPU devices in the repo root, or through
   tests/faults.py with `faults` injected; raises with the stderr tail unless `check=False`."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 "
+             + os.environ.get("DAA_TEST_XLA_EXTRA", ""),
              JAX_PLATFORMS="cpu")
   cmd = [sys.executable, "-m", "daa_jax.main"]
   if faults:

@@ -216,7 +216,8 @@ def test_distributed_off_keeps_one_process_inside_a_slurm_allocation(tmp_path):
   # not make main.py call jax.distributed.initialize(). A bad beta ends the job right after
   # the topology line, before any compilation.
   env = dict(os.environ, JAX_PLATFORMS="cpu", SLURM_NTASKS="2", SLURM_JOB_ID="1",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+             XLA_FLAGS="--xla_force_host_platform_device_count=2 "
+             + os.environ.get("DAA_TEST_XLA_EXTRA", ""))
   proc = subprocess.run(
       [sys.executable, "-m", "daa_jax.main", "--config=configs/tiny.py:job=daa",
        "--config.objective.beta=-1", f"--workdir={tmp_path}", "--distributed=off"],

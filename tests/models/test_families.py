@@ -321,7 +321,8 @@ def test_cli_daa_run_and_evaluation_from_an_hf_directory(tmp_path, size):
   hf_dir, workdir = str(tmp_path / "hf"), str(tmp_path / "run")
   hf_convert.save_pretrained(config, random_params(config, seed=7), hf_dir)
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+             XLA_FLAGS="--xla_force_host_platform_device_count=2 "
+             + os.environ.get("DAA_TEST_XLA_EXTRA", ""))
 
   def main(*flags):
     proc = subprocess.run([sys.executable, "-m", "daa_jax.main", *flags,

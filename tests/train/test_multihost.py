@@ -61,7 +61,8 @@ def _free_port() -> int:
 
 def _env(devices: int, cache_dir: str) -> dict:
   env = {k: v for k, v in os.environ.items() if not k.startswith(_CLUSTER_ENV_PREFIXES)}
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+             + os.environ.get("DAA_TEST_XLA_EXTRA", ""),
              JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
