@@ -1,7 +1,9 @@
 """Test setup: 8 fake CPU devices, set before jax is imported anywhere; the `slow` marker."""
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -25,6 +27,15 @@ def _collective_timeout_flag() -> str:
 os.environ["XLA_FLAGS"] = " ".join([
     os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
     _collective_timeout_flag()]).strip()
+# One persistent XLA compilation cache for the session's processes (pytest workers and the
+# CLI jobs tests launch): the tiny configs recompile the same programs in dozens of fresh
+# processes (a 4-step tiny DAA run: 7.7 s cold, 3.7 s warm). Programs and results are the
+# same with or without it. A cache dir set by the caller wins.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="daa_jax_tests_xla_")
+  os.environ["DAA_TEST_OWN_XLA_CACHE"] = os.environ["JAX_COMPILATION_CACHE_DIR"]
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -59,3 +70,10 @@ def pytest_collection_modifyitems(config, items):
       item.add_marker(skip_study)
     elif item.get_closest_marker("slow") and not config.getoption("--runslow"):
       item.add_marker(skip_slow)
+
+
+def pytest_unconfigure(config):
+  # The controller (not an xdist worker) removes the cache dir it made, after every worker.
+  own = os.environ.get("DAA_TEST_OWN_XLA_CACHE")
+  if own and not hasattr(config, "workerinput"):
+    shutil.rmtree(own, ignore_errors=True)

@@ -204,7 +204,7 @@ def train_program(s: Setup, kind: str, cached_ref: bool, packing: bool, micro: i
       kind=kind, objective=c.objective.name if kind == "daa" else "dpo",
       normalize=c.objective.normalize if kind == "daa" else "sum", grad_accum=grad_accum,
       cached_ref=cached_ref, logps_chunk=int(t.logps_chunk), packing=packing,
-      lora=lora_state.enabled(c), lora_scale=lora_state.scale(c) if lora_state.enabled(c) else 1.0)
+      **lora_state.step_fields(c))
   replicated = NamedSharding(s.mesh, P())
   live = scfg.lora or (kind == "daa" and not cached_ref)  # LoRA: the base is an argument
   fn = jax.jit(functools.partial(step_lib.train_step, model=s.model, tx=s.tx, cfg=scfg,

@@ -133,7 +133,8 @@ class CausalLM(nn.Module):
                        prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       return nn.scan(
-          block, variable_axes={"params": 0}, split_rngs={"params": True},
+          block, variable_axes={"params": 0, "lora": 0, "intermediates": 0},
+          split_rngs={"params": True, "dropout": True},
           in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
           length=cfg.num_hidden_layers,
           metadata_params={nn.PARTITION_NAME: "layers"})(cfg)

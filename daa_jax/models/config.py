@@ -60,6 +60,10 @@ class ModelConfig:
   # xla | blockwise (models/attention.py) | cudnn | splash (TPU) | gpu_flash (CUDA) | None or
   # 'auto' (jax's choice; a run resolves 'auto' to a kernel first: train/attention_config.py)
   attention_impl: str = "xla"
+  # Dropout rate on the input of LoRA adapters (PEFT's lora_dropout). In effect only where a
+  # forward is given adapters as the 'lora' collection and a 'dropout' rng: the training step
+  # of a LoRA run with config.model.lora.dropout > 0 (models/lora.py, `with_adapters`).
+  lora_dropout: float = 0.0
 
   @property
   def head_dim(self) -> int:

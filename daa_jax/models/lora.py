@@ -10,7 +10,9 @@ The adapters mirror the module tree of the base's targeted Dense kernels:
 kernel replaced by `W + scale·A@B` (float32), a pure function over the params tree, so every
 family's forward runs unchanged on the merged tree, and the base with no adapters is the base
 itself (the reference: no second copy). `a` starts as PEFT's (kaiming-uniform, a=√5:
-U(±1/√in)) and `b` at zero, so the merged model starts equal to the base.
+U(±1/√in)) and `b` at zero, so the merged model starts equal to the base. PEFT's
+`lora_dropout` needs the activation-level form `x@W + dropout(x)@A@(scale·B)`, which merged
+weights cannot express: `with_adapters` runs it (the layers' side is `layers._Dense`).
 
 Targets: a regex searched (`re.search`) in each kernel's '/'-joined path
 (`layers_0/self_attn/q_proj/kernel`, or `layers/...` with scan_layers); only leaves named
@@ -121,6 +123,32 @@ def merge(base: PyTree, adapters: PyTree | None, scale: float) -> PyTree:
     merged[kernel] = flat_base[kernel].astype(jnp.float32) + delta(
         {"a": flat[path + ("a",)], "b": flat[path + ("b",)]}, scale)
   return _unflatten(merged)
+
+
+class _WithAdapters:
+  """`model` whose `apply` runs the activation-level form `x@W + dropout(x)@A@(scale·B)` in
+  each adapted layer (`layers._Dense`), the adapters passed as the 'lora' collection."""
+
+  def __init__(self, model, adapters: PyTree, scale: float, dropout: float, rng: jax.Array):
+    self.model = type(model)(model.config.replace(lora_dropout=float(dropout)))
+    self.lora = {p: (v * scale if p[-1] == "b" else v) for p, v in _flatten(adapters)}
+    self.lora = _unflatten(self.lora)
+    self.rng = rng
+
+  def apply(self, variables, *args, **kwargs):
+    return self.model.apply({**variables, "lora": self.lora}, *args,
+                            rngs={"dropout": self.rng}, **kwargs)
+
+
+def with_adapters(model, adapters: PyTree, scale: float, dropout: float, rng: jax.Array):
+  """A stand-in for `model` (same `apply(variables, ...)`) that runs LoRA at the activation
+  level with dropout, as PEFT trains: each adapted layer computes
+  `x@W + dropout(x)@A@(scale·B)`, one inverted-dropout mask (rate `dropout`) per layer and
+  call, drawn from `rng` (split over scanned layers). `variables` then hold the *base*
+  params. With `dropout=0` it equals the merged forward `merge(base, adapters, scale)` up to
+  rounding; the training step uses it only for `config.model.lora.dropout > 0` (evaluation,
+  sampling and exports run the merged weights: dropout off, as PEFT's `model.eval()`)."""
+  return _WithAdapters(model, adapters, scale, dropout, rng)
 
 
 def adapted_modules(adapters: PyTree) -> list[tuple]:

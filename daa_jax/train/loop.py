@@ -257,7 +257,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, explicit=None,
       kind=kind, objective=config.objective.name if kind == "daa" else "dpo",
       normalize=config.objective.normalize if kind == "daa" else "sum",
       grad_accum=int(t.grad_accum), cached_ref=cached_ref, logps_chunk=int(t.logps_chunk),
-      packing=packing, lora=lora, lora_scale=lora_state.scale(config) if lora else 1.0)
+      packing=packing, **lora_state.step_fields(config))
   hparams = jax.device_put(step_lib.hparams_from_config(config.objective), replicated)
   ref_shardings = None if ref_params is None else param_shardings
   key = (kind, model_cfg, scfg, config.optim.to_json(sort_keys=True), total_steps,

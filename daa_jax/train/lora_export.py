@@ -72,14 +72,15 @@ def peft_tensors(model_cfg, adapters) -> tuple[dict[str, np.ndarray], list[str]]
 
 
 def save_peft(model_cfg, adapters, rank: int, alpha: float, out_dir: str,
-              base_name_or_path: str | None) -> None:
-  """`adapter_config.json` + `adapter_model.safetensors` as PEFT's `save_pretrained` writes."""
+              base_name_or_path: str | None, dropout: float = 0.0) -> None:
+  """`adapter_config.json` + `adapter_model.safetensors` as PEFT's `save_pretrained` writes
+  (`lora_dropout`: the run's training rate; PEFT applies it in training mode only)."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   tensors, modules = peft_tensors(model_cfg, adapters)
   os.makedirs(out_dir, exist_ok=True)
   config = dict(
       peft_type="LORA", task_type="CAUSAL_LM", r=int(rank), lora_alpha=float(alpha),
-      lora_dropout=0.0, target_modules=sorted(modules), bias="none", fan_in_fan_out=False,
+      lora_dropout=float(dropout), target_modules=sorted(modules), bias="none", fan_in_fan_out=False,
       use_rslora=False, use_dora=False, init_lora_weights=True, modules_to_save=None,
       base_model_name_or_path=base_name_or_path, inference_mode=True)
   with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
@@ -104,7 +105,8 @@ def export(spec: str, merged_dir: str | None = None, peft_dir: str | None = None
       hf_convert.save_pretrained(model_cfg, jax.tree.map(lambda x: x.astype(np.float32), base),
                                  base_name)
       out["base"] = base_name
-    save_peft(model_cfg, adapters, int(lo.rank), float(lo.alpha), peft_dir, base_name)
+    save_peft(model_cfg, adapters, int(lo.rank), float(lo.alpha), peft_dir, base_name,
+              float(lo.get("dropout", 0.0)))
     out["peft"] = peft_dir
   return out
 

@@ -3,7 +3,8 @@ the base's fingerprint that checkpoints carry.
 
 With LoRA on, `TrainState.params` holds only the adapters (`models/lora.py`; the optimizer
 state is adapter-shaped) and the frozen base travels as the step's `ref_params`: the policy is
-`lora.merge(base, adapters, scale)` inside the step, the reference is the base itself. The
+`lora.merge(base, adapters, scale)` inside the step (with `dropout > 0`, training runs
+`lora.with_adapters`: dropout on the adapters' input), the reference is the base itself. The
 base is stored once, in `config.objective.ref_dtype`.
 """
 
@@ -45,6 +46,15 @@ def scale(config) -> float:
   return float(lo.alpha) / int(lo.rank)
 
 
+def step_fields(config) -> dict:
+  """`step.StepConfig`'s LoRA fields for `config` (LoRA off: their defaults)."""
+  if not enabled(config):
+    return {}
+  lo = config.model.lora
+  return dict(lora=True, lora_scale=scale(config), lora_dropout=float(lo.dropout),
+              dropout_seed=int(lo.seed))
+
+
 def validate_lora(config, prefix: str = "config.") -> None:
   """Raises `ConfigError` for a LoRA block daa_jax cannot honour."""
   lo = config.get("model", {}).get("lora")
@@ -56,13 +66,10 @@ def validate_lora(config, prefix: str = "config.") -> None:
   if not float(lo.alpha) > 0:
     raise ConfigError(f"{p}alpha={lo.alpha} must be > 0 (the adapters are scaled by "
                       "alpha/rank).")
-  if float(lo.dropout) != 0.0:
+  if not 0.0 <= float(lo.dropout) < 1.0:
     raise ConfigError(
-        f"{p}dropout={lo.dropout} is not supported: daa_jax merges W + (alpha/rank)·A@B into "
-        "each targeted kernel inside the forward (one pure function over the params, so every "
-        "family runs unchanged), and dropout on the adapter's input needs the activation-level "
-        "form x@W + dropout(x)@A@B, which is not implemented. Rather than ignore it silently "
-        f"the run stops; set --{p}dropout=0.0.")
+        f"{p}dropout={lo.dropout} must be in [0, 1): the rate at which each input of an "
+        "adapter is zeroed in training (PEFT's lora_dropout; 0: off, e.g. 0.05 or 0.1).")
   o = config.get("objective")
   if config.get("job") == "daa" and o is not None and o.get("ref_update", "none") != "none":
     raise ConfigError(

@@ -50,12 +50,26 @@ class StepConfig:
   packing: bool = False        # DAA batches are `packing.pack_pairs` rows [prompt|chosen|rejected]
   lora: bool = False           # params are LoRA adapters over the frozen base `ref_params`
   lora_scale: float = 1.0      # alpha / rank
+  lora_dropout: float = 0.0    # > 0: dropout on the adapters' input (activation-level form)
+  dropout_seed: int = 0        # the dropout masks' key: fold_in(key(seed), step, micro-batch)
 
 
-def _policy(params, ref_params, cfg: StepConfig):
-  """The policy's params: with LoRA the base `ref_params` merged with the adapters `params`
-  (`models/lora.py`), so gradients reach only the adapters; else `params`."""
-  return lora_lib.merge(ref_params, params, cfg.lora_scale) if cfg.lora else params
+# The dropout keys' stream under config.model.lora.seed (apart from the adapters' init keys,
+# fold_in(key(seed), module index)).
+_DROPOUT_STREAM = 0x64726F70
+
+
+def _policy(model, params, ref_params, cfg: StepConfig, rng=None):
+  """(model, params) of the policy. With LoRA the base `ref_params` merged with the adapters
+  `params` (`models/lora.py`), so gradients reach only the adapters; with LoRA dropout and a
+  `rng` (training), the base under `lora.with_adapters` (dropout on the adapters' input,
+  which merged weights cannot express); else `params` itself."""
+  if not cfg.lora:
+    return model, params
+  if cfg.lora_dropout > 0 and rng is not None:
+    return lora_lib.with_adapters(model, params, cfg.lora_scale, cfg.lora_dropout,
+                                  rng), ref_params
+  return model, lora_lib.merge(ref_params, params, cfg.lora_scale)
 
 
 def _global_norm(tree) -> jax.Array:
@@ -117,8 +131,10 @@ def _reference_logps(model, ref_params, batch, cfg: StepConfig, policy):
       pair_logps(model, ref_params, batch, cfg.logps_chunk, cfg.packing))
 
 
-def _daa_loss(params, ref_params, batch, hparams, *, model, cfg: StepConfig, num_pairs):
-  policy = pair_logps(model, _policy(params, ref_params, cfg), batch, cfg.logps_chunk, cfg.packing)
+def _daa_loss(params, ref_params, batch, hparams, rng=None, *, model, cfg: StepConfig,
+              num_pairs):
+  policy = pair_logps(*_policy(model, params, ref_params, cfg, rng), batch, cfg.logps_chunk,
+                      cfg.packing)
   ref = _reference_logps(model, ref_params, batch, cfg, policy)
   # hparams: `hparams_from_config`'s keys (a caller's dict may hold fewer: defaults fill in).
   loss, metrics = objectives.compute_loss(cfg.objective, policy, ref, batch["lengths"],
@@ -133,10 +149,12 @@ def _daa_loss(params, ref_params, batch, hparams, *, model, cfg: StepConfig, num
   return loss * weight, (scalars, margins)
 
 
-def _sft_loss(params, ref_params, batch, hparams, *, model, cfg: StepConfig, num_tokens):
+def _sft_loss(params, ref_params, batch, hparams, rng=None, *, model, cfg: StepConfig,
+              num_tokens):
   del hparams
-  summed, _ = sequence_logps(model, _policy(params, ref_params, cfg), batch["tokens"], batch["attention_mask"],
-                             batch["positions"], batch["loss_mask"], cfg.logps_chunk)
+  summed, _ = sequence_logps(*_policy(model, params, ref_params, cfg, rng), batch["tokens"],
+                             batch["attention_mask"], batch["positions"], batch["loss_mask"],
+                             cfg.logps_chunk)
   nll = -jnp.sum(summed) / num_tokens  # token-level mean over the *global* batch
   return nll, ({"loss": nll, "tokens": jnp.sum(batch["lengths"]).astype(jnp.float32)},)
 
@@ -150,7 +168,13 @@ def _split_micro(batch, grad_accum: int):
   return jax.tree.map(split, batch)
 
 
-def _loss_and_grads(params, ref_params, batch, hparams, model, cfg: StepConfig):
+def _micro_rng(rng, i):
+  return None if rng is None else jax.random.fold_in(rng, i)
+
+
+def _loss_and_grads(params, ref_params, batch, hparams, model, cfg: StepConfig, rng=None):
+  """`rng`: the step's dropout key (None: no dropout); micro-batch i draws from
+  fold_in(rng, i)."""
   if cfg.kind == "daa":
     loss_fn = functools.partial(_daa_loss, model=model, cfg=cfg,
                                 num_pairs=batch["tokens"].shape[0])
@@ -159,23 +183,27 @@ def _loss_and_grads(params, ref_params, batch, hparams, model, cfg: StepConfig):
     loss_fn = functools.partial(_sft_loss, model=model, cfg=cfg, num_tokens=num_tokens)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if cfg.grad_accum == 1:
-    (loss, aux), grads = grad_fn(params, ref_params, batch, hparams)
+    (loss, aux), grads = grad_fn(params, ref_params, batch, hparams, _micro_rng(rng, 0))
     return loss, _whole_batch(aux), grads
 
   micro_batches = _split_micro(batch, cfg.grad_accum)
 
-  def body(carry, micro):
+  def body(carry, xs):
+    micro, i = xs
     loss_acc, metrics_acc, grads_acc = carry
-    (loss, (metrics, *rest)), grads = grad_fn(params, ref_params, micro, hparams)
+    (loss, (metrics, *rest)), grads = grad_fn(params, ref_params, micro, hparams,
+                                              _micro_rng(rng, i))
     return (loss_acc + loss, jax.tree.map(jnp.add, metrics_acc, metrics),
             jax.tree.map(jnp.add, grads_acc, grads)), rest
 
   first = jax.tree.map(lambda x: x[0], micro_batches)
-  metrics_shape = jax.eval_shape(lambda: grad_fn(params, ref_params, first, hparams)[0][1][0])
+  metrics_shape = jax.eval_shape(
+      lambda: grad_fn(params, ref_params, first, hparams, _micro_rng(rng, 0))[0][1][0])
   zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)  # noqa: E731
   init = (jnp.zeros((), jnp.float32), zeros(metrics_shape),
           jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
-  (loss, metrics, grads), rest = jax.lax.scan(body, init, micro_batches)
+  (loss, metrics, grads), rest = jax.lax.scan(
+      body, init, (micro_batches, jnp.arange(cfg.grad_accum, dtype=jnp.int32)))
   # rest: the per-pair margins of every micro-batch, [A, B/A] (empty for SFT).
   return loss, _whole_batch((metrics, *[r.reshape(-1) for r in rest])), grads
 
@@ -198,7 +226,11 @@ def train_step(state: TrainState, ref_params: PyTree, batch: dict, hparams: dict
   non-finite loss or gradient leaves the state unchanged (the update is skipped) and sets
   `train/nonfinite` = 1, so the loop can stop naming this step with earlier checkpoints intact.
   """
-  loss, m, grads = _loss_and_grads(state.params, ref_params, batch, hparams, model, cfg)
+  rng = None
+  if cfg.lora and cfg.lora_dropout > 0:  # one key per step: resume draws the same masks
+    stream = jax.random.fold_in(jax.random.key(cfg.dropout_seed), _DROPOUT_STREAM)
+    rng = jax.random.fold_in(stream, state.step)
+  loss, m, grads = _loss_and_grads(state.params, ref_params, batch, hparams, model, cfg, rng)
   grad_norm = _global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
@@ -233,7 +265,8 @@ def eval_step(params, ref_params, batch, hparams, *, model, cfg: StepConfig):
   Returns `(loss, metrics)` where `metrics['per_pair']` holds `[B]` arrays (implicit rewards,
   log-ratios, lengths, losses) and `policy_logps`/`ref_logps` `[B,2]`.
   """
-  policy = pair_logps(model, _policy(params, ref_params, cfg), batch, cfg.logps_chunk, cfg.packing)
+  policy = pair_logps(*_policy(model, params, ref_params, cfg), batch, cfg.logps_chunk,
+                      cfg.packing)
   ref = _reference_logps(model, ref_params, batch, cfg, policy)
   loss, metrics = objectives.compute_loss(cfg.objective, policy, ref, batch["lengths"],
                                           normalize=cfg.normalize, **hparams)

@@ -118,3 +118,82 @@ def test_a_bfloat16_base_merges_into_float32_kernels():
   assert merged[k].dtype == jnp.float32
   np.testing.assert_array_equal(np.asarray(merged[k]),
                                 np.asarray(lora.flatten(params)[k]).astype(np.float32))
+
+
+def _nonzero_adapters(params, target="all_linear", rank=4):
+  adapters = lora.init_adapters(params, rank, target, jax.random.key(1))
+  return {p: (v + 0.05 * jax.random.normal(jax.random.key(i), v.shape) if p[-1] == "b" else v)
+          for i, (p, v) in enumerate(lora.flatten(adapters).items())}
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["layers", "scan"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_activation_form_without_dropout_equals_the_merged_forward(family, scan):
+  """`with_adapters` (x@W + x@A@(s·B) in each layer, the form dropout needs) computes the
+  merged model W + s·A@B for every family, per layer or scanned."""
+  cfg = FAMILIES[family].replace(scan_layers=scan)
+  params = model_lib.init_params(FAMILIES[family], jax.random.key(0))
+  adapters = lora.unflatten(_nonzero_adapters(params))
+  if scan:
+    params, adapters = (model_lib.to_scan_layout(t, 2) for t in (params, adapters))
+  model = model_lib.CausalLM(cfg)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 61, (2, 7)), jnp.int32)
+  merged = model.apply({"params": lora.merge(params, adapters, 1.5)}, tokens)
+  base = model.apply({"params": params}, tokens)
+  act = lora.with_adapters(model, adapters, 1.5, 0.0, jax.random.key(7))
+  got = act.apply({"params": params}, tokens)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(merged), atol=2e-5)
+  assert np.abs(np.asarray(merged) - np.asarray(base)).max() > 1e-3  # the adapters matter
+  # With dropout: other logits, the same ones for the same key, others for another key.
+  drop = lambda key: lora.with_adapters(model, adapters, 1.5, 0.3, key).apply(  # noqa: E731
+      {"params": params}, tokens)
+  d1, d1b, d2 = (np.asarray(drop(jax.random.key(k))) for k in (7, 7, 8))
+  np.testing.assert_array_equal(d1, d1b)
+  assert np.abs(d1 - np.asarray(merged)).max() > 1e-4 and np.abs(d1 - d2).max() > 1e-4
+
+
+def test_dropout_is_inverted_on_the_adapter_input_only():
+  """One adapted Dense with W = 0, A = B = I, scale 1: the output is exactly
+  where(keep, x/(1-p), 0) for the layer's own mask, whose keep rate is 1-p."""
+  from daa_jax.models import layers
+  rate, d, n = 0.25, 16, 512
+  dense = layers._Dense(d, use_bias=False, lora_dropout=rate)
+  x = jax.random.normal(jax.random.key(0), (n, d))
+  variables = {"params": {"kernel": jnp.zeros((d, d))},
+               "lora": {"a": jnp.eye(d), "b": jnp.eye(d)}}
+  out, state = dense.apply(variables, x, rngs={"dropout": jax.random.key(3)},
+                           mutable=["intermediates"])
+  keep = np.asarray(state["intermediates"]["lora_keep"][0])
+  np.testing.assert_allclose(np.asarray(out), np.where(keep, np.asarray(x) / (1 - rate), 0),
+                             rtol=1e-6)
+  frac = keep.mean()  # n·d = 8192 draws: sd of the fraction 0.0048
+  assert abs(frac - (1 - rate)) < 5 * np.sqrt(rate * (1 - rate) / keep.size), frac
+  # No rng (evaluation) or no adapters: no dropout, the plain layer.
+  np.testing.assert_allclose(np.asarray(dense.apply(variables, x)), np.asarray(x), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(dense.apply({"params": variables["params"]}, x)),
+                                np.zeros((n, d)))
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["layers", "scan"])
+def test_each_adapted_module_and_layer_draws_its_own_dropout_mask(scan):
+  cfg = FAMILIES["llama"].replace(scan_layers=scan)
+  params = model_lib.init_params(FAMILIES["llama"], jax.random.key(0))
+  adapters = lora.unflatten(_nonzero_adapters(params, "attention"))
+  if scan:
+    params, adapters = (model_lib.to_scan_layout(t, 2) for t in (params, adapters))
+  model = model_lib.CausalLM(cfg)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 61, (4, 16)), jnp.int32)
+  _, state = lora.with_adapters(model, adapters, 1.0, 0.5, jax.random.key(0)).apply(
+      {"params": params}, tokens, mutable=["intermediates"])
+  masks = {}
+  for path, (keep,) in lora.flatten(state["intermediates"]).items():
+    keep = np.asarray(keep)
+    for layer, m in enumerate(keep if scan else [keep]):
+      masks[(layer if scan else path[0], path[-2])] = m
+  assert len(masks) == 2 * 4  # q, k, v, o of two layers
+  values = list(masks.values())
+  for m in values:
+    assert m.shape == (64, 32) and abs(m.mean() - 0.5) < 0.05
+  for i in range(len(values)):
+    for j in range(i):
+      assert (values[i] != values[j]).mean() > 0.3  # independent masks differ in ~half

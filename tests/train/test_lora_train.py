@@ -98,6 +98,48 @@ def test_lora_grad_accumulation_equals_one_big_batch():
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=5e-5)
 
 
+def test_lora_dropout_step_starts_at_the_base_loss_and_draws_fresh_masks_each_step():
+  """With B = 0 the adapter branch is zero whatever the mask, so step 1's loss equals the
+  no-dropout step's bitwise; later steps differ from it, a rerun reproduces them bitwise, and
+  each step draws other masks (the step with the same params and batch gives another loss)."""
+  c = tiny()
+  cfg = model_configs.pythia("tiny")
+  model = model_lib.CausalLM(cfg)
+  base = model_lib.init_params(cfg, jax.random.key(0))
+  adapters = lora.init_adapters(base, 4, "all_linear", jax.random.key(1))
+  tx, _ = optim.make(c.optim, 10)
+  ds = data_pipeline.load_pairs(c.data, "train")
+  batch = next(iter(data_pipeline.Loader(ds, batch_size=16, seed=0)))
+  batch.pop("index")
+  hp = step_lib.hparams_from_config(c.objective)
+
+  def losses(dropout, grad_accum=1):
+    scfg = step_lib.StepConfig(kind="daa", objective="dpo", lora=True, lora_scale=2.0,
+                               lora_dropout=dropout, grad_accum=grad_accum)
+    fn = jax.jit(lambda s, r, b: step_lib.train_step(s, r, b, hp, model=model, tx=tx,
+                                                     cfg=scfg))
+    state, out = step_lib.init_state(adapters, tx), []
+    for _ in range(3):
+      state, m = fn(state, base, batch)
+      out.append(float(m["loss/total"]))
+    # The same params and batch as step 3, at step 4's counter: other masks, another loss.
+    again = fn(state._replace(step=state.step), base, batch)[1]
+    moved = fn(state._replace(step=state.step + 1), base, batch)[1]
+    return out, float(again["loss/total"]), float(moved["loss/total"])
+
+  plain, dropped, rerun = losses(0.0), losses(0.3), losses(0.3)
+  assert dropped == rerun
+  assert dropped[0][0] == plain[0][0]
+  assert dropped[0][1] != plain[0][1] and dropped[0][2] != plain[0][2]
+  assert dropped[1] != dropped[2]
+  assert plain[1] == plain[2]  # no dropout: the step counter does not matter
+  # grad_accum 2: each micro-batch draws its own key; step 1 is still the base's loss (the
+  # sum of two half-batch means: float32 rounding apart) and training goes on finite.
+  accum = losses(0.3, grad_accum=2)
+  np.testing.assert_allclose(accum[0][0], plain[0][0], rtol=1e-6)
+  assert all(np.isfinite(accum[0])) and accum[0][1] != dropped[0][1]
+
+
 def test_cached_reference_equals_the_base_pass_and_checkpoints_hold_adapters(tmp_path):
   plain, with_lora = str(tmp_path / "plain"), str(tmp_path / "lora")
   train.run(tiny(**{"objective.reference": "cached", "train.max_steps": 2}), plain)
@@ -133,7 +175,7 @@ def test_cached_reference_equals_the_base_pass_and_checkpoints_hold_adapters(tmp
 def test_lora_resume_after_sigkill_is_bitwise_identical(tmp_path):
   flags = ["--config=configs/tiny.py:job=daa", "--config.train.max_steps=8",
            "--config.model.lora.rank=4", "--config.model.lora.target=all_linear",
-           "--config.checkpoint.every_steps=2", "--config.checkpoint.async_save=True",
+           "--config.model.lora.dropout=0.1", "--config.checkpoint.every_steps=2", "--config.checkpoint.async_save=True",
            "--config.checkpoint.epoch_fractions=(0.5,)"]
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
   _cli(flags + [f"--workdir={straight}"])
@@ -167,7 +209,8 @@ def test_a_base_changed_under_the_checkpoint_is_refused_naming_both_fingerprints
 
 
 @pytest.mark.parametrize("updates, message", [
-    ({"model.lora.dropout": 0.1}, "dropout=0.1 is not supported.*activation-level"),
+    ({"model.lora.dropout": 1.0}, r"dropout=1.0 must be in \[0, 1\)"),
+    ({"model.lora.dropout": -0.1}, r"dropout=-0.1 must be in \[0, 1\)"),
     ({"model.lora.alpha": 0.0}, "alpha=0.0 must be > 0"),
     ({"guard.enabled": True}, "guard"),
     ({"objective.ref_update": "hard"}, "TR-DPO's reference updates"),
@@ -189,23 +232,27 @@ def test_lora_is_off_by_default_and_rank_0_or_disabled_trains_full_params(tmp_pa
   assert "kernel" in full["layers_0"]["attention"]["dense"]
 
 
-def test_cli_sft_then_dpo_with_lora_on_tiny_llama_reference_is_the_merged_sft(tmp_path):
+@pytest.mark.parametrize("size, dropout", [("tiny-llama", 0.0), ("tiny", 0.1)],
+                         ids=["llama", "gpt_neox-dropout"])
+def test_cli_sft_then_dpo_with_lora_reference_is_the_merged_sft(tmp_path, size, dropout):
   """SFT with LoRA, then DPO with a fresh adapter over the SFT adapter merged into its base
-  (the reference is that merged SFT model, as config.json says), then evaluation."""
+  (the reference is that merged SFT model, as config.json says), then evaluation: a Llama
+  and a GPT-NeoX (Pythia) model, the latter with adapter dropout."""
   sft, dpo, full = (str(tmp_path / n) for n in ("sft", "dpo", "full"))
   common = ["--config.model.lora.rank=4", "--config.train.max_steps=4",
+            f"--config.model.lora.dropout={dropout}",
             "--config.checkpoint.epoch_fractions=(0.25,)"]
-  _cli(["--config=configs/tiny.py:job=sft,size=tiny-llama", "--config.optim.lr=1e-2",
+  _cli([f"--config=configs/tiny.py:job=sft,size={size}", "--config.optim.lr=1e-2",
         f"--workdir={sft}"] + common)
-  _cli(["--config=configs/tiny.py:job=daa,size=tiny-llama", f"--config.init_from={sft}",
+  _cli([f"--config=configs/tiny.py:job=daa,size={size}", f"--config.init_from={sft}",
         f"--workdir={dpo}"] + common)
   # The same DPO without LoRA from the same SFT run: its initial params (= reference) are the
   # merged SFT model too.
-  _cli(["--config=configs/tiny.py:job=daa,size=tiny-llama", f"--config.init_from={sft}",
+  _cli([f"--config=configs/tiny.py:job=daa,size={size}", f"--config.init_from={sft}",
         "--config.train.max_steps=1", f"--workdir={full}"])
   cfg = json.load(open(os.path.join(dpo, "config.json")))
   assert cfg["reference_model"] == f"the base, adapters off: init_from:{sft}@4"
-  assert cfg["model"]["lora"]["rank"] == 4
+  assert cfg["model"]["lora"]["rank"] == 4 and cfg["model"]["lora"]["dropout"] == dropout
   first, ref_full = metrics(dpo)[0], metrics(full)[0]
   np.testing.assert_allclose(first["daa/loss"], np.log(2), rtol=1e-6)  # policy = reference
   for k in ("logps/ref_chosen", "logps/ref_rejected"):

@@ -356,13 +356,15 @@ def test_tensor_axis_across_processes_feeds_every_replica_the_same_rows(tmp_path
 
 
 def test_lora_two_processes_on_a_spanning_mesh_resume_and_match_one(tmp_path, jax_cache):
-  """LoRA (all linear layers, rank 4) on mesh (1,2,4): the adapters shard with their base
-  kernels' fsdp/tensor axes across the two processes. 2 processes to step 2, then resumed
+  """LoRA (all linear layers, rank 4, dropout 0.1) on mesh (1,2,4): the adapters shard with
+  their base kernels' fsdp/tensor axes across the two processes, and the dropout masks of the
+  sharded activations are those of one process. 2 processes to step 2, then resumed
   by 2 processes to step 4 (schedule checkpoints, adapter exports, held-out metrics), equal
   one process: metrics at every step and the adapters exported at step 4."""
   flags = [f for f in FLAGS if not f.startswith("--config.mesh=")] + [
       "--config.mesh=(1,2,4)", "--config.model.lora.rank=4",
-      "--config.model.lora.target=all_linear", "--config.checkpoint.epoch_fractions=(0.25,)"]
+      "--config.model.lora.target=all_linear", "--config.model.lora.dropout=0.1",
+      "--config.checkpoint.epoch_fractions=(0.25,)"]
   run = lambda workdir, n, steps: launch(
       workdir, n, [f"--config.train.max_steps={steps}"], flags=flags, cache_dir=jax_cache,
       log_dir=str(tmp_path / "logs"))
