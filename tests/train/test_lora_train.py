@@ -261,6 +261,9 @@ def test_cli_sft_then_dpo_with_lora_reference_is_the_merged_sft(tmp_path, size, 
   sft_m = metrics(sft)
   assert sft_m[-1]["sft/nll"] < sft_m[0]["sft/nll"]
   _, _, _, sft_adapters, _ = lora_export.load_run(sft)
+  if dropout:  # PEFT's adapter_config.json records the training rate
+    lora_export.export(sft, peft_dir=str(tmp_path / "peft"))
+    assert json.load(open(tmp_path / "peft" / "adapter_config.json"))["lora_dropout"] == dropout
   assert all(np.abs(np.asarray(v)).max() > 1e-4
              for p, v in lora.flatten(sft_adapters).items() if p[-1] == "b")
   proc = _cli(["--config=configs/eval.py", "--config.eval.num_prompts=8",
