@@ -107,6 +107,23 @@ def test_lora_plan_counts_adapters_as_trained_and_the_base_once_as_reference():
   assert result["programs"]["sample_decode"]["per_device_bytes"]["params"] == 4 * n
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_the_planned_lora_step_is_the_one_that_trains_with_or_without_dropout(dropout):
+  """The planner builds its StepConfig as the trainer does (`lora_state.step_fields`): with
+  adapter dropout, the lowered step draws random bits (the masks); without, it does not."""
+  from daa_jax.accel import devices, programs
+  config = daa_config()
+  config.model.lora.rank = 4
+  config.model.lora.dropout = dropout
+  s = programs.make_setup(config, devices.make_mesh((1, 1, 1), "cuda", None), platform="cuda",
+                          **SYNTHETIC)
+  fn, args = programs.build(s, "daa_live_packed", 4)
+  with devices._activate(s.mesh):  # pylint: disable=protected-access
+    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  draws = ("threefry2x32" in text) or ("rng_bit_generator" in text)
+  assert draws == (dropout > 0)
+
+
 def test_bfloat16_optimizer_state_is_stored_narrow_and_updated_in_float32():
   c = config_lib.optim_fields("paper")
   c.update(warmup_steps=0, grad_clip=0.0, lr=0.1, state_dtype="bfloat16")
