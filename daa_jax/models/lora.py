@@ -131,8 +131,7 @@ class _WithAdapters:
 
   def __init__(self, model, adapters: PyTree, scale: float, dropout: float, rng: jax.Array):
     self.model = type(model)(model.config.replace(lora_dropout=float(dropout)))
-    self.lora = {p: (v * scale if p[-1] == "b" else v) for p, v in _flatten(adapters)}
-    self.lora = _unflatten(self.lora)
+    self.lora = _unflatten({p: v * scale if p[-1] == "b" else v for p, v in _flatten(adapters)})
     self.rng = rng
 
   def apply(self, variables, *args, **kwargs):

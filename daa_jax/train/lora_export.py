@@ -80,8 +80,9 @@ def save_peft(model_cfg, adapters, rank: int, alpha: float, out_dir: str,
   os.makedirs(out_dir, exist_ok=True)
   config = dict(
       peft_type="LORA", task_type="CAUSAL_LM", r=int(rank), lora_alpha=float(alpha),
-      lora_dropout=float(dropout), target_modules=sorted(modules), bias="none", fan_in_fan_out=False,
-      use_rslora=False, use_dora=False, init_lora_weights=True, modules_to_save=None,
+      lora_dropout=float(dropout), target_modules=sorted(modules), bias="none",
+      fan_in_fan_out=False, use_rslora=False, use_dora=False, init_lora_weights=True,
+      modules_to_save=None,
       base_model_name_or_path=base_name_or_path, inference_mode=True)
   with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)
