@@ -73,7 +73,7 @@ def _token_logps(logits: Array, targets: Array) -> Array:
 
 
 def sequence_logps(logits: Array, targets: Array, loss_mask: Array,
-                   chunk_size: int | None = None) -> tuple[Array, Array]:
+                   chunk_size: int | None = None, project=None) -> tuple[Array, Array]:
   """Per-token and summed log-probs of `targets` under `logits`, in float32.
 
   The caller aligns everything to targets (`logits[:, :-1]`, `tokens[:, 1:]`,
@@ -82,25 +82,31 @@ def sequence_logps(logits: Array, targets: Array, loss_mask: Array,
   leak NaN into the sum).
 
   Args:
-    logits: [N, L, V] logits of the token at each target position (any float dtype).
+    logits: [N, L, V] logits of the token at each target position (any float dtype), or,
+      with `project`, the [N, L, D] final hidden states that `project` maps to them.
     targets: [N, L] int token ids.
     loss_mask: [N, L] nonzero on positions that count (response tokens incl. EOS).
     chunk_size: None computes all positions at once. An int processes L in chunks of that
       many positions under `lax.map` with rematerialization, so the float32 copy of the
       logits exists for one [N, chunk_size, V] slice at a time, in the forward and the
       backward pass. The result is identical; L need not be divisible by chunk_size.
+    project: [N, C, D] -> [N, C, V] (the model's vocabulary projection,
+      `CausalLM.logits_from_hidden`). Inside the chunks it is the fused form: no [N, L, V]
+      buffer of any dtype exists, forward or backward (the projection is recomputed per
+      chunk in the backward pass), which at V = 50k is the largest activation of a DAA step.
 
   Returns:
     summed: [N] float32, sum of per-token log-probs over masked-in positions.
     per_token: [N, L] float32, 0 where `loss_mask` is 0.
   """
-  n, length, _ = logits.shape
+  n, length = logits.shape[:2]
   mask = loss_mask > 0  # [N,L]
   # Padding targets may be -100 or ≥ V; any in-range id is fine since the result is masked.
   targets = jnp.where(mask, targets, 0).astype(jnp.int32)  # [N,L]
+  project = project or (lambda x: x)
 
   if chunk_size is None or chunk_size >= length:
-    per_token = _token_logps(logits, targets)  # [N,L]
+    per_token = _token_logps(project(logits), targets)  # [N,L]
   else:
     if chunk_size < 1:
       raise ValueError(f"config.loss.logps_chunk_size={chunk_size}; use a positive int or None.")
@@ -111,9 +117,9 @@ def sequence_logps(logits: Array, targets: Array, loss_mask: Array,
     # residuals into a full [L/C, N, C, V] buffer, defeating the point of chunking.
     @jax.checkpoint
     def one_chunk(start):
-      lg = jax.lax.dynamic_slice_in_dim(logits, start, chunk_size, axis=1)  # [N,C,V]
+      lg = jax.lax.dynamic_slice_in_dim(logits, start, chunk_size, axis=1)  # [N,C,V|D]
       tg = jax.lax.dynamic_slice_in_dim(targets, start, chunk_size, axis=1)  # [N,C]
-      return _token_logps(lg, tg)  # [N,C]
+      return _token_logps(project(lg), tg)  # [N,C]
 
     starts = jnp.arange(num_full, dtype=jnp.int32) * chunk_size
     chunks = jax.lax.map(one_chunk, starts)  # [L//C, N, C]
@@ -121,7 +127,8 @@ def sequence_logps(logits: Array, targets: Array, loss_mask: Array,
     # The ragged tail is a static slice: dynamic_slice would clamp its start and recompute
     # (and double-count) positions of the previous chunk.
     if full < length:
-      pieces.append(_token_logps(logits[:, full:], targets[:, full:]))
+      pieces.append(jax.checkpoint(lambda lg, tg: _token_logps(project(lg), tg))(
+          logits[:, full:], targets[:, full:]))
     per_token = jnp.concatenate(pieces, axis=1)  # [N,L]
 
   per_token = jnp.where(mask, per_token, 0.0)

@@ -229,7 +229,8 @@ def packed_pair_logps(model: model_lib.CausalLM, params, packed: dict,
     model: the `CausalLM`.
     params: its params.
     packed: the packed batch as arrays.
-    logps_chunk: > 0: log-softmax over chunks of this many target positions.
+    logps_chunk: > 0: the vocabulary projection and log-softmax over chunks of this many
+      target positions (no `[2B,R,V]` logits).
   """
   variables = {"params": params}
   num_pairs, _, response_length = packed["target_index"].shape
@@ -245,9 +246,12 @@ def packed_pair_logps(model: model_lib.CausalLM, params, packed: dict,
   index = packed["target_index"].reshape(num_pairs, 2 * response_length)  # [B,2R]
   picked = jnp.take_along_axis(hidden, index[..., None], axis=1)  # [B,2R,D]
   picked = picked.reshape(2 * num_pairs, response_length, hidden.shape[-1])  # [2B,R,D]
-  logits = model.apply(variables, picked, method=model_lib.CausalLM.logits_from_hidden)  # [2B,R,V]
-  summed, _ = objectives.sequence_logps(
-      logits, packed["targets"].reshape(2 * num_pairs, response_length),
-      packed["target_mask"].reshape(2 * num_pairs, response_length),
-      chunk_size=logps_chunk or None)
+  targets = packed["targets"].reshape(2 * num_pairs, response_length)
+  mask = packed["target_mask"].reshape(2 * num_pairs, response_length)
+  head = lambda h: model.apply(variables, h, method=model_lib.CausalLM.logits_from_hidden)
+  if logps_chunk:  # fused: the head runs per chunk, no [2B,R,V] logits
+    summed, _ = objectives.sequence_logps(picked, targets, mask, chunk_size=logps_chunk,
+                                          project=head)
+  else:
+    summed, _ = objectives.sequence_logps(head(picked), targets, mask)  # [2B,R,V] logits
   return summed.reshape(num_pairs, 2)

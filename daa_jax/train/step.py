@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from daa_jax.models import lora as lora_lib
+from daa_jax.models import model as model_lib
 from daa_jax.train import objectives
 from daa_jax.train import packing as packing_lib
 
@@ -96,12 +97,20 @@ def _flat_pairs(x: jax.Array) -> jax.Array:
 
 def sequence_logps(model, params, tokens, attention_mask, positions, loss_mask,
                    logps_chunk: int = 0):
-  """Summed response log-probs of rows `[N,L]` -> (`[N]`, per-token `[N,L-1]`), in float32."""
-  logits = model.apply({"params": params}, tokens, attention_mask=attention_mask,
-                       positions=positions)  # [N,L,V]
-  return objectives.sequence_logps(
-      logits[:, :-1], tokens[:, 1:], loss_mask[:, :-1],
-      chunk_size=logps_chunk or None)
+  """Summed response log-probs of rows `[N,L]` -> (`[N]`, per-token `[N,L-1]`), in float32.
+
+  `logps_chunk > 0` fuses the vocabulary projection into the chunked log-softmax: no
+  `[N,L,V]` logits exist (`objectives.sequence_logps`'s `project`)."""
+  if not logps_chunk:
+    logits = model.apply({"params": params}, tokens, attention_mask=attention_mask,
+                         positions=positions)  # [N,L,V]
+    return objectives.sequence_logps(logits[:, :-1], tokens[:, 1:], loss_mask[:, :-1])
+  hidden = model.apply({"params": params}, tokens, attention_mask=attention_mask,
+                       positions=positions, method=model_lib.CausalLM.hidden_states)  # [N,L,D]
+  return objectives.sequence_logps(hidden[:, :-1], tokens[:, 1:], loss_mask[:, :-1],
+                                   chunk_size=logps_chunk, project=lambda h: model.apply(
+                                       {"params": params}, h,
+                                       method=model_lib.CausalLM.logits_from_hidden))
 
 
 def pair_logps(model, params, batch, logps_chunk: int = 0, packing: bool = False) -> jax.Array:
