@@ -173,6 +173,7 @@ def prefill(model: model_lib.CausalLM, params, prompt_tokens: jax.Array,
       model_lib.init_cache(model.config, batch, prompt_len + max_new_tokens), mesh)
   hidden, cache = model.apply(variables, prompt_tokens, attention_mask=prompt_mask,
                               positions=_prompt_positions(prompt_mask), cache=cache,
+                              prefill=True,  # a fresh cache: splash runs the prompts
                               method=model_lib.CausalLM.hidden_states)  # [B,P,D]
   # Only the last prompt position's logits are needed: [B,P,V] would be large for Pythia.
   last_logits = model.apply(variables, hidden[:, -1:],

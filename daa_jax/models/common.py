@@ -158,7 +158,7 @@ class CausalLM(nn.Module):
   def __call__(self, tokens: Array, attention_mask: Array | None = None,
                positions: Array | None = None, segment_ids: Array | None = None,
                cache: Cache | None = None, shared_segment: int | None = None,
-               layout: tuple[int, int] | None = None):
+               layout: tuple[int, int] | None = None, prefill: bool = False):
     """Next-token logits.
 
     Args:
@@ -178,30 +178,33 @@ class CausalLM(nn.Module):
       layout: static `(P, R)` of `train/fixed_layout.py`'s rows `[prompt P | chosen R |
         rejected R]` (with `segment_ids`, `shared_segment`): the same function; it lets
         `attention_impl='splash'` use one static mask for every row.
+      prefill: static; the `cache` is fresh (`init_cache`, index 0) and the tokens are the
+        whole prompts, so they attend only to each other: `attention_impl='splash'` then runs
+        the prefill through its kernel (causal + padding, windows) while filling the cache.
 
     Returns:
       logits [B,L,V] in `config.dtype`; with `cache`, `(logits, new_cache)`.
     """
     hidden, new_cache = self._hidden(tokens, attention_mask, positions, segment_ids, cache,
-                                     shared_segment, layout)
+                                     shared_segment, layout, prefill)
     logits = self.logits_from_hidden(hidden)
     return logits if cache is None else (logits, new_cache)
 
   def hidden_states(self, tokens: Array, attention_mask: Array | None = None,
                     positions: Array | None = None, segment_ids: Array | None = None,
                     cache: Cache | None = None, shared_segment: int | None = None,
-                    layout: tuple[int, int] | None = None):
+                    layout: tuple[int, int] | None = None, prefill: bool = False):
     """Like `__call__` but returns the final (post final norm) hidden states [B,L,D].
 
     Use with `model.apply(..., method=CausalLM.hidden_states)`, e.g. for a reward head or to
     chunk the vocab projection through `CausalLM.logits_from_hidden`.
     """
     hidden, new_cache = self._hidden(tokens, attention_mask, positions, segment_ids, cache,
-                                     shared_segment, layout)
+                                     shared_segment, layout, prefill)
     return hidden if cache is None else (hidden, new_cache)
 
   def _hidden(self, tokens, attention_mask, positions, segment_ids, cache, shared_segment,
-              layout=None):
+              layout=None, prefill=False):
     cfg = self.config
     b, t = tokens.shape
     if attention_mask is None:
@@ -222,6 +225,8 @@ class CausalLM(nn.Module):
       if segment_ids is not None:
         raise ValueError("segment_ids cannot be combined with a KV cache.")
       masks, positions, cache = cache_mask(valid, positions, cache, window)
+      if prefill and cfg.attention_impl == "splash":  # the prompts see only each other
+        masks = splash_lib.make_masks(cfg, valid, None, None, None)
       index = cache["index"]
     cos, sin = rotary_cos_sin(positions, cfg)  # [B,T,R]
 

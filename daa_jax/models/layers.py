@@ -310,7 +310,8 @@ def attention_core(config: ModelConfig, q: Array, k: Array, v: Array, mask: Arra
       start = (0, 0, index, 0)
       kv = {"k": jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), start),
             "v": jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), start)}
-      k, v = kv["k"].astype(q.dtype), kv["v"].astype(q.dtype)  # [B,G,S,K]
+      if not isinstance(mask, splash_lib.SplashMasks):  # splash: a prefill sees its own keys
+        k, v = kv["k"].astype(q.dtype), kv["v"].astype(q.dtype)  # [B,G,S,K]
     # 'blockwise' (daa_jax/attention.py): the same function one key block at a time, without
     # the [B,H,T,S] float32 logits; used without a cache (decoding is one query).
     fn = attention_lib.attend if config.attention_impl == "blockwise" and kv is None else attend
@@ -364,8 +365,9 @@ def attend(q: Array, k: Array, v: Array, mask: Array, scale: float | None = None
 def layer_mask(masks: tuple[Array, Array | None], sliding) -> Array:
   """The mask of one layer: the sliding-window one where `sliding` (bool, traced under
   scan), else the full causal one."""
-  if isinstance(masks, (splash_lib.SplashMasks, gpu_flash.FlashMasks)):  # no window: their
-    # modules' check_window
+  if isinstance(masks, splash_lib.SplashMasks):  # the layer's kernel: models/splash.py
+    return masks.replace(sliding=sliding) if masks.window else masks
+  if isinstance(masks, gpu_flash.FlashMasks):  # no window: gpu_flash.check_window
     return masks
   full, window = masks
   if window is None:

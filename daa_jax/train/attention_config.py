@@ -47,8 +47,8 @@ def resolve_auto(model_cfg, platform: str, job: str | None, packing) -> tuple[st
     * TPU with a DAA job and `train.packing=True`: splash takes one static mask for every row,
       and variable-offset rows have none; set `train.packing='fixed'` (same log-probs) to get
       splash;
-    * TPU or CUDA with sliding-window layers (Mistral, Qwen2, Gemma-2) shorter than the model's
-      `max_position_embeddings`: neither kernel implements the window;
+    * CUDA with sliding-window layers (Mistral, Qwen2, Gemma-2) shorter than the model's
+      `max_position_embeddings`: the Triton kernel has no window (splash has: it runs them);
     * CUDA with logit soft-capping (Gemma-2): the Triton kernel has no cap.
 
   Args:
@@ -66,7 +66,7 @@ def resolve_auto(model_cfg, platform: str, job: str | None, packing) -> tuple[st
     return "xla", f"auto on {platform}: the dense path"
   window = any(model_cfg.sliding_layers) and (
       model_cfg.sliding_window < model_cfg.max_position_embeddings)
-  if window:
+  if window and fused == "gpu_flash":
     return "blockwise", (f"auto on {platform}: blockwise, not {fused}: {fused} does not "
                          f"implement sliding windows (sliding_window="
                          f"{model_cfg.sliding_window})")

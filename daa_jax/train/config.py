@@ -161,7 +161,9 @@ def train_fields() -> ml_collections.ConfigDict:
       log_every=10,
       eval_every=0,       # held-out preference metrics every N steps (0: off)
       eval_batches=4,
-      logps_chunk=0,      # > 0: log-softmax over the vocabulary in chunks of this many tokens
+      # > 0: the vocabulary projection and log-softmax in chunks of this many target
+      # positions (no [N,L,V] logits: objectives.sequence_logps's fused form)
+      logps_chunk=0,
       packing=config_dict.FieldReference(True, field_type=object),  # True | False | 'fixed'
                           # DAA: one [prompt|chosen|rejected] row per pair (daa_jax/packing.py);
                           # same values as two rows (<= 1e-5), prompt computed once; 'fixed':

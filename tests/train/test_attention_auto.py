@@ -53,11 +53,15 @@ def test_auto_picks_the_platforms_kernel(platform, job, packing, kernel):
 def test_auto_avoids_kernels_that_cannot_run_the_model():
   gemma = CONFIGS["gemma2_softcap"]  # soft-capping and 4-token sliding windows
   assert attention_config.resolve_auto(gemma, "cuda", "daa", "fixed")[0] == "blockwise"
+  # Splash runs windows and the cap (tests/models/test_splash.py): auto keeps it on TPU.
+  assert attention_config.resolve_auto(gemma, "tpu", "daa", "fixed")[0] == "splash"
   no_window = gemma.replace(sliding_window=gemma.max_position_embeddings)
   assert attention_config.resolve_auto(no_window, "tpu", "daa", "fixed")[0] == "splash"
   got, reason = attention_config.resolve_auto(no_window, "cuda", "daa", "fixed")
   assert got == "blockwise" and "soft-capping" in reason
-  got, reason = attention_config.resolve_auto(CONFIGS["mistral_window"], "tpu", "sft", True)
+  assert attention_config.resolve_auto(CONFIGS["mistral_window"], "tpu", "sft", True)[0] == (
+      "splash")
+  got, reason = attention_config.resolve_auto(CONFIGS["mistral_window"], "cuda", "sft", True)
   assert got == "blockwise" and "sliding_window=4" in reason
 
 
