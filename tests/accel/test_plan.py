@@ -286,3 +286,33 @@ def test_tpu_compiles_the_splash_daa_step_with_the_mosaic_kernel():
   assert "tpu_custom_call" in text
   with pytest.raises(ConfigError, match="plan it with --platform tpu"):
     plan.plan(config, (1, 1, 1), "cuda", device_memory="1GB", fit=False, **SYNTHETIC)
+
+
+@needs_libtpu
+def test_tpu_compiles_windowed_splash_for_a_gemma2_model(tmp_path):
+  """A Gemma-2 model whose sliding window (8) is shorter than the fixed rows: the DAA step
+  (window and global layers under scan: a cond between two Mosaic kernels) and the sampler's
+  prefill (through splash) compile for v5e."""
+  gemma = {"model_type": "gemma2", "vocab_size": 512, "hidden_size": 64,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "head_dim": 16, "intermediate_size": 96, "max_position_embeddings": 1024,
+           "sliding_window": 8, "query_pre_attn_scalar": 16, "attn_logit_softcapping": 50.0,
+           "final_logit_softcapping": 30.0, "rms_norm_eps": 1e-6}
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(gemma, f)
+  config = daa_config(packing="fixed")
+  config.hf_model = str(tmp_path)
+  config.model.attention_impl = "splash"
+  config.model.scan_layers = True
+  result = plan.plan(config, (1, 4, 1), "tpu", topology="v5e:2x2",
+                     programs=["daa_live_packed", "sample_prefill"], fit=False, **SYNTHETIC)
+  assert result["compiled"], {k: v.get("error") for k, v in result["programs"].items()}
+  assert result["config"]["attention_kernel"] == "splash"
+  from daa_jax.accel import devices, programs  # pylint: disable=g-import-not-at-top
+  s = programs.make_setup(config, devices.make_mesh((1, 4, 1), "tpu", "v5e:2x2"), **SYNTHETIC)
+  assert s.model_cfg.sliding_window == 8 and any(s.model_cfg.sliding_layers)
+  for name in ("daa_live_packed", "sample_prefill"):
+    fn, args = programs.build(s, name, 4)
+    with devices._activate(s.mesh):  # pylint: disable=protected-access
+      text = fn.trace(*args).lower().as_text()
+    assert "tpu_custom_call" in text, name
