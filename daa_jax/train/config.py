@@ -325,6 +325,11 @@ def validate(config, num_devices: int | None = None, prefix: str = "config.") ->
           f"{prefix}train.batch_size={t.batch_size} is not divisible by "
           f"{prefix}train.grad_accum={t.grad_accum}; make the batch a multiple of it.")
     attention_config.validate_packing(config, prefix)
+    chunk = t.get("logps_chunk", 0)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+      raise ConfigError(f"{prefix}train.logps_chunk={chunk!r} must be an int >= 0: target "
+                        "positions per chunk of the fused vocabulary projection (0: off; "
+                        "e.g. 128 on CPU/GPU or for large vocabularies).")
     if config.optim.lr <= 0:
       raise ConfigError(f"{prefix}optim.lr={config.optim.lr} must be positive.")
     lora_state.validate_lora(config, prefix)

@@ -191,6 +191,8 @@ _RO = "/sys/daa_jax_test_run"  # read-only for root too (chmod is bypassed by ro
     (["--config=configs/daa.py:size=tiny", "--config.data.source={tmp}/pairs.jsonl",
       "--config.data.tokenizer=./no_such_tokenizer"],
      ["config.data.tokenizer='./no_such_tokenizer'", "no such file or directory", "'bytes'"]),
+    (["--config=configs/daa.py:size=tiny", "--config.train.logps_chunk=-1"],
+     ["config.train.logps_chunk=-1", "must be an int >= 0", "0: off"]),
 ])
 def test_every_user_error_is_one_paragraph_with_exit_2(tmp_path, args, names):
   if _RO in " ".join(args) and not os.path.isdir("/sys"):
